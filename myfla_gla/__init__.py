@@ -1,0 +1,4 @@
+"Gated Linear Attention of flash-linear-attention in pure PyTorch."
+__version__ = "0.1.0"
+
+from .utils import *
