@@ -4,27 +4,25 @@ python .ci/readme.py            write README.md from nbs/index.ipynb
 python .ci/readme.py --check    exit 1 if README.md is out of step
 python .ci/readme.py --command setup|test   print the README's set-up or test command (used by .ci/run)
 """
+import json
 import sys
 from pathlib import Path
-
-import nbformat
 
 root = Path(__file__).resolve().parent.parent
 
 
 def render(nb_path=root / 'nbs' / 'index.ipynb'):
     "Markdown cells as they are, shown code cells as python blocks followed by their text output."
-    nb = nbformat.read(nb_path, as_version=4)
     parts = []
-    for cell in nb.cells:
-        src = cell.source.strip()
-        if cell.cell_type == 'markdown':
+    for cell in json.loads(Path(nb_path).read_text())['cells']:  # plain json: runs before anything is installed
+        src = ''.join(cell['source']).strip()
+        if cell['cell_type'] == 'markdown':
             parts.append(src)
-        elif cell.cell_type == 'code' and not src.startswith('#| hide'):
+        elif cell['cell_type'] == 'code' and not src.startswith('#| hide'):
             code = '\n'.join(l for l in src.splitlines() if not l.startswith('#|')).strip()
             if code:
                 parts.append(f'```python\n{code}\n```')
-            out = ''.join(o.get('text', '') or o.get('data', {}).get('text/plain', '') for o in cell.get('outputs', []))
+            out = ''.join(''.join(o.get('text', '') or o.get('data', {}).get('text/plain', '')) for o in cell.get('outputs', []))
             if out.strip():
                 parts.append(f'```\n{out.rstrip()}\n```')
     return '\n\n'.join(parts) + '\n'
