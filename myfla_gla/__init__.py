@@ -2,3 +2,4 @@
 __version__ = "0.1.0"
 
 from .utils import *
+from .ops.recurrent import *
