@@ -1,0 +1,222 @@
+"""Smoke tests of the self-check (`python -m myfla_gla`), the benchmark CLI (`python -m myfla_gla.bench`) and the
+GPU parity report, at tiny sizes: argument parsing, the JSON record's shape, and that a wrong op makes the
+self-check fail with a non-zero exit status."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import myfla_gla
+from myfla_gla import bench
+from myfla_gla.__main__ import main as selfcheck_main, selfcheck
+
+root = Path(__file__).resolve().parent.parent
+env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+
+
+def wrong_naive(q, k, v, gk, initial_state=None, output_final_state=False):
+    "The recurrence with its output 0.3% off."
+    o, h = myfla_gla.ops.recurrent.naive_recurrent_gla(q, k, v, gk, initial_state, output_final_state)
+    return o * 1.003, h
+
+
+# ---------------------------------------------------------------- self-check
+
+def test_selfcheck_passes_at_tiny_size(capsys):
+    assert selfcheck_main(['--device', 'cpu', '--dtype', 'float32', '--only', 'fwd+bwd', '-T', '70']) == 0
+    out = capsys.readouterr().out
+    assert 'naive_recurrent_gla fwd+bwd' in out and 'PASS' in out and 'FAIL' not in out
+
+
+def test_selfcheck_rows_carry_errors():
+    rows = selfcheck(devices=['cpu'], dtypes=[torch.float64, torch.float32], only=['naive_recurrent_gla fwd'], T=40)
+    assert [(r.check, r.dtype, r.status) for r in rows] == [
+        ('naive_recurrent_gla fwd+bwd', 'float64', 'PASS'), ('naive_recurrent_gla fwd+bwd', 'float32', 'PASS')]
+    assert rows[0].err < 1e-12 and 0 < rows[1].err < 1e-6 and rows[1].bound == 1e-5
+
+
+def test_selfcheck_fails_on_a_wrong_op(monkeypatch, capsys):
+    monkeypatch.setattr(myfla_gla, 'naive_recurrent_gla', wrong_naive)
+    assert selfcheck_main(['--device', 'cpu', '--dtype', 'float32', '--only', 'naive_recurrent_gla fwd', '-T', '40']) == 1
+    out = capsys.readouterr().out
+    assert 'FAIL' in out and '1 failed' in out
+
+
+def test_selfcheck_fails_on_an_exception(monkeypatch):
+    def broken(**kwargs):
+        raise RuntimeError('boom')
+    monkeypatch.setattr(myfla_gla, 'naive_recurrent_gla', broken)
+    row, = selfcheck(devices=['cpu'], dtypes=[torch.float32], only=['naive_recurrent_gla fwd'], T=20)
+    assert row.status == 'FAIL' and 'RuntimeError: boom' in row.note
+
+
+def test_selfcheck_marks_missing_pieces(monkeypatch):
+    monkeypatch.delattr(myfla_gla, 'fused_chunk_gla', raising=False)
+    rows = selfcheck(devices=['cpu'], dtypes=[torch.float32], only=['fused_chunk_gla'], T=20)
+    assert len(rows) == 1 and rows[0].status == 'N/A'
+
+
+def test_python_m_myfla_gla_exit_status():
+    "The real entry point: status 0 when the checks pass, 1 with a wrong op swapped in."
+    args = ['--device', 'cpu', '--dtype', 'float32', '--only', 'naive_recurrent_gla fwd', '-T', '30', '-q']
+    ok = subprocess.run([sys.executable, '-m', 'myfla_gla', *args], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert '1 passed, 0 failed' in ok.stdout
+    code = ('import runpy, myfla_gla, tests.test_bench as t; myfla_gla.naive_recurrent_gla = t.wrong_naive; '
+            "runpy.run_module('myfla_gla', run_name='__main__')")
+    bad = subprocess.run([sys.executable, '-c', code, *args], env=env, cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert 'FAIL' in bad.stdout
+
+
+# ---------------------------------------------------------------- benchmark
+
+tiny = ['--preset', 'small', '--device', 'cpu', '-B', '1', '-T', '48', '-H', '1', '-K', '8', '-V', '8',
+        '--repeats', '2', '--warmup', '1', '--no-compile', '-q']
+
+
+def test_bench_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(['--help'])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ('--preset', 'gpu1', 'B=4 T=4096 H=16 K=128 V=128', '--scaling', '--json', '--repeats', '--device'):
+        assert word in out
+
+
+def test_bench_presets_and_overrides():
+    cfg = bench.config_from_args(bench.parse_args(['--preset', 'gpu2', '--device', 'cpu', '-T', '64', '--dtype',
+                                                   'float32', '--skip', 'naive_recurrent_gla']))
+    assert (cfg.B, cfg.T, cfg.H, cfg.K, cfg.V, cfg.dtype) == (8, 64, 4, 256, 512, 'float32')
+    assert 'naive_recurrent_gla' not in cfg.impls and 'chunk_gla (compiled)' in cfg.impls
+    assert bench.PRESETS['cpu'] == dict(B=2, T=4096, H=4, K=128, V=128, dtype='float32')
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--preset', 'nope'])
+
+
+def test_bench_json_record(tmp_path, capsys):
+    out = tmp_path / 'r.json'
+    assert bench.main([*tiny, '--json', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert 'implementation' in printed and 'naive_recurrent_gla' in printed
+    rec = json.loads(out.read_text())
+    assert rec['kind'] == 'bench' and rec['config']['T'] == 48 and rec['config']['dtype'] == 'float32'
+    for key in ('date', 'torch', 'device', 'device_name', 'command', 'threads'):
+        assert key in rec['meta']
+    assert rec['meta']['command'].startswith('python -m myfla_gla.bench --preset small')
+    rows = {r['name']: r for r in rec['results']}
+    assert set(rows) == set(bench.IMPLS) - {'chunk_gla (compiled)'}
+    for r in rows.values():
+        assert set(r) >= {'status', 'fwd_ms', 'fwd_bwd_ms', 'fwd_peak_mib', 'fwd_bwd_peak_mib', 'err', 'note'}
+        assert r['status'] in ('ok', 'n/a'), r
+    naive, sdpa = rows['naive_recurrent_gla'], rows['softmax attention (SDPA, causal)']
+    assert naive['fwd_ms'] > 0 and naive['fwd_bwd_ms'] is None and naive['err'] < 1e-6
+    assert sdpa['fwd_bwd_ms'] > 0 and sdpa['err'] is None and sdpa['fwd_bwd_peak_mib'] > 0
+    assert rows['FLA chunk_gla']['status'] == 'n/a'
+    for name in ('chunk_gla', 'fused_chunk_gla', 'fused_recurrent_gla', 'GatedLinearAttention (chunk)'):
+        if hasattr(myfla_gla, 'GatedLinearAttention' if 'Gated' in name else name):
+            assert rows[name]['status'] == 'ok' and rows[name]['fwd_bwd_ms'] > 0
+            assert rows[name]['err'] < 1e-5, rows[name]
+
+
+def test_bench_reports_failures_in_rows(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError('boom')
+    monkeypatch.setattr(myfla_gla, 'naive_recurrent_gla', broken)
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=16, H=1, K=4, V=4, repeats=1, warmup=1, memory=False,
+                                            impls=['naive_recurrent_gla']), progress=False)
+    assert rec['results'][0]['status'] == 'error' and 'boom' in rec['results'][0]['note']
+    assert 'error: RuntimeError: boom' in bench.format_table(rec)
+
+
+def test_bench_naive_limit_and_markdown():
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=32, H=1, K=4, V=4, repeats=1, warmup=1, naive_max_T=16,
+                                            impls=['naive_recurrent_gla']), progress=False)
+    assert rec['results'][0]['status'] == 'n/a' and 'naive-max-T' in rec['results'][0]['note']
+    md = bench.format_table(rec, markdown=True)
+    assert md.startswith('| implementation |') and md.count('\n') == 2
+
+
+def test_bench_scaling_json_and_plot(tmp_path):
+    out, png = tmp_path / 's.json', tmp_path / 's.png'
+    code = bench.main([*tiny, '--scaling', '--Ts', '16,32', '--impl', 'naive_recurrent_gla',
+                       '--impl', 'softmax attention (SDPA, causal)', '--json', str(out), '--plot', str(png)])
+    assert code == 0 and png.stat().st_size > 10_000
+    rec = json.loads(out.read_text())
+    assert rec['kind'] == 'scaling' and rec['config']['Ts'] == [16, 32]
+    assert [r['T'] for r in rec['results']['softmax attention (SDPA, causal)']] == [16, 32]
+    assert all(r['fwd_bwd_ms'] > 0 for r in rec['results']['softmax attention (SDPA, causal)'])
+
+
+def test_time_fn_and_cpu_memory():
+    import time
+    t = bench.time_fn(lambda: time.sleep(0.02), 'cpu', repeats=50, warmup=1, budget=0.1)
+    assert t['repeats'] <= 5 and 15 < t['ms'] < 500
+    def grow():
+        x = torch.ones(250_000, requires_grad=True)   # 1 MB
+        y = (x * 2).exp()                             # 1 MB kept for the backward, 1 MB output
+        return torch.autograd.grad(y.sum(), x)[0]     # + the gradient
+    peak = bench.peak_memory(grow, 'cpu')
+    assert 3_000_000 <= peak <= 6_000_000
+
+
+def test_progress_lines():
+    import io
+    f = io.StringIO()
+    p = bench.Progress(2, file=f)
+    p.step('a')
+    p.step('b')
+    p.close()
+    lines = f.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith('[' + '#' * 24 + '] 2/2') and lines[1].endswith(' b')
+
+
+# ---------------------------------------------------------------- GPU parity report
+
+def _report_module():
+    spec = importlib.util.spec_from_file_location('parity_report', root / 'tests' / 'gpu' / 'parity_report.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parity_report_records_assert_close(monkeypatch):
+    pr = _report_module()
+    monkeypatch.setattr(myfla_gla, 'assert_close', myfla_gla.assert_close)  # restored afterwards
+    monkeypatch.setattr(myfla_gla.utils, 'assert_close', myfla_gla.utils.assert_close)
+    rec = pr.Recorder()
+    rec.install()
+    r = torch.randn(50, dtype=torch.float64)
+    rec.start('t1')
+    myfla_gla.assert_close('o', r, r * (1 + 1e-4), 1e-3)
+    myfla_gla.utils.assert_close('dq', r, r * (1 + 5e-4), 1e-3)
+    rec.finish('t1', 'passed')
+    rec.start('t2')
+    with pytest.raises(AssertionError):
+        myfla_gla.assert_close('dk', r, r * 1.01, 1e-3)
+    rec.finish('t2', 'failed', 'dk: relative RMS error')
+    rec.start('t3')
+    rec.finish('t3', 'skipped', 'no CUDA')
+    text, counts = pr.table(rec)
+    lines = text.splitlines()
+    assert dict(counts) == {'passed': 1, 'failed': 1, 'skipped': 1}
+    t1 = next(l for l in lines if l.endswith('t1'))
+    assert t1.split()[:6] == ['PASSED', '2', '5.00e-04', '1e-03', '0.50', 'dq']
+    assert next(l for l in lines if ' t2 ' in l + ' ').split()[:5] == ['FAILED', '1', '1.00e-02', '1e-03', '10.00']
+    assert 'largest margin 10.00 (dk in t2)' in text
+
+
+def test_parity_report_runs_without_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('would run the real report on a GPU machine')
+    out = tmp_path / 'report.txt'
+    p = subprocess.run([sys.executable, str(root / 'tests' / 'gpu' / 'parity_report.py'), '--out', str(out)],
+                       env=env, cwd=root, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    text = out.read_text()
+    assert 'no CUDA device' in text and 'SKIPPED' in text and 'FAILED' not in text
