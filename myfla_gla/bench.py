@@ -27,8 +27,8 @@ from .ops.recurrent import naive_recurrent_gla as reference_gla
 from .utils import fla_available, get_err_ratio, random_gla_inputs
 
 # %% auto #0
-__all__ = ['PRESETS', 'IMPLS', 'MiB', 'SCALING_IMPLS', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable', 'Case', 'Inputs',
-           'measure', 'machine_info', 'Progress', 'run_bench', 'table_rows', 'describe', 'format_table',
+__all__ = ['PRESETS', 'IMPLS', 'MiB', 'STEPS', 'SCALING_IMPLS', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable', 'Case',
+           'Inputs', 'measure', 'machine_info', 'Progress', 'run_bench', 'table_rows', 'describe', 'format_table',
            'record_markdown', 'load_record', 'scaling', 'plot_scaling', 'parse_args', 'config_from_args', 'main']
 
 # %% ../nbs/08_bench.ipynb #c53030fd
@@ -71,14 +71,15 @@ def _sync(device):
 
 def time_fn(fn: Callable, device, repeats: int = 10, warmup: int = 2, budget: float = math.inf) -> dict:
     "Median time in ms of `fn()` over `repeats` runs after `warmup` untimed ones; also the first call's time."
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
+    warm = []
+    for _ in range(max(warmup, 1)):
+        _sync(device)
+        t0 = time.perf_counter()
         fn()
-    repeats = max(1, min(repeats, int(budget / max(first, 1e-9))))
+        _sync(device)
+        warm.append(time.perf_counter() - t0)
+    first = warm[0]  # includes one-off costs (compilation, autotuning)
+    repeats = max(1, min(repeats, int(budget / max(min(warm), 1e-9))))
     times = []
     if str(device).startswith('cuda'):
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
@@ -275,7 +276,11 @@ def measure(name: str, inp: Inputs, progress=None) -> dict:
     group, make = IMPLS[name]
     row = dict(name=name, group=group, status='ok', note='', fwd_ms=None, fwd_bwd_ms=None,
                fwd_peak_mib=None, fwd_bwd_peak_mib=None, err=None, warmup_s=None, repeats=None)
-    step = (lambda what: progress.step(f'{name}: {what}')) if progress else (lambda what: None)
+    used = []
+    def step(what):
+        used.append(what)
+        if progress:
+            progress.step(f'{name}: {what}')
     try:
         step('set-up')
         case = make(inp)
@@ -303,6 +308,8 @@ def measure(name: str, inp: Inputs, progress=None) -> dict:
             if row['fwd_bwd_ms'] is not None:
                 p = peak_memory(fwd_bwd, cfg.device)
                 row['fwd_bwd_peak_mib'] = None if p is None else p / MiB
+        if 'compiled' in name:
+            row['note'] = f"first call (compiling) {row['warmup_s']:.1f} s"
         if cfg.error and case.ref is not None:
             step('error')
             row['err'] = get_err_ratio(case.ref(), fwd())
@@ -314,7 +321,11 @@ def measure(name: str, inp: Inputs, progress=None) -> dict:
         else:
             row.update(status='error', note=f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:160]}')
     _free(cfg.device)
+    if progress:
+        progress.n += max(0, STEPS - len(used))  # phases not run
     return row
+
+STEPS = 5  # phases of `measure`, for the progress bar
 
 # %% ../nbs/08_bench.ipynb #0728d23b
 def machine_info(device) -> dict:
@@ -374,7 +385,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, command: str | None = Non
     if unknown:
         raise ValueError(f'unknown implementation(s) {unknown}; known: {list(IMPLS)}')
     inp = Inputs(cfg)
-    bar = Progress(5 * len(names), enabled=progress)
+    bar = Progress(STEPS * len(names), enabled=progress)
     rows = [measure(n, inp, bar) for n in names]
     bar.close()
     return dict(kind='bench', meta=dict(machine_info(cfg.device), command=command), config=asdict(cfg), results=rows)
@@ -382,6 +393,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True, command: str | None = Non
 # %% ../nbs/08_bench.ipynb #4d09dcd4
 def _fmt(x, spec, none='-'):
     return none if x is None else format(x, spec)
+
+def _mib(x):
+    return '-' if x is None else f'{x:.0f}' if x >= 100 else f'{x:.1f}' if x >= 1 else f'{x:.2f}'
 
 def table_rows(record: dict) -> tuple[list[str], list[list[str]]]:
     "Header and cells of the results table."
@@ -394,7 +408,7 @@ def table_rows(record: dict) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         note = r['note'] if r['status'] in ('ok', 'n/a') else f"{r['status']}: {r['note']}"
         body.append([r['name'], _fmt(r['fwd_ms'], '.2f'), ratio(r, 'fwd_ms'), _fmt(r['fwd_bwd_ms'], '.2f'),
-                     ratio(r, 'fwd_bwd_ms'), _fmt(r['fwd_peak_mib'], '.0f'), _fmt(r['fwd_bwd_peak_mib'], '.0f'),
+                     ratio(r, 'fwd_bwd_ms'), _mib(r['fwd_peak_mib']), _mib(r['fwd_bwd_peak_mib']),
                      _fmt(r['err'], '.1e'), note])
     return head, body
 
