@@ -21,7 +21,7 @@ from .utils import (DEFAULT_RATIO, assert_close, check_devices, check_dtypes, fl
 
 # %% auto #0
 __all__ = ['GATE_ARG', 'LAYER_CONFIG', 'LAYER_RATIO', 'FLA_RATIO', 'OPS', 'MODULES', 'MODES', 'CheckResult', 'compare', 'piece',
-           'reference_op', 'run_op', 'op_inputs', 'check_op', 'check_module', 'check_layer', 'check_decoding',
+           'memo', 'reference_op', 'run_op', 'op_inputs', 'check_op', 'check_module', 'check_layer', 'check_decoding',
            'check_padding', 'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check', 'format_row',
            'format_header', 'selfcheck', 'parse_args', 'main']
 
@@ -82,6 +82,14 @@ def _timed(device, fn):
 _name = lambda dtype: str(dtype).replace('torch.', '')
 _state_dtype = lambda dtype: torch.float64 if dtype == torch.float64 else torch.float32  # FLA: float32 states
 
+_memo = {}
+
+def memo(key, fn):
+    "`fn()`, computed once per key while a self-check runs: the float64 references that several rows share."
+    if key not in _memo:
+        _memo[key] = fn()
+    return _memo[key]
+
 # %% ../nbs/07_selfcheck.ipynb #234550ac
 GATE_ARG = {'naive_recurrent_gla': 'gk', 'fused_recurrent_gla': 'gk', 'chunk_gla': 'g', 'fused_chunk_gla': 'g'}
 
@@ -125,7 +133,7 @@ def check_op(name: str, device, dtype, varlen=False, normalizer=1., T=100, bound
         return None
     cu = torch.tensor([0, 37, 37, T], device=device) if varlen else None  # includes a zero-length sequence
     inputs = op_inputs(device, dtype, B=1 if varlen else 2, T=T, normalizer=normalizer, cu_seqlens=cu)
-    ref = run_op(reference_op, 'gk', inputs, cu)
+    ref = memo(('op', str(device), dtype, T, normalizer, varlen), lambda: run_op(reference_op, 'gk', inputs, cu))
     out, ms = _timed(device, lambda: run_op(op, GATE_ARG[name], inputs, cu))
     return {n: (ref[n], out[n]) for n in ref}, ms, bound or DEFAULT_RATIO[dtype], ''
 
@@ -207,7 +215,7 @@ def check_layer(mode, device, dtype, T=100):
         return None
     layer, ref = _layers(mode, device, dtype)
     x, dy = _layer_inputs(device, dtype, T=T)
-    want = _layer_fwd_bwd(ref, x.double(), dy.double())
+    want = memo(('layer', str(device), dtype, T), lambda: _layer_fwd_bwd(ref, x.double(), dy.double()))
     got, ms = _timed(device, lambda: _layer_fwd_bwd(layer, x, dy))
     return {n: (want[n], got[n]) for n in want}, ms, LAYER_RATIO[dtype], ''
 
@@ -270,7 +278,8 @@ def check_fla_op(name, device, dtype, T=100):
         return None
     inputs = op_inputs(device, dtype, T=T)
     inputs['h0'] = inputs['h0'].float()  # FLA's chunk_gla asserts a float32 initial state
-    ref, mine = run_op(reference_op, 'gk', inputs), run_op(ours, GATE_ARG[name], inputs)
+    ref = memo(('fla op', str(device), dtype, T), lambda: run_op(reference_op, 'gk', inputs))
+    mine = run_op(ours, GATE_ARG[name], inputs)
     theirs, ms = _timed(device, lambda: run_op(_fla(name), GATE_ARG[name], inputs))
     note = f'vs float64: FLA {_worst({n: (ref[n], theirs[n]) for n in ref}):.1e}, ours {_worst({n: (ref[n], mine[n]) for n in ref}):.1e}'
     return {n: (theirs[n].double(), mine[n]) for n in ref}, ms, FLA_RATIO[dtype], note
@@ -367,7 +376,7 @@ def run_check(device, check, dtype, thunk) -> CheckResult:
     return row
 
 # %% ../nbs/07_selfcheck.ipynb #167bc387
-_COLS = (('device', 6), ('check', 36), ('dtype', 8), ('result', 6), ('error', 8), ('bound', 7), ('worst', 12), ('ms', 8))
+_COLS = (('device', 6), ('check', 36), ('dtype', 8), ('result', 6), ('error', 8), ('bound', 7), ('worst', 26), ('ms', 8))
 
 def format_row(r: CheckResult) -> str:
     "One line of the table."
@@ -398,10 +407,14 @@ def selfcheck(
               f'devices: {", ".join(devices or check_devices())} · {fla_state}', file=file)
         print(format_header(), file=file, flush=True)
     rows = []
-    for c in todo:
-        rows.append(run_check(*c))
-        if file is not None:
-            print(format_row(rows[-1]), file=file, flush=True)
+    _memo.clear()
+    try:
+        for c in todo:
+            rows.append(run_check(*c))
+            if file is not None:
+                print(format_row(rows[-1]), file=file, flush=True)
+    finally:
+        _memo.clear()
     return rows
 
 def _fla_version():
