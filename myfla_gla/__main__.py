@@ -23,7 +23,7 @@ from .utils import (DEFAULT_RATIO, assert_close, check_devices, check_dtypes, fl
 __all__ = ['GATE_ARG', 'LAYER_CONFIG', 'LAYER_RATIO', 'FLA_RATIO', 'OPS', 'MODULES', 'MODES', 'CheckResult', 'compare', 'piece',
            'memo', 'reference_op', 'run_op', 'op_inputs', 'check_op', 'check_module', 'check_layer', 'check_decoding',
            'check_padding', 'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check', 'format_row',
-           'format_header', 'selfcheck', 'parse_args', 'main']
+           'format_header', 'selfcheck', 'make_parser', 'parse_args', 'main']
 
 # %% ../nbs/07_selfcheck.ipynb #5887a571
 @dataclass
@@ -429,7 +429,8 @@ def _no_fla_reason(fla):
     return 'FLA not importable'
 
 # %% ../nbs/07_selfcheck.ipynb #5c261c9a
-def parse_args(argv=None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
+    "The command line of `python -m myfla_gla`."
     p = argparse.ArgumentParser(prog='python -m myfla_gla', description=(
         'Self-check: build a GLA layer, run every op and mode against the float64 recurrence on every '
         'available device (and against FLA on CUDA when importable); exit status 1 if any check fails.'))
@@ -440,7 +441,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--no-fla', action='store_true', help='skip the comparisons against FLA')
     p.add_argument('-T', '--seq-len', type=int, default=100, help='sequence length of the checks (default 100)')
     p.add_argument('-q', '--quiet', action='store_true', help='print only failures and the summary')
-    return p.parse_args(argv)
+    return p
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 def main(argv=None) -> int:
     "The self-check command: 0 if every check passed, 1 otherwise."

@@ -29,7 +29,8 @@ from .utils import fla_available, get_err_ratio, random_gla_inputs
 # %% auto #0
 __all__ = ['PRESETS', 'IMPLS', 'MiB', 'STEPS', 'SCALING_IMPLS', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable', 'Case',
            'Inputs', 'measure', 'machine_info', 'Progress', 'run_bench', 'table_rows', 'describe', 'format_table',
-           'record_markdown', 'load_record', 'scaling', 'plot_scaling', 'parse_args', 'config_from_args', 'main']
+           'record_markdown', 'load_record', 'scaling', 'plot_scaling', 'make_parser', 'parse_args', 'config_from_args',
+           'main']
 
 # %% ../nbs/08_bench.ipynb #c53030fd
 PRESETS = {
@@ -517,7 +518,8 @@ def plot_scaling(record: dict, axes=None):
     return axes
 
 # %% ../nbs/08_bench.ipynb #865c43fb
-def parse_args(argv=None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
+    "The command line of `python -m myfla_gla.bench`."
     p = argparse.ArgumentParser(prog='python -m myfla_gla.bench', description=(
         'Time forward and forward+backward, peak memory and error against the float64 recurrence of every GLA '
         "implementation (myfla_gla's and, on CUDA, FLA's), in one process on one device; with --scaling, "
@@ -549,7 +551,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--json', help='write the record to this JSON file')
     p.add_argument('--plot', help='--scaling: save the plot to this image file')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
-    return p.parse_args(argv)
+    return p
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
     "The `BenchConfig` the command line asks for."
