@@ -96,6 +96,17 @@ class Recorder:
     def pytest_runtest_logstart(self, nodeid, location):
         self.start(nodeid)
 
+    def pytest_collectreport(self, report):
+        "A test file skipped or broken as a whole (no CUDA, FLA missing, an import error) makes one row."
+        if report.outcome != 'passed' and report.nodeid:
+            self.start(report.nodeid)
+            if report.skipped and isinstance(report.longrepr, tuple):
+                msg = str(report.longrepr[2]).replace('Skipped: ', '')
+            else:
+                crash = getattr(report.longrepr, 'reprcrash', None)
+                msg = getattr(crash, 'message', '') or (str(report.longrepr).strip().splitlines() or [''])[-1]
+            self.finish(report.nodeid, 'failed' if report.failed else 'skipped', msg.splitlines()[0] if msg else '')
+
     def pytest_runtest_logreport(self, report):
         self.seconds[report.nodeid] += report.duration
         if report.when == 'call' or report.outcome != 'passed':
@@ -197,7 +208,7 @@ def table(rec: Recorder) -> tuple[str, dict]:
     fmt = lambda cells: '  '.join(c.ljust(n) for c, n in zip(cells, w[:-1])) + '  ' + cells[-1]
     out = [fmt(head), fmt(['-' * n for n in w[:-1]] + ['-' * 4])] + [fmt(r) for r in rows]
     worst = [(r[1] / r[2], n, r) for n, rs in rec.records.items() for r in rs if r[2]]
-    summary = (f"{len(rows)} tests: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped; "
+    summary = (f"{len(rows)} rows: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped; "
                f"{sum(map(len, rec.records.values()))} comparisons recorded")
     if worst:
         m, n, r = max(worst)
