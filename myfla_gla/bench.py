@@ -61,6 +61,12 @@ class BenchConfig:
     naive_bwd: bool = False   # also time the autograd backward through naive_recurrent_gla
     normalizer: float = 1.    # gate_logit_normalizer of the inputs (as in FLA's tests)
     seed: int = 0
+    stat: str = ''            # the table's time: 'median' or 'min' (default: median on CUDA, min elsewhere)
+
+    def __post_init__(self):
+        self.stat = self.stat or ('median' if str(self.device).startswith('cuda') else 'min')
+        if self.stat not in ('median', 'min'):
+            raise ValueError(f"`stat` must be 'median' or 'min', got {self.stat!r}")
 
     @property
     def torch_dtype(self): return getattr(torch, self.dtype)
@@ -95,7 +101,7 @@ def time_fn(fn: Callable, device, repeats: int = 10, warmup: int = 2, budget: fl
             t = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t))
-    return dict(ms=statistics.median(times), min_ms=min(times), repeats=repeats, first_s=first)
+    return dict(median_ms=statistics.median(times), min_ms=min(times), repeats=repeats, first_s=first)
 
 # %% ../nbs/08_bench.ipynb #5813e089
 class _quiet_stderr:
@@ -276,6 +282,7 @@ def measure(name: str, inp: Inputs, progress=None) -> dict:
     cfg = inp.cfg
     group, make = IMPLS[name]
     row = dict(name=name, group=group, status='ok', note='', fwd_ms=None, fwd_bwd_ms=None,
+               fwd_median_ms=None, fwd_min_ms=None, fwd_bwd_median_ms=None, fwd_bwd_min_ms=None,
                fwd_peak_mib=None, fwd_bwd_peak_mib=None, err=None, warmup_s=None, repeats=None)
     used = []
     def step(what):
@@ -290,7 +297,8 @@ def measure(name: str, inp: Inputs, progress=None) -> dict:
                 return case.fwd()
         step('forward')
         t = time_fn(fwd, cfg.device, cfg.repeats, cfg.warmup, cfg.budget)
-        row.update(fwd_ms=t['ms'], warmup_s=t['first_s'], repeats=t['repeats'])
+        row.update(fwd_ms=t[cfg.stat + '_ms'], fwd_median_ms=t['median_ms'], fwd_min_ms=t['min_ms'],
+                   warmup_s=t['first_s'], repeats=t['repeats'])
         if cfg.backward and not case.fwd_only:
             with torch.no_grad():
                 do = torch.randn_like(case.fwd())
@@ -299,7 +307,8 @@ def measure(name: str, inp: Inputs, progress=None) -> dict:
                 return torch.autograd.grad(o, case.leaves, do)
             step('forward+backward')
             t = time_fn(fwd_bwd, cfg.device, cfg.repeats, cfg.warmup, cfg.budget)
-            row.update(fwd_bwd_ms=t['ms'], warmup_s=max(row['warmup_s'], t['first_s']))
+            row.update(fwd_bwd_ms=t[cfg.stat + '_ms'], fwd_bwd_median_ms=t['median_ms'], fwd_bwd_min_ms=t['min_ms'],
+                       warmup_s=max(row['warmup_s'], t['first_s']))
         elif case.fwd_only:
             row['note'] = 'forward only (--naive-bwd for backward)'
         if cfg.memory:
@@ -419,8 +428,9 @@ def describe(record: dict) -> str:
     shape = ' '.join(f'{k}={c[k]}' for k in 'BTHKV' if k in c)
     ts = f" T={','.join(map(str, c['Ts']))}" if 'Ts' in c else ''
     load = f", load {m['loadavg'][0]}" if m.get('loadavg') and not str(m['device']).startswith('cuda') else ''
+    stat = f"; times: {c.get('stat', 'median')} of up to {c['repeats']} runs" if c.get('repeats') else ''
     return (f"{shape}{ts} {c['dtype']} on {m['device']} ({m.get('device_name', '?')}, {m.get('threads')} threads{load}); "
-            f"torch {m['torch']}, FLA {m.get('fla') or 'absent'}, myfla_gla {m['myfla_gla']}; {m['date']}")
+            f"torch {m['torch']}, FLA {m.get('fla') or 'absent'}, myfla_gla {m['myfla_gla']}; {m['date']}{stat}")
 
 def format_table(record: dict, markdown: bool = False) -> str:
     "The results as a text (or markdown) table."
@@ -536,6 +546,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--repeats', type=int, default=20 if cuda else 5, help='timed runs per measurement')
     p.add_argument('--warmup', type=int, default=3 if cuda else 2, help='untimed runs before timing')
     p.add_argument('--budget', type=float, default=10., help='seconds a measurement may take (fewer repeats)')
+    p.add_argument('--stat', choices=['median', 'min'], help="the table's time statistic (default: median on CUDA, min elsewhere)")
     p.add_argument('--impl', action='append', help=f'implementation to run (repeatable): {list(IMPLS)}')
     p.add_argument('--skip', action='append', default=[], help='implementation to leave out (repeatable)')
     p.add_argument('--no-compile', action='store_true', help='leave out the torch.compile variants')
@@ -566,7 +577,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         shape['dtype'] = a.dtype
     impls = a.impl or (SCALING_IMPLS if a.scaling else list(IMPLS))
     impls = [n for n in impls if n not in a.skip and not (a.no_compile and 'compiled' in n)]
-    return BenchConfig(**shape, device=a.device, repeats=a.repeats, warmup=a.warmup, budget=a.budget,
+    return BenchConfig(**shape, device=a.device, repeats=a.repeats, warmup=a.warmup, budget=a.budget, stat=a.stat or '',
                        backward=not a.no_backward, memory=not a.no_memory, error=not a.no_error, impls=impls,
                        naive_max_T=a.naive_max_T, naive_bwd=a.naive_bwd, normalizer=a.normalizer)
 
