@@ -328,7 +328,7 @@ def test_left_padded_generation_float32():
                for t in range(68, 76)]
     logits = torch.cat(logits, 1)
     for b, s in enumerate([5, 0, 40]):
-        assert_close(f'row {b}', m(ids[b:b + 1, s:]).logits[0], logits[b, s:], 2e-5)
+        assert_close(f'row {b}', m(ids[b:b + 1, s:]).logits[0], logits[b, s:], 1e-4)
 
 
 @pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv_bias'])
