@@ -409,6 +409,8 @@ def test_transformers_generate_equals_simple_generate_with_left_padding():
     assert torch.equal(ours, theirs)
     for b, s in enumerate([4, 0, 1]):   # each row alone generates the same continuation
         assert torch.equal(simple_generate(m, prompt[b:b + 1, s:], max_new_tokens=6)[0, -6:], ours[b, -6:])
+    emb = m.get_input_embeddings()(prompt)   # prompt given as embeddings: only the new tokens come back
+    assert torch.equal(m.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=6, do_sample=False), ours[:, 9:])
 
 
 @needs_transformers
