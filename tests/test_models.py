@@ -23,6 +23,15 @@ root = Path(__file__).resolve().parent.parent
 needs_transformers = pytest.mark.skipif(not TRANSFORMERS_AVAILABLE, reason='transformers not installed')
 
 
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "These models are tiny: one thread is fastest, and immune to the spin-waits of oversubscribed cores."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(**kw):
     "A small model config; float64 models built from it agree with themselves to rounding."
     base = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, vocab_size=64, intermediate_size=48,
@@ -414,6 +423,18 @@ def test_transformers_generate_equals_simple_generate_with_left_padding():
 
 
 @needs_transformers
+def test_transformers_beam_search_and_sampling_use_the_cache_correctly():
+    m = model_of(use_short_conv=True)
+    prompt = torch.randint(0, 64, (2, 6))
+    beams = m.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False)   # reorders the cache between steps
+    assert torch.equal(beams, m.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False, use_cache=False))
+    torch.manual_seed(3)
+    sampled = m.generate(prompt, max_new_tokens=5, do_sample=True, top_k=4)
+    torch.manual_seed(3)
+    assert torch.equal(sampled, m.generate(prompt, max_new_tokens=5, do_sample=True, top_k=4, use_cache=False))
+
+
+@needs_transformers
 def test_transformers_save_load_and_gradient_checkpointing(tmp_path):
     from transformers import PreTrainedModel, PretrainedConfig
     m = model_of(use_short_conv=True)
@@ -461,6 +482,7 @@ import sys
 sys.modules['transformers'] = None          # any `import transformers` now raises ImportError
 import json, torch, torch.nn as nn
 from pathlib import Path
+torch.set_num_threads(1)
 import myfla_gla
 from myfla_gla import GLAConfig, GLAForCausalLM, GLAModel, Cache
 from myfla_gla.models import gla
