@@ -500,6 +500,7 @@ with torch.no_grad():
     assert torch.equal(out.loss, ref['loss'])
 gen = model.generate(ref['prompt'], attention_mask=ref['mask'], max_new_tokens=6)
 assert torch.equal(gen, ref['generated']), (gen, ref['generated'])
+assert torch.equal(model.generate(inputs=ref['prompt'], attention_mask=ref['mask'], max_new_tokens=6), gen)
 cache = Cache()
 a = model(ref['ids'][:, :5], past_key_values=cache, use_cache=True)
 assert a.past_key_values is cache and len(cache) == model.config.num_hidden_layers

@@ -685,6 +685,7 @@ class _GLAGenerationMixin(*((_HFGenerationMixin,) if TRANSFORMERS_AVAILABLE else
                 raise
     else:
         def generate(self, input_ids=None, **kwargs):
+            input_ids = kwargs.pop('inputs', None) if input_ids is None else input_ids  # transformers' name
             return simple_generate(self, input_ids, **kwargs)
 
 # %% ../../nbs/10_models.ipynb #8b7f0785
