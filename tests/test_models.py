@@ -140,6 +140,24 @@ def test_parameter_names_are_flas():
     assert [b.attn.layer_idx for b in m.model.layers] == [0, 1] and [b.layer_idx for b in m.model.layers] == [0, 1]
 
 
+@pytest.mark.parametrize('fuse_norm', [True, False])
+def test_forward_matches_a_handwritten_stack(fuse_norm):
+    "The wiring of FLA's model, written out: pre-norm residual blocks, SwiGLU, final norm, head (float64)."
+    m = model_of(fuse_norm=fuse_norm, use_short_conv=True, norm_eps=1e-3)
+    for p in m.parameters():   # make the norm weights matter
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 64, (2, 9))
+    rms = lambda x, w: x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-3) * w
+    h = m.model.embeddings.weight[ids]
+    for block in m.model.layers:
+        h = h + block.attn(rms(h, block.attn_norm.weight))[0]
+        x = rms(h, block.mlp_norm.weight)
+        h = h + block.mlp.down_proj(F.silu(block.mlp.gate_proj(x)) * block.mlp.up_proj(x))
+    logits = rms(h, m.model.norm.weight) @ m.lm_head.weight.T
+    assert_close('handwritten stack', logits, m(ids).logits, 1e-12)
+
+
 def test_mlp_width():
     assert GatedMLP(32).intermediate_size == 256
     assert GatedMLP(1024).intermediate_size == 2816   # int(1024*4*2/3) = 2730 -> 2816
