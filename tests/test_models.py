@@ -51,6 +51,7 @@ CONFIGS = {
     'gqa_conv_bias': dict(num_heads=4, num_kv_heads=2, use_short_conv=True, conv_bias=True),
     'no_gate_unfused': dict(use_output_gate=False, fuse_norm=False, clamp_min=-0.05, feature_map='relu'),
     'recurrent_mode': dict(attn_mode='fused_recurrent', expand_k=1.0, gate_logit_normalizer=2),
+    'attnres': dict(attnres_block_size=2, use_short_conv=True, num_hidden_layers=3),
 }
 
 
@@ -114,8 +115,6 @@ def test_hybrid_attn_spec_normalised_and_revalidated_on_assignment():
 def test_unported_features_raise_clearly():
     with pytest.raises(NotImplementedError, match='softmax-attention'):
         GLAModel(tiny(attn={'layers': [1], 'num_heads': 2}))
-    with pytest.raises(NotImplementedError, match='attnres'):
-        GLAModel(tiny(attnres_block_size=2))
     with pytest.raises(ValueError, match='hidden_act'):
         GatedMLP(32, hidden_act='gelu')
 
@@ -156,6 +155,56 @@ def test_forward_matches_a_handwritten_stack(fuse_norm):
         h = h + block.mlp.down_proj(F.silu(block.mlp.gate_proj(x)) * block.mlp.up_proj(x))
     logits = rms(h, m.model.norm.weight) @ m.lm_head.weight.T
     assert_close('handwritten stack', logits, m(ids).logits, 1e-12)
+
+
+def test_attnres_parameters_and_init():
+    m = GLAForCausalLM(tiny(attnres_block_size=2, num_hidden_layers=3))
+    names = set(m.state_dict())
+    for key in ('model.res_proj.weight', 'model.res_norm.weight', 'model.layers.2.attn_res_proj.weight',
+                'model.layers.2.attn_res_norm.weight', 'model.layers.0.mlp_res_proj.weight', 'model.layers.0.mlp_res_norm.weight'):
+        assert key in names, key
+        w = m.state_dict()[key]
+        assert torch.equal(w, torch.zeros_like(w) if 'proj' in key else torch.ones_like(w)), key
+    assert [(b.attnres_is_attn_boundary, b.attnres_is_mlp_boundary) for b in m.model.layers] == [(True, False)] * 3
+    b4 = GLAModel(tiny(attnres_block_size=4, num_hidden_layers=3)).layers
+    assert [(b.attnres_is_attn_boundary, b.attnres_is_mlp_boundary) for b in b4] == [(True, False), (False, False), (True, False)]
+    assert 'model.res_proj.weight' not in set(GLAForCausalLM(tiny()).state_dict())
+
+
+@pytest.mark.parametrize('block_size', [1, 2, 4])
+def test_attnres_forward_matches_a_handwritten_stack(block_size):
+    "Attention residuals written out: sources are closed at block boundaries, every sublayer input is a depth softmax."
+    m = model_of(attnres_block_size=block_size, num_hidden_layers=3, fuse_norm=False)
+    for n, p in m.named_parameters():   # non-trivial queries and norms
+        if 'res_proj' in n or p.dim() == 1:
+            p.data.normal_(0.5, 0.5)
+    ids = torch.randint(0, 64, (2, 9))
+    eps = m.config.norm_eps
+    rms = lambda x, w: x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+    def mix(q, norm_w, sources, out_w):
+        v = torch.stack(sources)
+        p = (rms(v, norm_w) @ q.reshape(-1)).softmax(0)
+        return rms((p[..., None] * v).sum(0), out_w)
+
+    # sublayer s (attention 2i, MLP 2i+1): at every multiple of the block size the running partial sum becomes
+    # a source; the sublayer's input mixes the sources and the open partial sum; its output joins the partial sum
+    sources, partial = [m.model.embeddings.weight[ids]], None
+    sublayers = [(b, kind) for b in m.model.layers for kind in ('attn', 'mlp')]
+    for s_idx, (block, kind) in enumerate(sublayers):
+        if s_idx % block_size == 0 and partial is not None:
+            sources, partial = sources + [partial], None
+        pre = getattr(block, f'{kind}_norm')
+        if s_idx == 0:
+            x = rms(sources[0], pre.weight)
+        else:
+            x = mix(getattr(block, f'{kind}_res_proj').weight, getattr(block, f'{kind}_res_norm').weight,
+                    sources + ([partial] if partial is not None else []), pre.weight)
+        out = block.attn(x)[0] if kind == 'attn' else block.mlp(x)
+        partial = out if partial is None else partial + out
+    final = sources + ([partial] if partial is not None else [])
+    logits = mix(m.model.res_proj.weight, m.model.res_norm.weight, final, m.model.norm.weight) @ m.lm_head.weight.T
+    assert_close(f'attnres stack (block size {block_size})', logits, m(ids).logits, 1e-12)
 
 
 def test_mlp_width():
@@ -221,6 +270,27 @@ def test_loss_shifts_labels_and_ignores_minus_100():
     assert_close('custom criterion', F.cross_entropy(logits, target, reduction='sum'), m(ids, labels=labels).loss, 1e-12)
 
 
+def test_num_items_in_batch():
+    m = model_of()
+    ids = torch.randint(0, 64, (2, 8))
+    labels = ids.clone()
+    labels[1, :5] = -100
+    logits = m(ids).logits
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), reduction='sum')
+    assert_close('sum / n', total / 40, m(ids, labels=labels, num_items_in_batch=40).loss, 1e-12)
+    assert_close('tensor n', total / 40, m(ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss, 1e-12)
+    m.criterion = nn.CrossEntropyLoss()   # a custom criterion is switched to a sum for this call only
+    assert_close('custom criterion', total / 40, m(ids, labels=labels, num_items_in_batch=40).loss, 1e-12)
+    assert m.criterion.reduction == 'mean'
+    class NoReduction(nn.Module):
+        ignore_index = -100
+        def forward(self, x, y):
+            return x.sum()
+    m.criterion = NoReduction()
+    with pytest.raises(ValueError, match='reduction'):
+        m(ids, labels=labels, num_items_in_batch=4)
+
+
 def test_loss_in_float32_for_half_models():
     m = model_of(torch.bfloat16)
     ids = torch.randint(0, 64, (2, 9))
@@ -265,8 +335,10 @@ def test_logits_to_keep_and_outputs():
         m()
     with pytest.raises(ValueError, match='input_ids'):
         m(ids[0])
-    with pytest.raises(ValueError, match='logits_to_keep'):
-        m(ids, labels=ids, logits_to_keep=2)
+    with_labels = m(ids, labels=ids, logits_to_keep=2)   # FLA 0.6.0: labels need every position, logits_to_keep is ignored
+    assert with_labels.logits.shape == (2, 11, 64) and torch.equal(with_labels.loss, m(ids, labels=ids).loss)
+    picked = m(ids, logits_to_keep=torch.tensor([0, 5]))
+    assert_close('logits_to_keep positions', out.logits[:, [0, 5]], picked.logits, 1e-14)
     with pytest.warns(UserWarning, match='output_attentions'):
         m(ids, output_attentions=True)
 
@@ -325,7 +397,7 @@ def test_legacy_cache_and_the_cache_keyword():
         m(ids, past_key_values=Cache(), cache=Cache())
 
 
-@pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv_bias'])
+@pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv_bias', 'attnres'])
 def test_left_padded_generation_equals_each_row_alone(name):
     "FLA's test_generation at a CPU size: left-padded prefill (chunk path), then single-token steps with the mask."
     m = model_of(**CONFIGS[name])
@@ -358,7 +430,7 @@ def test_left_padded_generation_float32():
         assert_close(f'row {b}', m(ids[b:b + 1, s:]).logits[0], logits[b, s:], 1e-4)
 
 
-@pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv_bias'])
+@pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv_bias', 'attnres'])
 def test_packed_input_equals_the_batch(name):
     "FLA's test_modeling at a CPU size: `[B, T]` vs the same tokens as `[1, B*T]` with cu_seqlens; then backward."
     m = model_of(**CONFIGS[name])
@@ -371,8 +443,9 @@ def test_packed_input_equals_the_batch(name):
         out = m(x, labels=x if not kw else None, **kw)
         h = m.model(x, **kw).last_hidden_state.reshape(B, T, -1)
         (h.square().mean() + out.logits.square().mean()).backward()
-        results.append((h.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+        results.append((h.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
     assert_close(f'{name} packed hidden', results[0][0], results[1][0], 1e-10)
+    assert results[0][1].keys() == results[1][1].keys()   # (block 0's attention-residual query is never used)
     for n, g in results[0][1].items():
         assert_close(f'{name} grad {n}', g, results[1][1][n], 1e-10)
 
