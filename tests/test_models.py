@@ -207,6 +207,16 @@ def test_attnres_forward_matches_a_handwritten_stack(block_size):
     assert_close(f'attnres stack (block size {block_size})', logits, m(ids).logits, 1e-12)
 
 
+def test_powlu_mlp():
+    mlp = GatedMLP(16, intermediate_size=24, hidden_act='powlu', powglu_power=2.5).double()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    g = x @ mlp.gate_proj.weight.T
+    act = torch.where(g > 0, g.abs() ** (2.5 / (g.abs().sqrt() + 1)), g) * torch.sigmoid(g)
+    assert_close('powlu', (act * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T, mlp(x), 1e-12)
+    with pytest.raises(KeyError, match='powlu'):   # as in FLA: the GLA layer's output gate has no 'powlu'
+        GLAModel(tiny(hidden_act='powlu'))
+
+
 def test_mlp_width():
     assert GatedMLP(32).intermediate_size == 256
     assert GatedMLP(1024).intermediate_size == 2816   # int(1024*4*2/3) = 2730 -> 2816
