@@ -574,6 +574,47 @@ def test_plain_save_pretrained_is_readable(tmp_path):
         models_gla.load_state_dict_from_folder(tmp_path / 'nowhere')
 
 
+def write_fla_style_checkpoint(folder: Path, model: GLAForCausalLM, shards: int = 2):
+    "A checkpoint folder as FLA 0.6.0 + transformers 5 write it: FLA's config keys, bf16 weights, sharded safetensors."
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    config = {k: getattr(c, k) for k in (
+        'hidden_size', 'expand_k', 'expand_v', 'hidden_ratio', 'intermediate_size', 'num_hidden_layers', 'num_heads',
+        'num_kv_heads', 'feature_map', 'attn_mode', 'use_short_conv', 'conv_size', 'use_output_gate', 'clamp_min',
+        'hidden_act', 'max_position_embeddings', 'elementwise_affine', 'norm_eps', 'use_gk', 'use_gv', 'attn',
+        'use_cache', 'pad_token_id', 'bos_token_id', 'eos_token_id', 'tie_word_embeddings', 'initializer_range',
+        'fuse_norm', 'fuse_swiglu', 'fuse_cross_entropy', 'fuse_linear_cross_entropy', 'use_l2warp', 'vocab_size',
+        'attnres_block_size')}
+    config.update(architectures=['GLAForCausalLM'], model_type='gla', dtype='bfloat16', transformers_version='5.17.0')
+    (folder / 'config.json').write_text(json.dumps(config, indent=2))
+    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    keys = sorted(sd)
+    weight_map = {}
+    for i in range(shards):
+        name = f'model-{i + 1:05d}-of-{shards:05d}.safetensors'
+        part = keys[i::shards]
+        save_file({k: sd[k] for k in part}, str(folder / name), metadata={'format': 'pt'})
+        weight_map.update({k: name for k in part})
+    (folder / 'model.safetensors.index.json').write_text(json.dumps({'metadata': {}, 'weight_map': weight_map}))
+    return sd
+
+
+def test_loads_an_fla_style_checkpoint_folder(tmp_path):
+    m = model_of(torch.float32, use_short_conv=True, attnres_block_size=2)
+    sd = write_fla_style_checkpoint(tmp_path / 'fla', m)
+    loaders = {'from_pretrained': lambda path: GLAForCausalLM.from_pretrained(path, dtype='auto'),   # transformers' when installed
+               'plain loader': lambda path: models_gla._PlainPreTrainedModel.from_pretrained.__func__(GLAForCausalLM, path, dtype='auto')}
+    for name, load in loaders.items():
+        loaded = load(tmp_path / 'fla')
+        assert loaded.dtype == torch.bfloat16 and loaded.config.use_short_conv and loaded.config.attnres_block_size == 2
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
+        ids = torch.randint(0, 64, (2, 10))
+        ref = copy.deepcopy(m).to(torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, ref(ids).logits)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # without transformers
 
@@ -613,6 +654,10 @@ assert again.dtype == torch.float64 or again.dtype == torch.float32
 assert all(torch.equal(again.state_dict()[k].double(), v) for k, v in model.state_dict().items())
 base = GLAModel(GLAConfig(hidden_size=32, num_hidden_layers=1, num_heads=2, vocab_size=10))
 assert abs(base.embeddings.weight.std().item() - 0.02) < 0.01 and base.config.to_dict()['hidden_size'] == 32
+fla = GLAForCausalLM.from_pretrained(d / 'fla', dtype='auto')      # FLA-style: sharded bf16 safetensors
+assert fla.dtype == torch.bfloat16 and fla.config.architectures == ['GLAForCausalLM']
+with torch.no_grad():
+    assert torch.equal(fla(ref['ids']).logits, ref['fla_logits'])
 print('plain path ok')
 '''
 
@@ -628,8 +673,11 @@ def test_without_transformers(tmp_path):
         out = m(ids, labels=ids)
     gen = simple_generate(m, prompt, attention_mask=mask, max_new_tokens=6)
     m.save_pretrained(tmp_path / 'ckpt')
-    torch.save({'ids': ids, 'logits': out.logits, 'loss': out.loss, 'prompt': prompt, 'mask': mask, 'generated': gen},
-               tmp_path / 'ref.pt')
+    write_fla_style_checkpoint(tmp_path / 'fla', m)
+    with torch.no_grad():
+        fla_logits = copy.deepcopy(m).to(torch.bfloat16)(ids).logits
+    torch.save({'ids': ids, 'logits': out.logits, 'loss': out.loss, 'prompt': prompt, 'mask': mask, 'generated': gen,
+                'fla_logits': fla_logits}, tmp_path / 'ref.pt')
     env = {**os.environ, 'PYTHONPATH': str(root) + os.pathsep + os.environ.get('PYTHONPATH', '')}
     res = subprocess.run([sys.executable, '-c', NO_TRANSFORMERS, str(tmp_path)], capture_output=True, text=True, env=env,
                          timeout=300)
