@@ -201,14 +201,13 @@ def _start_state(h0, q, v, grid):
 
 
 def _chunk_fwd(q, k, v, g, h0, grid):
-    "Forward in chunk layout: `o` (unscaled) and the final state."
+    "Forward in chunk layout: `o` (unscaled), the final state, and the intra-chunk attention (kept for backward)."
     A, eb, ekb = _intra_attention(q, k, g)
     o = A @ v
-    del A
     ea = eb[..., -1, :].clone()                             # each chunk's total decay
     states, ht = _walk_states(ekb.mul_(k).transpose(-1, -2) @ v, ea, _start_state(h0, q, v, grid), grid)
     o.view(-1, *o.shape[-2:]).baddbmm_(eb.mul_(q).view(-1, *q.shape[-2:]), states.view(-1, *states.shape[-2:]))
-    return o, grid.unsort(ht)
+    return o, grid.unsort(ht), A
 
 # %% ../../nbs/04_chunk.ipynb #7985423e
 def _intra_bwd(q, k, g, dA):
@@ -230,11 +229,9 @@ def _intra_bwd(q, k, g, dA):
     return dq, dk, FP, FE
 
 
-def _intra_grads(q, k, v, g, do):
-    "Intra-chunk dq, dk (without s == t terms) and dv, and the chunk decays."
-    A, _, _ = _intra_attention(q, k, g)
+def _intra_grads(q, k, v, g, do, A):
+    "Intra-chunk dq, dk (without s == t terms) and dv, and the chunk decays; `A` is the forward's attention."
     dv = A.transpose(-1, -2) @ do
-    del A
     dq, dk, eb, ekb = _intra_bwd(q, k, g, do @ v.transpose(-1, -2))
     return dq, dk, dv, eb, ekb
 
@@ -242,7 +239,7 @@ def _intra_grads(q, k, v, g, do):
 def _dg(q, k, dq, dk, dki, c4):
     """dL/dg from sums inside each chunk: reverse cumsum of `q*dq - k*dk` (without the s == t terms, and `dk`
     without `dki`, its part through later chunks), exclusive cumsum of `k*dki`, plus `c4`."""
-    z = (q * dq).sub_(k * dk).flip(-2).cumsum(-2).flip(-2)
+    z = torch.addcmul(q * dq, k, dk, value=-1).flip(-2).cumsum(-2).flip(-2)
     y = torch.cat([c4.unsqueeze(-2), (k * dki)[..., :-1, :]], -2).cumsum(-2)
     return z.add_(y)
 
@@ -254,9 +251,9 @@ def _finish_grads(q, k, v, do, dq, dk, dki):
     dk.add_(dki).addcmul_(q, vdo)
 
 
-def _chunk_bwd(q, k, v, g, h0, do, dht, grid):
+def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A):
     "Backward in chunk layout (`do` already scaled): dq, dk, dv, dg, dh0."
-    dq, dk, dv, eb, ekb = _intra_grads(q, k, v, g, do)
+    dq, dk, dv, eb, ekb = _intra_grads(q, k, v, g, do, A)
     ea = eb[..., -1, :]
     ke = k * ekb
     states, ht = _walk_states(ke.transpose(-1, -2) @ v, ea, _start_state(h0, q, v, grid), grid)
@@ -275,7 +272,6 @@ def _chunk_bwd(q, k, v, g, h0, do, dht, grid):
 def _fused_fwd(q, k, v, g, h0, grid):
     A, eb, ekb = _intra_attention(q, k, g)
     o = A @ v
-    del A
     ea = eb[..., -1, :].clone()
     qe, ke, S = eb.mul_(q), ekb.mul_(k), _start_state(h0, q, v, grid)
     for j in range(grid.steps):
@@ -283,11 +279,11 @@ def _fused_fwd(q, k, v, g, h0, grid):
         grid.put(o, j, grid.take(o, j) + grid.take(qe, j) @ Sj)
         new = torch.addcmul(grid.take(ke, j).transpose(-1, -2) @ grid.take(v, j), grid.take(ea, j)[..., None], Sj)
         S = _advance(grid, S, j, new)
-    return o, grid.unsort(S)
+    return o, grid.unsort(S), A
 
 
-def _fused_bwd(q, k, v, g, h0, do, dht, grid):
-    dq, dk, dv, eb, ekb = _intra_grads(q, k, v, g, do)
+def _fused_bwd(q, k, v, g, h0, do, dht, grid, A):
+    dq, dk, dv, eb, ekb = _intra_grads(q, k, v, g, do, A)
     ea = eb[..., -1, :]
     qe, ke = q * eb, k * ekb
     dki, c4 = torch.zeros_like(k), torch.zeros_like(ea)
@@ -323,26 +319,26 @@ def _fused_bwd(q, k, v, g, h0, do, dht, grid):
 
 # %% ../../nbs/04_chunk.ipynb #778db92d
 class ChunkGLAFunction(torch.autograd.Function):
-    "Chunked GLA; saves only its inputs and recomputes the rest in backward."
+    "Chunked GLA; saves its inputs and the intra-chunk attention, and recomputes the rest in backward."
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, fused, varlen):
         acc = torch.promote_types(q.dtype, torch.float32)
         grid = varlen if varlen is not None else _Fixed(q.shape[0], q.shape[1], _chunk_size(q.shape[1]))
-        o, ht = (_fused_fwd if fused else _chunk_fwd)(*(grid.to_chunks(x, acc) for x in (q, k, v, g)),
-                                                      initial_state, grid)
-        ctx.save_for_backward(q, k, v, g, initial_state)
+        o, ht, A = (_fused_fwd if fused else _chunk_fwd)(*(grid.to_chunks(x, acc) for x in (q, k, v, g)),
+                                                         initial_state, grid)
+        ctx.save_for_backward(q, k, v, g, initial_state, A)
         ctx.scale, ctx.fused, ctx.grid = scale, fused, grid
         ctx.set_materialize_grads(False)
         return grid.from_chunks(o, v.dtype, scale), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0 = ctx.saved_tensors
+        q, k, v, g, h0, A = ctx.saved_tensors
         grid, acc = ctx.grid, torch.promote_types(q.dtype, torch.float32)
         qc, kc, vc, gc = (grid.to_chunks(x, acc) for x in (q, k, v, g))
         doc = torch.zeros_like(vc) if do is None else grid.to_chunks(do, acc, ctx.scale)
-        dq, dk, dv, dg, dh0 = (_fused_bwd if ctx.fused else _chunk_bwd)(qc, kc, vc, gc, h0, doc, dht, grid)
+        dq, dk, dv, dg, dh0 = (_fused_bwd if ctx.fused else _chunk_bwd)(qc, kc, vc, gc, h0, doc, dht, grid, A)
         return (grid.from_chunks(dq, q.dtype), grid.from_chunks(dk, k.dtype), grid.from_chunks(dv, v.dtype),
                 grid.from_chunks(dg, g.dtype), None, None if h0 is None else dh0.to(h0.dtype), None, None)
 
