@@ -4,3 +4,4 @@ __version__ = "0.1.0"
 from .utils import *
 from .ops.recurrent import *
 from .cache import *
+from .layers.gla import *
