@@ -254,7 +254,7 @@ def test_works_without_transformers():
     code = """
 import sys; sys.modules['transformers'] = None
 import torch
-from myfla_gla import Cache, FLALayer
+from myfla_gla import Cache, FLALayer, GatedLinearAttention
 c = Cache()
 c.update(recurrent_state=torch.ones(2, 1), conv_state=(torch.ones(2, 3, 4),), layer_idx=1, offset=4)
 assert len(c) == 2 and c[0] is None and c.get_seq_length(1) == 4 and not c.is_initialized
@@ -265,6 +265,12 @@ c.reorder_cache(torch.tensor([1, 0])); c.batch_repeat_interleave(2)
 assert c[1]['conv_state'][0].shape == (4, 3, 4)
 assert Cache.from_legacy_cache(c.to_legacy_cache(), seen_tokens=2).get_seq_length(1) == 2
 c.reset(); assert c[1] is None
+layer = GatedLinearAttention(hidden_size=16, num_heads=2, use_short_conv=True, layer_idx=0)
+x = torch.randn(1, 5, 16)
+cache = Cache()
+o1 = layer(x[:, :3], past_key_values=cache, use_cache=True)[0]
+o2 = layer(x[:, 3:], past_key_values=cache, use_cache=True)[0]
+torch.testing.assert_close(torch.cat([o1, o2], 1), layer(x)[0])
 print('ok', [b.__name__ for b in Cache.__mro__])
 """
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)

@@ -545,3 +545,45 @@ def test_bad_input():
         layer(x, cu_seqlens=torch.tensor([0, 2, 5]))
     with pytest.raises(KeyError, match='powlu'):
         GatedLinearAttention(hidden_size=16, num_heads=2, gate_fn='powlu', fuse_norm=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Properties over random masks and short lengths
+# ---------------------------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+LAYERS = {}
+
+
+def small_layer(conv, gqa):
+    if (conv, gqa) not in LAYERS:
+        torch.manual_seed(7)
+        LAYERS[conv, gqa] = make_layer(hidden_size=16, num_heads=2, num_kv_heads=2 // gqa, use_short_conv=conv,
+                                       conv_size=3, clamp_min=-0.2, gate_logit_normalizer=2)
+    return LAYERS[conv, gqa]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conv=st.booleans(), gqa=st.sampled_from([1, 2]), T=st.integers(1, 9),
+       rows=st.lists(st.lists(st.booleans(), min_size=9, max_size=9), min_size=1, max_size=3), data=st.data())
+def test_property_padding_packing_and_causality(conv, gqa, T, rows, data):
+    layer = small_layer(conv, gqa)
+    mask = torch.tensor(rows, dtype=torch.long)[:, :T]
+    B = mask.shape[0]
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    x = torch.randn(B, T, 16, dtype=F64, generator=g)
+    o = layer(x, attention_mask=mask)[0]
+    assert (o[mask == 0] == 0).all()
+    for b in range(B):                                   # each row's tokens as one sequence alone
+        keep = mask[b].bool()
+        if keep.any():
+            assert_close(f'row {b}', layer(x[b:b + 1, keep])[0][0], o[b, keep], 1e-12)
+    # packed with cu_seqlens: the same numbers
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)])
+    if cu[-1] > 0:
+        packed = layer(x[mask.bool()][None], cu_seqlens=cu)[0][0]
+        assert_close('packed', o[mask.bool()], packed, 1e-12)
+    # causality: changing the last token changes no earlier output
+    x2 = x.clone()
+    x2[:, -1] += 1
+    assert_close('causal', o[:, :-1], layer(x2, attention_mask=mask)[0][:, :-1], 1e-13)
