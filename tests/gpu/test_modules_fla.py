@@ -1,0 +1,118 @@
+"""FLA parity on CUDA for ShortConvolution, RMSNorm, FusedRMSNormGated and FusedLayerNormGated: FLA's modules
+with the same weights (load_state_dict), the same inputs, outputs, new caches / residual streams and every
+gradient. Skipped unless CUDA is available and FLA (0.6.0) is importable.
+
+Bounds are the project's DEFAULT_RATIO (float32 1e-5, half 5e-3): both sides compute in float32 and round once."""
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip('needs a CUDA device', allow_module_level=True)
+pytest.importorskip('fla')
+
+from fla.modules import FusedLayerNormGated as FLAFusedLayerNormGated  # noqa: E402
+from fla.modules import FusedRMSNormGated as FLAFusedRMSNormGated  # noqa: E402
+from fla.modules import RMSNorm as FLARMSNorm  # noqa: E402
+from fla.modules import ShortConvolution as FLAShortConvolution  # noqa: E402
+
+from myfla_gla import (DEFAULT_RATIO, FusedLayerNormGated, FusedRMSNormGated, RMSNorm, ShortConvolution,  # noqa: E402
+                       assert_close)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def pair_of_convs(D, W, bias, activation, dtype):
+    ours = ShortConvolution(D, W, bias=bias, activation=activation, device='cuda', dtype=dtype)
+    fla = FLAShortConvolution(D, W, bias=bias, activation=activation, device='cuda', dtype=dtype)
+    fla.load_state_dict(ours.state_dict())
+    return ours, fla
+
+
+def run_conv(conv, x, r, h0, cu, dy, dh):
+    inputs = [t for t in (x, r, h0, conv.weight, conv.bias) if t is not None]
+    y, final = conv(x, residual=r, cache=h0, output_final_state=True, cu_seqlens=cu)
+    loss = (y.float() * dy).sum() + (final.float() * dh).sum()
+    return [y, final, *torch.autograd.grad(loss, inputs)]
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('W', [2, 3, 4])
+@pytest.mark.parametrize('layout', ['dense', 'varlen'])
+@pytest.mark.parametrize('extras', [False, True])   # bias, residual and initial cache all off / all on
+@pytest.mark.parametrize('activation', ['silu', None])
+def test_short_convolution_matches_fla(dtype, W, layout, extras, activation):
+    torch.manual_seed(0)
+    D = 256
+    if layout == 'dense':
+        B, T, cu = 2, 300, None
+    else:
+        B, T = 1, 500
+        cu = torch.tensor([0, 3, 3, 120, 121, 500], device='cuda', dtype=torch.int32)  # empty and short sequences
+    N = B if cu is None else len(cu) - 1
+    ours, fla = pair_of_convs(D, W, extras, activation, dtype)
+    mk = lambda *s: torch.randn(*s, device='cuda', dtype=dtype).requires_grad_()
+    x, r, h0 = mk(B, T, D), (mk(B, T, D) if extras else None), (mk(N, D, W) if extras else None)
+    dy, dh = torch.randn(B, T, D, device='cuda').to(dtype).float(), torch.randn(N, D, W, device='cuda').to(dtype).float()
+    got, want = run_conv(ours, x, r, h0, cu, dy, dh), run_conv(fla, x, r, h0, cu, dy, dh)
+    names = ['y', 'final', 'dx'] + (['dr', 'dh0'] if extras else []) + ['dw'] + (['db'] if extras else [])
+    for name, a, b in zip(names, want, got):
+        assert a.dtype == b.dtype, name
+        assert_close(f'{layout} {name}', a, b, DEFAULT_RATIO[dtype])
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('W', [2, 3, 4])
+@pytest.mark.parametrize('packed', [False, True])
+def test_decoding_matches_fla(dtype, W, packed):
+    # prefill 20 tokens, then 8 single-token steps; both sides write the cache in place
+    torch.manual_seed(0)
+    N, D = 3, 128
+    ours, fla = pair_of_convs(D, W, True, 'silu', dtype)
+    x, r = torch.randn(N, 28, D, device='cuda', dtype=dtype), torch.randn(N, 28, D, device='cuda', dtype=dtype)
+    with torch.no_grad():
+        _, c = ours(x[:, :20], residual=r[:, :20], output_final_state=True)
+        _, c_f = fla(x[:, :20], residual=r[:, :20], output_final_state=True)
+        assert_close('prefill cache', c_f, c, 0)
+        cu = torch.arange(N + 1, device='cuda', dtype=torch.int32) if packed else None
+        for t in range(20, 28):
+            xt, rt = x[:, t:t + 1], r[:, t:t + 1]
+            if packed:
+                xt, rt = xt.transpose(0, 1), rt.transpose(0, 1)
+            y, _ = ours(xt, residual=rt, cache=c, cu_seqlens=cu)
+            y_f, _ = fla(xt, residual=rt, cache=c_f, cu_seqlens=cu)
+            assert_close(f'step {t} y', y_f, y, DEFAULT_RATIO[dtype])
+            assert_close(f'step {t} cache', c_f, c, 0)
+
+
+NORMS = [('RMSNorm', RMSNorm, FLARMSNorm, {'bias': True}, False),
+         ('FusedRMSNormGated', FusedRMSNormGated, FLAFusedRMSNormGated, {}, True),
+         ('FusedLayerNormGated', FusedLayerNormGated, FLAFusedLayerNormGated, {'bias': True}, True)]
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('name, ours_cls, fla_cls, kw, gated', NORMS, ids=[n[0] for n in NORMS])
+@pytest.mark.parametrize('activation', ['swish', 'silu', 'sigmoid'])
+@pytest.mark.parametrize('D', [64, 200, 1024])   # FLA switches kernels above 512
+@pytest.mark.parametrize('residual', [False, True])
+def test_norms_match_fla(dtype, name, ours_cls, fla_cls, kw, gated, activation, D, residual):
+    if not gated and activation != 'swish':
+        pytest.skip('RMSNorm has no gate')
+    torch.manual_seed(0)
+    kw = dict(kw, activation=activation) if gated else kw
+    ours = ours_cls(D, **kw).to(device='cuda', dtype=dtype)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn_like(p))
+    fla = fla_cls(D, **kw).to(device='cuda', dtype=dtype)
+    fla.load_state_dict(ours.state_dict())
+    mk = lambda: torch.randn(2, 3, 37, D, device='cuda', dtype=dtype).requires_grad_()
+    x, g, r = mk(), (mk() if gated else None), (mk() if residual else None)
+    dy, dz = torch.randn_like(x).detach(), torch.randn_like(x).detach()
+    outs = {}
+    for who, mod in (('ours', ours), ('fla', fla)):
+        y, res = mod(x, g, r, prenorm=True) if gated else mod(x, r, prenorm=True)
+        inputs = [t for t in (x, g, r, mod.weight, mod.bias) if t is not None]
+        outs[who] = [y, res, *torch.autograd.grad((y.float() * dy).sum() + (res.float() * dz).sum(), inputs)]
+    for i, (a, b) in enumerate(zip(outs['fla'], outs['ours'])):
+        assert a.dtype == b.dtype, i
+        assert_close(f'{name} output {i}', a, b, DEFAULT_RATIO[dtype])
