@@ -1,0 +1,250 @@
+"""The documentation site, as a reader's browser shows it.
+
+Builds the site (`python docs/build.py`, incremental: seconds), serves `docs/_build/html` on 127.0.0.1 and
+loads every page in headless Chromium (Debian's `chromium`, driven by Playwright; never Playwright's own
+browser download). Each page must: carry its notebook's title, show the API names its module exports,
+typeset all its math, load every image, log no console or page error, have no failed request and no
+request leaving 127.0.0.1, no broken internal link (the `#fragment` included), no nbdev `#|` directive
+left in the text, show its `#| export` cells as code and none of its `#| hide` cells, and link to the
+previous and next chapter in notebook order. Chromium runs headless on a fresh profile with the flags
+below. A screenshot of every page is saved under `docs/_build/screenshots/`; the home page's path is printed.
+
+Without Chromium (or Playwright) the test skips, except in CI (`CI=true`), where that is a failure.
+"""
+import ast
+import functools
+import http.server
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+root = Path(__file__).resolve().parent.parent
+html_dir = root / 'docs' / '_build' / 'html'
+shots = root / 'docs' / '_build' / 'screenshots'
+chromium = os.environ.get('CHROMIUM', '/usr/bin/chromium')
+in_ci = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
+chromium_flags = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                  '--disable-background-networking', '--disable-component-update', '--disable-sync']
+
+_spec = importlib.util.spec_from_file_location('myfla_gla_docs_build', root / 'docs' / 'build.py')
+docs_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(docs_build)
+pages = docs_build.notebook_names()   # the build's own list of pages, in order
+doc_host = docs_build.settings()['doc_host']
+
+
+def require(ok, why):
+    "Skip when a browser prerequisite is missing here; in CI the browser test must run, so fail."
+    if ok:
+        return
+    if in_ci:
+        pytest.fail(f'{why}; CI=true, so the browser test may not be skipped (.ci/run installs chromium)')
+    pytest.skip(why)
+
+
+def title_of(name):
+    "A notebook's title: its first cell is `# Title`."
+    nb = json.loads((root / 'nbs' / f'{name}.ipynb').read_text(encoding='utf-8'))
+    return ''.join(nb['cells'][0]['source']).splitlines()[0].lstrip('#').strip()
+
+
+def api_names(name):
+    "The names the notebook's module exports (its `#| default_exp` module's `__all__`), [] if none."
+    nb = json.loads((root / 'nbs' / f'{name}.ipynb').read_text(encoding='utf-8'))
+    for cell in nb['cells']:
+        m = re.search(r'^#\|\s*default_exp\s+(\S+)', ''.join(cell['source']), re.M)
+        if m and cell['cell_type'] == 'code':
+            tree = ast.parse((root / 'myfla_gla' / (m[1].replace('.', '/') + '.py')).read_text(encoding='utf-8'))
+            for node in tree.body:
+                if isinstance(node, ast.Assign) and any(getattr(t, 'id', None) == '__all__' for t in node.targets):
+                    return ast.literal_eval(node.value)
+    return []
+
+
+def cells_with(name, directive):
+    "The code (directive lines dropped) of the notebook's cells that carry `#| directive`."
+    nb = json.loads((root / 'nbs' / f'{name}.ipynb').read_text(encoding='utf-8'))
+    found = []
+    for cell in nb['cells']:
+        src = ''.join(cell['source'])
+        if cell['cell_type'] == 'code' and re.search(rf'^#\|\s*{directive}\s*$', src, re.M):
+            found.append('\n'.join(l for l in src.splitlines() if not l.startswith('#|')).strip())
+    return [c for c in found if c]
+
+
+def squash(text):
+    return ' '.join(text.split())
+
+
+@pytest.fixture(scope='module')
+def site():
+    require(Path(chromium).exists(), f'no Chromium at {chromium} (apt-get install chromium)')
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        require(False, 'Playwright for Python is not installed (it is in the dev requirements)')
+    run = subprocess.run([sys.executable, str(root / 'docs' / 'build.py')], cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, f'docs build failed:\n{run.stdout[-5000:]}\n{run.stderr[-5000:]}'
+    return html_dir
+
+
+@pytest.fixture(scope='module')
+def base_url(site):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{server.server_port}/'
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope='module')
+def browser(base_url, tmp_path_factory):
+    "A fresh Chromium profile; any request for a host other than 127.0.0.1 is recorded and aborted."
+    from playwright.sync_api import sync_playwright
+    outside = []
+    def guard(route):
+        if urlsplit(route.request.url).hostname == '127.0.0.1':
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp('chromium-profile')), executable_path=chromium, headless=True,
+            args=chromium_flags, viewport={'width': 1280, 'height': 860}, service_workers='block')
+        ctx.set_default_timeout(20_000)
+        ctx.route('**/*', guard)
+        ctx.outside = outside
+        yield ctx
+        ctx.close()
+
+
+# Visible text outside code, with `$...$` or `\(...\)` left untypeset by MathJax.
+UNTYPESET = """() => {
+  const skip = 'PRE, CODE, SCRIPT, STYLE, TEXTAREA, MJX-CONTAINER, NOSCRIPT';
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  const bad = [];
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    if (n.parentElement.closest(skip)) continue;
+    const m = n.textContent.match(/\\$[^$\\s][^$]*\\$|\\\\\\(|\\\\\\[/);
+    if (m) bad.push(n.textContent.trim().slice(0, 120));
+  }
+  return bad;
+}"""
+
+BROKEN_IMAGES = """async () => {
+  const bad = [];
+  for (const img of document.images) {
+    img.loading = 'eager';
+    try { await img.decode(); } catch (e) {}
+    if (!img.complete || img.naturalWidth === 0) bad.push(img.src);
+  }
+  return bad;
+}"""
+
+MATHJAX_DONE = """() => (window.MathJax && MathJax.startup && MathJax.startup.promise)
+  ? MathJax.startup.promise.then(() => document.querySelectorAll('mjx-container').length) : -1"""
+
+
+@functools.lru_cache(maxsize=None)
+def ids_in(path):
+    return set(re.findall(r'\bid="([^"]+)"', path.read_text(encoding='utf-8')))
+
+
+def visit(browser, url):
+    "Load a page; return it with the problems seen while loading."
+    page = browser.new_page()
+    problems = []
+    page.on('console', lambda m: m.type == 'error' and problems.append(f'console error: {m.text}'))
+    page.on('pageerror', lambda e: problems.append(f'page error: {e}'))
+    page.on('requestfailed', lambda r: problems.append(f'request failed: {r.url} ({r.failure})'))
+    page.on('response', lambda r: r.status >= 400 and problems.append(f'HTTP {r.status}: {r.url}'))
+    n_out = len(browser.outside)
+    page.goto(url, wait_until='load')
+    page.wait_for_load_state('networkidle')
+    typeset = page.evaluate(MATHJAX_DONE)
+    problems += [f'request leaving 127.0.0.1: {u}' for u in browser.outside[n_out:]]
+    return page, problems, typeset
+
+
+def check_links(page, base_url):
+    "Every link into the site reaches an existing file, and its #fragment an element of that page."
+    broken = []
+    for href in page.eval_on_selector_all('a[href]', 'els => els.map(a => a.href)'):
+        if not href.startswith(base_url):
+            continue
+        path, _, frag = href[len(base_url):].partition('#')
+        target = html_dir / (path.split('?')[0] or 'index.html')
+        if target.is_dir():
+            target = target / 'index.html'
+        if not target.is_file():
+            broken.append(href)
+        elif frag and target.suffix == '.html' and frag not in ids_in(target):
+            broken.append(href)
+    return broken
+
+
+def test_every_notebook_is_a_page(site):
+    assert pages[0] == 'index' and len(pages) > 1
+    missing = [n for n in pages if not (site / f'{n}.html').is_file()]
+    assert not missing, f'notebooks without a page: {missing}'
+
+
+@pytest.mark.parametrize('name', pages + ['genindex', 'search'])
+def test_page(browser, base_url, name, capsys):
+    page, problems, typeset = visit(browser, base_url + f'{name}.html')
+    try:
+        title = page.title()
+        text = page.inner_text('article') if page.query_selector('article') else page.inner_text('body')
+        if name in pages:
+            want = title_of(name)
+            assert title.startswith(want), f'page title {title!r}, expected the notebook title {want!r}'
+            assert page.inner_text('article h1').strip().rstrip('#').strip() == want
+            missing = [a for a in api_names(name) if a not in text]
+            assert not missing, f'API names missing from the page: {missing}'
+            # Navigation: the sidebar lists every chapter, and the next/previous links follow notebook order.
+            nav = page.eval_on_selector_all('.sidebar-tree a.reference', 'els => els.map(a => a.getAttribute("href"))')
+            in_nav = {h.split('#')[0].removesuffix('.html') or name for h in nav}  # '#': this page
+            assert set(pages[1:]) <= in_nav, f'sidebar lacks {sorted(set(pages[1:]) - in_nav)}'
+            i = pages.index(name)
+            nxt = page.query_selector('a.next-page')
+            if i + 1 < len(pages):
+                assert nxt and nxt.get_attribute('href').split('#')[0] == pages[i + 1] + '.html', 'next-page link'
+            if i > 0:
+                prv = page.query_selector('a.prev-page')
+                assert prv and prv.get_attribute('href').split('#')[0] == pages[i - 1] + '.html', 'prev-page link'
+            # nbdev's directives: `#| export` cells show as code, `#| hide` cells don't show.
+            code = squash(' '.join(page.eval_on_selector_all('article pre', 'els => els.map(e => e.textContent)')))
+            unshown = [c.splitlines()[0] for c in cells_with(name, 'export') if squash(c) not in code]
+            assert not unshown, f'exported cells not shown as code: {unshown}'
+            shown = [c.splitlines()[0] for c in cells_with(name, 'hide') if squash(c) in code]
+            assert not shown, f'hidden cells shown: {shown}'
+            n_math = len(page.query_selector_all('article .math'))
+            assert n_math == 0 or typeset > 0, f'{n_math} math elements but MathJax typeset none'
+        assert title, 'empty <title>'
+        problems += [f'untypeset math: {t!r}' for t in page.evaluate(UNTYPESET)]
+        problems += [f'image not loaded: {u}' for u in page.evaluate(BROKEN_IMAGES)]
+        problems += [f'nbdev directive on the page: {l!r}' for l in text.splitlines() if l.strip().startswith('#|')]
+        problems += [f'broken internal link: {h}' for h in check_links(page, base_url)]
+        problems += [f'link to the nbdev site left in: {h}' for h in
+                     page.eval_on_selector_all('a[href]', 'els => els.map(a => a.href)') if h.startswith(doc_host)]
+        assert not problems, '\n'.join(problems)
+        if name in pages:
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=shots / f'{name}.png')
+            if name == 'index':
+                with capsys.disabled():  # shown even when pytest captures the output
+                    print(f'\nscreenshot of the home page: {shots / "index.png"}')
+    finally:
+        page.close()
