@@ -3,6 +3,7 @@ __version__ = "0.1.0"
 
 from .utils import *
 from .ops.recurrent import *
+from .ops.chunk import *
 from .modules.convolution import *
 from .modules.norms import *
 from .cache import *

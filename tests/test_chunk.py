@@ -1,0 +1,262 @@
+"""chunk_gla and fused_chunk_gla on CPU: FLA's test matrices (spec 9.2) at CPU-sized lengths against the float64
+recurrence, strong gates over long sequences, property-based tests over shapes, chunk boundaries, gates and
+varlen splits, bad input, and torch.compile. (The notebook holds the worked examples; tests/gpu/ the FLA parity.)"""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from myfla_gla import (DEFAULT_RATIO, assert_close, chunk_gla, fused_chunk_gla, get_err_ratio, naive_recurrent_gla,
+                       random_gla_inputs)
+
+NAMES = ['o', 'ht', 'dq', 'dk', 'dv', 'dg', 'dh0']
+
+
+def reference(q, k, v, g, h0, cu, scale):
+    "Float64 recurrence, one packed sequence at a time."
+    q, k, v, g = (x.double() for x in (q, k, v, g))
+    q = q * scale * q.shape[-1] ** 0.5
+    h0 = None if h0 is None else h0.double()
+    if cu is None:
+        return naive_recurrent_gla(q, k, v, g, h0, output_final_state=True)
+    outs = [naive_recurrent_gla(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], None if h0 is None else h0[n:n + 1],
+                                output_final_state=True) for n, (s, e) in enumerate(zip(cu[:-1], cu[1:]))]
+    return torch.cat([o for o, _ in outs], 1), torch.cat([h for _, h in outs])
+
+
+def run(fn, q, k, v, g, h0, do, dht, **kw):
+    "[o, ht, dq, dk, dv, dg, dh0] for the loss sum(o * do) + sum(ht * dht) (dht None: no gradient through ht)."
+    xs = [None if x is None else x.detach().clone().requires_grad_() for x in (q, k, v, g, h0)]
+    o, ht = fn(*xs[:4], initial_state=xs[4], output_final_state=True, **kw)
+    loss = (o * do).sum() + (0 if dht is None else (ht * dht).sum())
+    wrt = [x for x in xs if x is not None]
+    grads = list(torch.autograd.grad(loss, wrt, allow_unused=True)) if loss.requires_grad else [None] * len(wrt)
+    grads = [torch.zeros_like(x) if d is None else d for x, d in zip(wrt, grads)]   # (an empty input has no graph)
+    return [o, ht] + grads
+
+
+def check(B, T, H, K, V, dtype=torch.float32, normalizer=1., cu=None, h0=True, dht=True, clamp_min=None,
+          scale=None, fns=(chunk_gla, fused_chunk_gla), ratio=None, state_v_first=False):
+    "Every output and gradient of each fn against the float64 recurrence on the same (rounded) inputs."
+    q, k, v, g = random_gla_inputs(B, T, H, K, V, gate_logit_normalizer=normalizer, dtype=dtype)
+    if clamp_min is not None:
+        g = g.clamp_min(clamp_min)
+    N, sdt = (B if cu is None else len(cu) - 1), torch.promote_types(dtype, torch.float32)
+    s0 = torch.rand(N, H, K, V, dtype=sdt) if h0 else None
+    do = torch.rand(B, T, H, V, dtype=dtype)
+    ds = torch.rand(N, H, K, V, dtype=sdt) if dht else None
+    sc = K ** -0.5 if scale is None else scale
+    ref = run(lambda *a, initial_state, output_final_state: reference(*a, initial_state, cu, sc),
+              q, k, v, g, s0, do.double(), None if ds is None else ds.double())
+    cut = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    t = (lambda x: None if x is None else x.transpose(-1, -2)) if state_v_first else (lambda x: x)
+    errs = {}
+    for fn in fns:
+        res = run(fn, q, k, v, g, t(s0), do, t(ds), scale=scale, cu_seqlens=cut, state_v_first=state_v_first)
+        res[1] = t(res[1])
+        if h0:
+            res[-1] = t(res[-1])
+        assert res[0].dtype == v.dtype and res[1].dtype == sdt and res[0].shape == (B, T, H, V)
+        errs[fn.__name__] = [assert_close(f'{fn.__name__} {name}', r, x, ratio or DEFAULT_RATIO[dtype])[0]
+                             for name, r, x in zip(NAMES, ref, res)]
+    return errs
+
+
+# FLA's tests/ops/test_gla.py matrices (spec 9.2), lengths and heads cut to CPU size; half precision as in FLA,
+# and float32 too, where the bound is 1e-5.
+@pytest.mark.parametrize('B, T, H, D, normalizer, dtype', [
+    (1, 63, 1, 64, 1, torch.float16), (2, 200, 2, 60, 1, torch.float16), (2, 160, 2, 128, 0.1, torch.float16),
+    (2, 160, 2, 128, 1, torch.float16), (2, 160, 2, 128, 10, torch.float16), (2, 256, 2, 64, 1, torch.float16),
+    (1, 128, 2, 256, 1, torch.float16), (1, 64, 1, 320, 1, torch.float16), (1, 128, 1, 512, 1, torch.bfloat16),
+    (1, 63, 1, 64, 1, torch.float32), (2, 200, 2, 60, 1, torch.float32), (2, 160, 2, 128, 0.1, torch.float32),
+    (2, 160, 2, 128, 10, torch.float32), (1, 128, 2, 256, 1, torch.float32)])
+def test_chunk(B, T, H, D, normalizer, dtype):
+    check(B, T, H, D, D, dtype, normalizer)
+
+
+@pytest.mark.parametrize('D, cu, dtype', [
+    (64, [0, 15], torch.float16), (64, [0, 0, 16], torch.float16), (64, [0, 100, 250, 400], torch.float16),
+    (100, [0, 15, 100, 300, 420, 500], torch.float16), (64, [0, 0, 16], torch.float32),
+    (64, [0, 1, 100, 300, 301, 400], torch.float32), (32, [0, 64, 64, 128, 129, 192], torch.float32)])
+def test_chunk_varlen(D, cu, dtype):
+    check(1, cu[-1], 4, D, D, dtype, cu=cu)
+
+
+@pytest.mark.parametrize('B, T, H, D, dtype', [(2, 256, 4, 64, torch.float32), (2, 200, 2, 128, torch.float16)])
+def test_chunk_state_v_first(B, T, H, D, dtype):
+    "state_v_first gives the same numbers as the [K, V] layout, transposed (and both match the recurrence)."
+    check(B, T, H, D, D, dtype, state_v_first=True, fns=(chunk_gla,))
+    q, k, v, g = random_gla_inputs(B, T, H, D, dtype=dtype)
+    h0 = torch.rand(B, H, D, D)
+    o1, h1 = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o2, h2 = chunk_gla(q, k, v, g, initial_state=h0.transpose(-1, -2).contiguous(), output_final_state=True,
+                       state_v_first=True)
+    assert torch.equal(o1, o2) and torch.equal(h1, h2.transpose(-1, -2))
+
+
+@pytest.mark.parametrize('T', [1, 2, 3, 5, 63, 64, 65, 127, 129])
+def test_lengths_around_chunk_boundaries(T):
+    check(2, T, 2, 8, 4, torch.float64, ratio=1e-12)
+
+
+def test_strong_gates_T1024():
+    "gate_logit_normalizer 0.02 (about -25 a token): float32 still within 1e-5 of float64, gradients included."
+    errs = check(1, 1024, 2, 32, 32, torch.float32, normalizer=0.02)
+    assert max(max(e) for e in errs.values()) < 1e-5
+
+
+def test_clamp_min_gates():
+    "Gates as GLA's clamp_min leaves them: many exactly at the clamp."
+    check(1, 300, 2, 16, 16, torch.float32, normalizer=0.05, clamp_min=-3.)
+    check(1, 300, 2, 16, 16, torch.float32, normalizer=16, clamp_min=-0.01)
+
+
+def test_strong_gates_T4096():
+    """T=4096 at normalizer 0.02, float32: the forward pass against the float64 recurrence, gradients against the
+    float64 chunk form (which the other tests hold to the recurrence within 1e-12)."""
+    q, k, v, g = random_gla_inputs(1, 4096, 1, 32, gate_logit_normalizer=0.02)
+    h0 = torch.rand(1, 1, 32, 32)
+    o_ref, h_ref = naive_recurrent_gla(*(x.double() for x in (q, k, v, g)), h0.double(), output_final_state=True)
+    do, dht = torch.rand_like(o_ref), torch.rand_like(h_ref)
+    ref = run(chunk_gla, *(x.double() for x in (q, k, v, g, h0)), do, dht)
+    assert_close('o64', o_ref, ref[0], 1e-12), assert_close('ht64', h_ref, ref[1], 1e-12)
+    for fn in (chunk_gla, fused_chunk_gla):
+        res = run(fn, q, k, v, g, h0, do.float(), dht.float())
+        for name, r, x in zip(NAMES, ref, res):
+            assert_close(f'{fn.__name__} {name}', r, x, 1e-5)
+
+
+def test_extreme_gates_stay_finite():
+    "Gates of -1000 and of exactly 0, large inputs: no NaN or inf anywhere."
+    q, k, v, g = random_gla_inputs(2, 150, 2, 8)
+    g = torch.where(torch.rand_like(g) < 0.5, torch.full_like(g, -1000.), torch.zeros_like(g))
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        res = run(chunk_gla, *(x.to(dtype) * s for x, s in zip((q, k, v, g), (30, 30, 30, 1))), None,
+                  torch.rand(2, 150, 2, 8, dtype=dtype), torch.rand(2, 2, 8, 8))
+        assert all(torch.isfinite(x).all() for x in res)
+    check(2, 150, 2, 8, 8, torch.float64, normalizer=0.001, ratio=1e-12)
+
+
+def test_fused_matches_chunk():
+    "Same inputs, same numbers to float32 rounding; also with an initial state and packed sequences."
+    for cu in (None, [0, 0, 70, 200, 200]):
+        B = 2 if cu is None else 1
+        q, k, v, g = random_gla_inputs(B, 200, 2, 16, 8)
+        h0 = torch.rand(B if cu is None else 4, 2, 16, 8)
+        kw = dict(cu_seqlens=None if cu is None else torch.tensor(cu))
+        do, dht = torch.rand(B, 200, 2, 8), torch.rand_like(h0)
+        for a, b_ in zip(run(chunk_gla, q, k, v, g, h0, do, dht, **kw), run(fused_chunk_gla, q, k, v, g, h0, do, dht, **kw)):
+            assert_close('fused vs chunk', a, b_, 1e-6)
+
+
+def test_no_initial_state_no_final_state_gradient():
+    check(2, 100, 2, 8, 8, torch.float32, h0=False, dht=False)
+    check(1, 90, 2, 8, 8, torch.float32, h0=False, dht=True, cu=[0, 0, 30, 90])
+
+
+def test_scale_and_mixed_dtypes():
+    check(1, 80, 2, 8, 8, torch.float32, scale=0.37)
+    q, k, v, g = random_gla_inputs(1, 80, 2, 8)
+    o, ht = chunk_gla(q, k, v.bfloat16(), g, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    o_ref = naive_recurrent_gla(*(x.double() for x in (q, k, v.bfloat16(), g)))[0]
+    assert_close('mixed', o_ref, o, 5e-3)
+
+
+def test_cu_seqlens_dtypes_and_host_copy():
+    q, k, v, g = random_gla_inputs(1, 100, 2, 8)
+    outs = [chunk_gla(q, k, v, g, cu_seqlens=cu, cu_seqlens_cpu=cpu)[0] for cu, cpu in
+            [(torch.tensor([0, 30, 100]), None), (torch.tensor([0, 30, 100], dtype=torch.int32), None),
+             (torch.tensor([0, 30, 100]), torch.tensor([0, 30, 100]))]]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    fused = fused_chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 30, 100]), cu_seqlens_cpu=torch.tensor([0, 30, 100]))[0]
+    assert_close('fused varlen', outs[0], fused, 1e-6)
+
+
+def test_non_contiguous_inputs():
+    q, k, v, g = random_gla_inputs(2, 70, 3, 8)
+    qt, kt, vt, gt = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q, k, v, g))
+    assert not qt.is_contiguous()
+    assert torch.equal(chunk_gla(q, k, v, g)[0], chunk_gla(qt, kt, vt, gt)[0])
+
+
+def test_output_final_state_false_and_no_grad():
+    q, k, v, g = random_gla_inputs(1, 40, 2, 4)
+    o, ht = chunk_gla(q, k, v, g)
+    assert ht is None
+    with torch.no_grad():
+        o2, _ = fused_chunk_gla(q, k, v, g)
+    assert_close('no grad', o, o2, 1e-6)
+
+
+def test_float64_initial_state_and_state_dtypes():
+    q, k, v, g = random_gla_inputs(1, 40, 2, 4, dtype=torch.float64)
+    _, ht = chunk_gla(q, k, v, g, initial_state=torch.rand(1, 2, 4, 4, dtype=torch.float64), output_final_state=True)
+    assert ht.dtype == torch.float64
+    _, ht = chunk_gla(*(x.bfloat16() for x in (q, k, v, g)), initial_state=torch.rand(1, 2, 4, 4), output_final_state=True)
+    assert ht.dtype == torch.float32
+
+
+def test_bad_input():
+    q, k, v, g = random_gla_inputs(1, 20, 2, 4)
+    cu = torch.tensor([0, 5, 20])
+    with pytest.raises(ValueError, match='batch size'):
+        chunk_gla(*(x.expand(2, -1, -1, -1) for x in (q, k, v, g)), cu_seqlens=cu)
+    with pytest.raises(ValueError, match='initial states'):
+        chunk_gla(q, k, v, g, initial_state=torch.zeros(3, 2, 4, 4), cu_seqlens=cu)
+    with pytest.raises(AssertionError, match='initial_state must be in float32'):
+        chunk_gla(q, k, v, g, initial_state=torch.zeros(1, 2, 4, 4, dtype=torch.bfloat16))
+    with pytest.raises(AssertionError, match='q, k and g'):
+        chunk_gla(q, k, v, g[..., :3])
+    with pytest.raises(AssertionError, match='q, k and g'):
+        chunk_gla(q, k[:, :10], v, g)
+    with pytest.raises(AssertionError, match='v must be'):
+        chunk_gla(q, k, v[:, :, :1], g)
+    with pytest.raises(AssertionError, match='initial_state must be'):
+        chunk_gla(q, k, v, g, initial_state=torch.zeros(1, 2, 4, 5))
+    with pytest.raises(AssertionError, match=r'\[N, H, V, K\]'):
+        chunk_gla(q, k, v[..., :3], g, initial_state=torch.zeros(1, 2, 4, 3), state_v_first=True)
+    with pytest.raises(ValueError, match='cu_seqlens'):
+        chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 5, 19]))
+    with pytest.raises(ValueError, match='cu_seqlens'):
+        chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 25, 20]))
+    with pytest.raises(ValueError, match='cu_seqlens'):
+        fused_chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([[0, 20]]))
+
+
+gates = st.sampled_from([(0.02, None), (0.1, None), (1., None), (16., None), (0.05, -2.)])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), T=st.integers(1, 140), H=st.integers(1, 2), K=st.integers(1, 9), V=st.integers(1, 9),
+       gate=gates, h0=st.booleans(), dht=st.booleans(), svf=st.booleans())
+def test_property_fixed_length(B, T, H, K, V, gate, h0, dht, svf):
+    check(B, T, H, K, V, torch.float64, normalizer=gate[0], clamp_min=gate[1], h0=h0, dht=dht, ratio=1e-11,
+          state_v_first=svf)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lens=st.lists(st.integers(0, 90), min_size=1, max_size=5), K=st.integers(1, 8), gate=gates,
+       h0=st.booleans(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_property_varlen(lens, K, gate, h0, dtype):
+    cu = torch.tensor([0] + lens).cumsum(0).tolist()
+    check(1, cu[-1], 2, K, 4, dtype, normalizer=gate[0], clamp_min=gate[1], cu=cu, h0=h0,
+          ratio=1e-11 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.compile
+def test_compile_matches_eager():
+    "torch.compile(fullgraph=True) traces forward and backward (no graph break) and gives the eager numbers."
+    q, k, v, g = random_gla_inputs(2, 8, 2, 4, requires_grad=True)
+    h0 = torch.rand(2, 2, 4, 4, requires_grad=True)
+
+    def f(q, k, v, g, h0):
+        return chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True)(q, k, v, g, h0)
+    ref = f(q, k, v, g, h0)
+    loss = lambda o: (o[0] ** 2).sum() + (o[1] ** 2).sum()
+    grads = torch.autograd.grad(loss(out), (q, k, v, g, h0))
+    grads_ref = torch.autograd.grad(loss(ref), (q, k, v, g, h0))
+    for name, r, x in zip(NAMES, list(ref) + list(grads_ref), list(out) + list(grads)):
+        assert_close(f'compiled {name}', r, x, 1e-6)
