@@ -17,8 +17,9 @@ from fla.models.utils import Cache as FLACache  # noqa: E402
 from myfla_gla import Cache, GatedLinearAttention, assert_close, get_err_ratio  # noqa: E402
 
 # bounds on the relative RMS error between FLA and us: (outputs and states, gradients). FLA's float32 matmuls use
-# tf32 (~1e-3); in bf16 the two round differently, and rounding moves gates across `clamp_min`.
-RATIO = {torch.float32: (5e-3, 1e-2), torch.bfloat16: (2e-2, 1e-1)}
+# tf32 (~1e-3); in bf16 the two round differently, and rounding moves q, k entries across the ReLU feature
+# map's kink (gates across `clamp_min`), which flips their gradients.
+RATIO = {torch.float32: (5e-3, 1e-2), torch.bfloat16: (2e-2, 2e-1)}
 
 FACTORS = {
     'mode': ['chunk', 'fused_recurrent', 'fused_chunk'],
