@@ -6,3 +6,5 @@ from .ops.recurrent import *
 from .ops.chunk import *
 from .modules.convolution import *
 from .modules.norms import *
+from .cache import *
+from .layers.gla import *
