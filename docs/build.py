@@ -207,7 +207,39 @@ def convert(proc, names):
         for c in cells:
             c.pop('id', None)
         out[n] = {'cells': cells, 'metadata': meta, 'nbformat': 4, 'nbformat_minor': 4}
-    return out
+    return unlink_missing_anchors(out)
+
+
+def _markdown_texts(nb):
+    "Every markdown text of a converted notebook: markdown cells and markdown outputs (show_doc's headings)."
+    for c in nb['cells']:
+        if c['cell_type'] == 'markdown':
+            yield c['source']
+        for o in c.get('outputs', []):
+            if 'text/markdown' in o.get('data', {}):
+                yield ''.join(o['data']['text/markdown'])
+
+
+def unlink_missing_anchors(nbs):
+    """nbdev links every backticked name it indexes, private helpers and undocumented methods included; only those
+    with a heading on their page (a show_doc entry or a section) have an anchor. The others stay plain code."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _ext.nbdev_anchors import slugify
+    anchors = {n: {slugify(h) for text in _markdown_texts(nb) for h in HEADING.findall(text)} for n, nb in nbs.items()}
+    def unlink(text):
+        return LOCAL_LINK.sub(lambda m: m[0] if m[3] in anchors.get(m[2], ()) else m[1], text)
+    for nb in nbs.values():
+        for c in nb['cells']:
+            if c['cell_type'] == 'markdown':
+                c['source'] = unlink(c['source'])
+            for o in c.get('outputs', []):
+                if 'text/markdown' in o.get('data', {}):
+                    o['data']['text/markdown'] = unlink(''.join(o['data']['text/markdown']))
+    return nbs
+
+
+HEADING = re.compile(r'^#{1,6}\s+(.+?)\s*$', re.M)
+LOCAL_LINK = re.compile(r'\[([^\]]*)\]\(([\w.-]+)\.ipynb#([\w.-]+)\)')
 
 
 def stage(nbs):

@@ -6,3 +6,6 @@ from .ops.recurrent import *
 from .ops.chunk import *
 from .modules.convolution import *
 from .modules.norms import *
+from .cache import *
+from .layers.gla import *
+from .models.gla import *

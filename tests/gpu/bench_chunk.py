@@ -5,8 +5,10 @@ warm-up, median) and forward+backward peak memory, eager and torch.compile'd, pl
     python tests/gpu/bench_chunk.py --shapes 4,4096,16,128,128 --dtype float16 --no-compile
 
 Peak memory is torch.cuda.max_memory_allocated() during one forward+backward, minus what was allocated before
-(the inputs), so it counts what the op itself needs. Ratios are against FLA in the same process on the same card.
-Not a test: nothing here is asserted."""
+(the inputs and their gradients' storage are counted once, the same for every row). Ratios are against FLA in the
+same process on the same card; "o vs first" is the output's relative error against the first row's (FLA's).
+The first call of each implementation compiles (torch.compile: a minute or two) or autotunes (FLA's Triton
+kernels: also minutes on a fresh machine); rows are printed as they finish. Not a test: nothing is asserted."""
 import argparse
 import statistics
 
@@ -42,15 +44,18 @@ def peak_gib(fn):
 def bench_shape(B, T, H, K, V, dtype, compile_, rep):
     q, k, v, g = random_gla_inputs(B, T, H, K, V, dtype=dtype, device='cuda', requires_grad=True)
     do = torch.randn(B, T, H, V, device='cuda', dtype=dtype)
-    impls = {'chunk_gla (eager)': chunk_gla, 'fused_chunk_gla (eager)': fused_chunk_gla}
-    if compile_:
-        impls['chunk_gla (compiled)'] = torch.compile(chunk_gla, fullgraph=True)
+    impls = {}
     try:
         from fla.ops.gla import chunk_gla as fla_chunk_gla
         impls['FLA chunk_gla (Triton)'] = fla_chunk_gla
     except ImportError:
         print('FLA not importable: no FLA row')
-    rows, outs = {}, {}
+    impls.update({'chunk_gla (eager)': chunk_gla, 'fused_chunk_gla (eager)': fused_chunk_gla})
+    if compile_:
+        impls['chunk_gla (compiled)'] = torch.compile(chunk_gla, fullgraph=True)
+    print(f'\nB={B} T={T} H={H} K={K} V={V} {str(dtype)[6:]} on {torch.cuda.get_device_name()}', flush=True)
+    print(f"{'implementation':26}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak GiB':>10}{'o vs first':>12}", flush=True)
+    rows, first = {}, None
     for name, fn in impls.items():
         def fwd():
             return fn(q, k, v, g)[0]
@@ -58,21 +63,19 @@ def bench_shape(B, T, H, K, V, dtype, compile_, rep):
         def fwd_bwd():
             fn(q, k, v, g)[0].backward(do)
 
-        fwd_bwd()                                  # compiles where needed
-        outs[name] = fwd().detach().float()
+        fwd_bwd()                                  # compiles (ours) or autotunes (FLA) on the first call
+        o = fwd().detach().float()
+        first = o if first is None else first
         q.grad = k.grad = v.grad = g.grad = None
         rows[name] = (cuda_time(fwd, rep=rep), cuda_time(fwd_bwd, rep=rep), peak_gib(fwd_bwd))
         q.grad = k.grad = v.grad = g.grad = None
+        print(f'{name:26}{rows[name][0]:9.2f}{rows[name][1]:12.2f}{rows[name][2]:10.2f}'
+              f'{get_err_ratio(first, o):12.1e}', flush=True)
     fla = rows.get('FLA chunk_gla (Triton)')
-    print(f'\nB={B} T={T} H={H} K={K} V={V} {str(dtype)[6:]} on {torch.cuda.get_device_name()}')
-    print(f"{'implementation':26}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak GiB':>10}"
-          + (f"{'fwd x':>8}{'fwd+bwd x':>11}{'peak x':>8}{'o vs FLA':>10}" if fla else ''))
-    for name, (tf, tfb, mem) in rows.items():
-        line = f'{name:26}{tf:9.2f}{tfb:12.2f}{mem:10.2f}'
-        if fla:
-            line += (f'{tf / fla[0]:8.2f}{tfb / fla[1]:11.2f}{mem / fla[2]:8.2f}'
-                     f'{get_err_ratio(outs["FLA chunk_gla (Triton)"], outs[name]):10.1e}')
-        print(line)
+    if fla:
+        print(f"{'ratio to FLA':26}{'fwd':>9}{'fwd+bwd':>12}{'peak':>10}")
+        for name, (tf, tfb, mem) in rows.items():
+            print(f'{name:26}{tf / fla[0]:9.2f}{tfb / fla[1]:12.2f}{mem / fla[2]:10.2f}', flush=True)
 
 
 if __name__ == '__main__':

@@ -55,9 +55,13 @@ def compare(B, T, H, D, dtype, normalizer=1., cu=None, state_v_first=False):
         ours[1], ours[6] = t(ours[1]), t(ours[6])
         for name, r, a, b in zip(NAMES, ref, ours, fla):
             assert a.dtype == b.dtype, name
-            err, err_fla = get_err_ratio(r, a), get_err_ratio(r, b)
-            print(f'{fn.__name__} {name}: ours {err:.1e}  FLA {err_fla:.1e}  ours vs FLA {get_err_ratio(b, a):.1e}')
+            err = get_err_ratio(r, a)
             assert_close(f'{fn.__name__} {name} vs float64', r, a, DEFAULT_RATIO[dtype])
+            if not torch.isfinite(b).all():     # not ours to fix; reported, not failed
+                print(f'{fn.__name__} {name}: ours {err:.1e}; FLA has NaN/inf')
+                continue
+            err_fla = get_err_ratio(r, b)
+            print(f'{fn.__name__} {name}: ours {err:.1e}  FLA {err_fla:.1e}  ours vs FLA {get_err_ratio(b, a):.1e}')
             assert err <= err_fla + 5e-4, f'{name}: ours {err:.2e} is worse than FLA {err_fla:.2e}'
             if dtype != torch.float32:          # FLA's float32 uses TF32 (~1e-3); ours is held to 1e-5 above
                 assert_close(f'{fn.__name__} {name} vs FLA', b, a, 8e-3)

@@ -1,0 +1,126 @@
+"""FLA parity of the GLA model stack on CUDA: FLA's `GLAForCausalLM` with random weights hands its `state_dict` to
+ours (`strict=True`); logits, loss, gradients, masked and packed input, cached decoding and greedy generation must
+match. Skipped without CUDA or without FLA (`pip install flash-linear-attention`)."""
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip('needs a CUDA device', allow_module_level=True)
+fla_models = pytest.importorskip('fla.models')
+
+from myfla_gla import Cache, GLAConfig, GLAForCausalLM, assert_close  # noqa: E402
+
+BASE = dict(hidden_size=256, num_hidden_layers=2, num_heads=4, vocab_size=1000, bos_token_id=None, eos_token_id=None)
+CONFIGS = {
+    'default': {},
+    'short_conv': dict(use_short_conv=True),
+    'gqa_conv': dict(num_heads=4, num_kv_heads=2, use_short_conv=True),
+    'unfused_no_gate_clamp': dict(fuse_norm=False, use_output_gate=False, clamp_min=-0.1),
+    'feature_map': dict(feature_map='relu', expand_k=1.0),
+    'tied': dict(tie_word_embeddings=True),
+    'fused_recurrent': dict(attn_mode='fused_recurrent', use_short_conv=True),
+    'attnres': dict(attnres_block_size=2, num_hidden_layers=3),
+    'attnres_full': dict(attnres_block_size=1, fuse_norm=False),
+}
+# FLA's float32 kernels use tf32 matmuls (~1e-3 relative error per op); half precision rounds differently per path
+RATIO = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
+
+
+def pair(name, dtype=torch.float32, seed=0):
+    "FLA's model with its own random initialisation, and ours with FLA's state_dict loaded strictly."
+    kw = {**BASE, **CONFIGS[name]}
+    torch.manual_seed(seed)
+    fla = fla_models.GLAForCausalLM(fla_models.GLAConfig(**kw)).to('cuda', dtype).eval()
+    with torch.no_grad():   # attention-residual queries start at zero (a plain average): make them matter
+        for n, p in fla.named_parameters():
+            if 'res_proj' in n:
+                p.normal_(0, 0.5)
+    ours = GLAForCausalLM(GLAConfig(**kw)).to('cuda', dtype).eval()
+    ours.load_state_dict(fla.state_dict(), strict=True)
+    return fla, ours
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+@pytest.mark.parametrize('name', CONFIGS)
+@pytest.mark.parametrize('T', [40, 200])   # recurrent path (<= 64 tokens) and chunk path
+def test_logits_and_loss_match_fla(name, dtype, T):
+    fla, ours = pair(name, dtype)
+    ids = torch.randint(0, 1000, (2, T), device='cuda')
+    with torch.no_grad():
+        a, b = fla(ids, labels=ids), ours(ids, labels=ids)
+    assert_close(f'{name} logits', a.logits.float(), b.logits.float(), RATIO[dtype])
+    assert_close(f'{name} loss', a.loss.float(), b.loss.float(), RATIO[dtype])
+
+
+@pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv', 'attnres'])
+def test_gradients_match_fla(name):
+    fla, ours = pair(name, torch.float32)
+    fla.train(), ours.train()
+    ids = torch.randint(0, 1000, (2, 130), device='cuda')
+    fla(ids, labels=ids).loss.backward()
+    ours(ids, labels=ids).loss.backward()
+    theirs = dict(fla.named_parameters())
+    for n, p in ours.named_parameters():
+        if theirs[n].grad is None and p.grad is None:   # unused in both (block 0's attention-residual query)
+            continue
+        assert_close(f'{name} grad {n}', theirs[n].grad, p.grad, 1e-2)
+
+
+@pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv', 'attnres'])
+def test_masked_and_packed_input_match_fla(name):
+    fla, ours = pair(name, torch.float32)
+    B, T = 3, 150
+    ids = torch.randint(0, 1000, (B, T), device='cuda')
+    mask = torch.ones_like(ids)
+    mask[0, :37], mask[2, :100] = 0, 0
+    cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device='cuda')
+    with torch.no_grad():
+        a, b = fla(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+        assert_close(f'{name} masked logits', a[mask.bool()], b[mask.bool()], RATIO[torch.float32])
+        a = fla(ids.reshape(1, -1), cu_seqlens=cu).logits
+        b = ours(ids.reshape(1, -1), cu_seqlens=cu).logits
+        assert_close(f'{name} packed logits', a, b, RATIO[torch.float32])
+
+
+@pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv'])
+def test_cached_decoding_matches_fla(name):
+    "Left-padded prefill then single-token steps (teacher forcing): logits and every layer's cache."
+    fla, ours = pair(name, torch.float32)
+    B, T, n = 3, 100, 12
+    ids = torch.randint(0, 1000, (B, T + n), device='cuda')
+    mask = torch.ones_like(ids)
+    mask[1, :20], mask[2, :77] = 0, 0
+    caches = []
+    logits = []
+    with torch.no_grad():
+        for model in (fla, ours):
+            out = model(ids[:, :T], attention_mask=mask[:, :T], use_cache=True)
+            cache, steps = out.past_key_values, [out.logits]
+            for t in range(T, T + n):
+                out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                steps.append(out.logits)
+            caches.append(cache)
+            logits.append(torch.cat(steps, 1))
+    assert_close(f'{name} decoded logits', logits[0][mask.bool()], logits[1][mask.bool()], RATIO[torch.float32])
+    for i in range(len(caches[1])):
+        a, b = caches[0][i], caches[1][i]
+        assert_close(f'{name} layer {i} state', a['recurrent_state'], b['recurrent_state'], RATIO[torch.float32])
+        if CONFIGS[name].get('use_short_conv'):
+            for ca, cb in zip(a['conv_state'], b['conv_state']):
+                assert_close(f'{name} layer {i} conv state', ca, cb, RATIO[torch.float32])
+
+
+@pytest.mark.parametrize('name', ['default', 'short_conv'])
+def test_greedy_generation_matches_fla(name):
+    "Same tokens from transformers' generate on both models (logits sharpened so argmax is not decided by rounding)."
+    fla, ours = pair(name, torch.float32)
+    with torch.no_grad():
+        for m in (fla, ours):
+            m.lm_head.weight.mul_(30)
+    prompt = torch.randint(0, 1000, (2, 90), device='cuda')
+    mask = torch.ones_like(prompt)
+    mask[1, :30] = 0
+    a = fla.generate(prompt, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    b = ours.generate(prompt, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    assert torch.equal(a, b), (a[:, 90:], b[:, 90:])
