@@ -352,7 +352,7 @@ def machine_info(device) -> dict:
             pass
     else:
         info['device_name'] = _cpu_name()
-    if hasattr(os, 'getloadavg'):
+    if hasattr(os, 'getloadavg'):  # taken before the run: the load of other work (the run itself adds its threads)
         info['loadavg'] = [round(x, 2) for x in os.getloadavg()]
     return info
 
@@ -394,11 +394,13 @@ def run_bench(cfg: BenchConfig, progress: bool = True, command: str | None = Non
     unknown = [n for n in names if n not in IMPLS]
     if unknown:
         raise ValueError(f'unknown implementation(s) {unknown}; known: {list(IMPLS)}')
+    info, t0 = machine_info(cfg.device), time.perf_counter()
     inp = Inputs(cfg)
     bar = Progress(STEPS * len(names), enabled=progress)
     rows = [measure(n, inp, bar) for n in names]
     bar.close()
-    return dict(kind='bench', meta=dict(machine_info(cfg.device), command=command), config=asdict(cfg), results=rows)
+    return dict(kind='bench', meta=dict(info, command=command, seconds=round(time.perf_counter() - t0, 1)),
+                config=asdict(cfg), results=rows)
 
 # %% ../nbs/08_bench.ipynb #4d09dcd4
 def _fmt(x, spec, none='-'):
@@ -427,7 +429,8 @@ def describe(record: dict) -> str:
     c, m = record['config'], record['meta']
     shape = ' '.join(f'{k}={c[k]}' for k in 'BTHKV' if k in c)
     ts = f" T={','.join(map(str, c['Ts']))}" if 'Ts' in c else ''
-    load = f", load {m['loadavg'][0]}" if m.get('loadavg') and not str(m['device']).startswith('cuda') else ''
+    load = (f", load {m['loadavg'][0]} before the run" if m.get('loadavg') and not str(m['device']).startswith('cuda')
+            else '')
     stat = f"; times: {c.get('stat', 'median')} of up to {c['repeats']} runs" if c.get('repeats') else ''
     return (f"{shape}{ts} {c['dtype']} on {m['device']} ({m.get('device_name', '?')}, {m.get('threads')} threads{load}); "
             f"torch {m['torch']}, FLA {m.get('fla') or 'absent'}, myfla_gla {m['myfla_gla']}; {m['date']}{stat}")
@@ -466,6 +469,7 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
     "Time and peak memory of each implementation against the sequence length: the record (JSON-able)."
     names = cfg.impls or SCALING_IMPLS
     cfg = replace(cfg, error=False, impls=names)
+    info, t0 = machine_info(cfg.device), time.perf_counter()
     results, stopped = {n: [] for n in names}, set()
     bar = Progress(len(names) * len(Ts), enabled=progress)
     for T in Ts:
@@ -491,7 +495,8 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
     c = asdict(cfg)
     c.pop('T')
     c['Ts'] = list(Ts)
-    return dict(kind='scaling', meta=dict(machine_info(cfg.device), command=command, max_s=max_s), config=c,
+    return dict(kind='scaling', meta=dict(info, command=command, max_s=max_s, seconds=round(time.perf_counter() - t0, 1)),
+                config=c,
                 results=results)
 
 # %% ../nbs/08_bench.ipynb #c6efacaa
@@ -504,13 +509,13 @@ def plot_scaling(record: dict, axes=None):
     panels = (('fwd_ms', 'forward time (ms)'), ('fwd_bwd_ms', 'forward+backward time (ms)'),
               ('fwd_bwd_peak_mib', 'forward+backward peak memory (MiB)'))
     for ax, (key, label) in zip(axes, panels):
-        for name, rows in record['results'].items():
+        for i, (name, rows) in enumerate(record['results'].items()):
             pts = [(r['T'], r[key]) for r in rows if r.get(key) is not None]
             if not pts:
                 continue
             ref = name.startswith('softmax')
-            ax.plot(*zip(*pts), 'k--' if ref else '-', marker='o' if not name.startswith('FLA') else 's',
-                    ms=4, lw=2 if ref else 1.5, label=name)
+            ax.plot(*zip(*pts), 'k--' if ref else ('--' if name.startswith('FLA') else '-'), marker='osv^D<>p'[i % 8],
+                    ms=5, lw=2 if ref else 1.5, alpha=0.85, label=name)
         ax.set(xscale='log', yscale='log', xlabel='sequence length T', ylabel=label)
         Ts = sorted({r['T'] for rows in record['results'].values() for r in rows if r.get(key) is not None})
         if Ts:
