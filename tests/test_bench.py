@@ -61,6 +61,30 @@ def test_selfcheck_marks_missing_pieces(monkeypatch):
     assert len(rows) == 1 and rows[0].status == 'N/A'
 
 
+def test_fla_comparisons_with_a_stand_in(monkeypatch):
+    "The FLA rows' code path, with our own pieces standing in for FLA's (the real ones need CUDA)."
+    import myfla_gla.__main__ as sc
+    stand_in = {'chunk_gla': myfla_gla.fused_chunk_gla, 'fused_recurrent_gla': myfla_gla.fused_recurrent_gla,
+                'GatedLinearAttention': myfla_gla.GatedLinearAttention}
+    monkeypatch.setattr(sc, '_fla', stand_in.__getitem__)
+    for dtype in (torch.float32, torch.bfloat16):
+        for op in ('chunk_gla', 'fused_recurrent_gla'):
+            row = sc.run_check('cpu', f'{op} vs FLA', dtype, lambda: sc.check_fla_op(op, 'cpu', dtype, T=70))
+            assert row.status == 'PASS' and row.err < sc.FLA_RATIO[dtype] and 'vs float64: FLA' in row.note, row
+    row = sc.run_check('cpu', 'layer vs FLA', torch.float32, lambda: sc.check_fla_layer('cpu', torch.float32, T=70))
+    assert row.status == 'PASS' and row.err < 1e-5, row
+    def nan_fla(**kw):
+        o, h = myfla_gla.chunk_gla(**kw)
+        return o * float('nan'), h
+    monkeypatch.setattr(sc, '_fla', lambda name: nan_fla)
+    row = sc.run_check('cpu', 'x', torch.float32, lambda: sc.check_fla_op('chunk_gla', 'cpu', torch.float32, T=70))
+    assert row.status == 'PASS' and 'FLA gave NaN/inf in o' in row.note and row.worst == 'ht'
+    # on CUDA with FLA the plan has these rows (planned, not run here)
+    names = [c[1] for c in sc.plan(devices=['cuda'], fla=True)]
+    assert {'chunk_gla vs FLA', 'fused_recurrent_gla vs FLA', 'layer vs FLA (state_dict loaded)'} <= set(names)
+    assert not any('FLA' in c[1] for c in sc.plan(devices=['cuda'], fla=False))
+
+
 def test_python_m_myfla_gla_exit_status():
     "The real entry point: status 0 when the checks pass, 1 with a wrong op swapped in."
     args = ['--device', 'cpu', '--dtype', 'float32', '--only', 'naive_recurrent_gla fwd', '-T', '30', '-q']
