@@ -158,6 +158,15 @@ def test_bench_reports_failures_in_rows(monkeypatch):
     assert 'error: RuntimeError: boom' in bench.format_table(rec)
 
 
+def test_bench_rounds_keep_the_best():
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=32, H=1, K=4, V=4, repeats=1, warmup=1, rounds=3,
+                                            impls=['fused_recurrent_gla']), progress=False)
+    r = rec['results'][0]
+    assert rec['config']['rounds'] == 3 and r['status'] == 'ok' and r['err'] < 1e-6
+    assert r['fwd_ms'] == r['fwd_min_ms'] and r['fwd_bwd_ms'] == r['fwd_bwd_min_ms']
+    assert 'best of 3 rounds' in bench.describe(rec)
+
+
 def test_bench_naive_limit_and_markdown():
     rec = bench.run_bench(bench.BenchConfig(B=1, T=32, H=1, K=4, V=4, repeats=1, warmup=1, naive_max_T=16,
                                             impls=['naive_recurrent_gla']), progress=False)
