@@ -177,11 +177,11 @@ def test_bench_naive_limit_and_markdown():
 
 def test_bench_scaling_json_and_plot(tmp_path):
     out, png = tmp_path / 's.json', tmp_path / 's.png'
-    code = bench.main([*tiny, '--scaling', '--Ts', '16,32', '--impl', 'naive_recurrent_gla',
+    code = bench.main([*tiny, '--scaling', '--Ts', '16,32', '--rounds', '2', '--impl', 'naive_recurrent_gla',
                        '--impl', 'softmax attention (SDPA, causal)', '--json', str(out), '--plot', str(png)])
     assert code == 0 and png.stat().st_size > 10_000
     rec = json.loads(out.read_text())
-    assert rec['kind'] == 'scaling' and rec['config']['Ts'] == [16, 32]
+    assert rec['kind'] == 'scaling' and rec['config']['Ts'] == [16, 32] and rec['config']['rounds'] == 2
     assert [r['T'] for r in rec['results']['softmax attention (SDPA, causal)']] == [16, 32]
     assert all(r['fwd_bwd_ms'] > 0 for r in rec['results']['softmax attention (SDPA, causal)'])
 
