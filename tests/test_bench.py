@@ -218,10 +218,16 @@ def _report_module():
     return mod
 
 
+def _restore_assert_close_afterwards(monkeypatch):
+    "The report's Recorder replaces `assert_close` in every loaded myfla_gla module: have pytest undo that."
+    for name, mod in list(sys.modules.items()):
+        if mod is not None and (name == 'myfla_gla' or name.startswith('myfla_gla.')) and hasattr(mod, 'assert_close'):
+            monkeypatch.setattr(mod, 'assert_close', mod.assert_close)
+
+
 def test_parity_report_records_assert_close(monkeypatch):
     pr = _report_module()
-    monkeypatch.setattr(myfla_gla, 'assert_close', myfla_gla.assert_close)  # restored afterwards
-    monkeypatch.setattr(myfla_gla.utils, 'assert_close', myfla_gla.utils.assert_close)
+    _restore_assert_close_afterwards(monkeypatch)
     rec = pr.Recorder()
     rec.install()
     r = torch.randn(50, dtype=torch.float64)
@@ -253,3 +259,23 @@ def test_parity_report_runs_without_gpu(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     text = out.read_text()
     assert 'no CUDA device' in text and 'SKIPPED' in text and 'FAILED' not in text
+
+
+def test_parity_report_selfcheck_rows(monkeypatch):
+    "The report's self-check rows (CUDA in the real report; the CPU stands in here), not mixed into test rows."
+    import myfla_gla.__main__ as sc
+    pr = _report_module()
+    _restore_assert_close_afterwards(monkeypatch)
+    real = sc.selfcheck
+    monkeypatch.setattr(sc, 'selfcheck', lambda devices, fla: real(devices=['cpu'], dtypes=[torch.float32],
+                                                                   only=['chunk_gla fwd'], fla=False, T=70))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    rec = pr.Recorder()
+    rec.install()
+    rec.start('t1')
+    myfla_gla.assert_close('o', torch.ones(3), torch.ones(3), 1e-3)
+    rec.finish('t1', 'passed')
+    pr.run_selfcheck(rec)
+    text, counts = pr.table(rec)
+    assert counts['passed'] == 3 and len(rec.records['t1']) == 1
+    assert 'self-check cpu chunk_gla fwd+bwd float32' in text and 'self-check cpu fused_chunk_gla fwd+bwd float32' in text
