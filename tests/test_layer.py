@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import myfla_gla.layers.gla as gla_module
 import myfla_gla.utils as utils_module
+from matrix import pairwise
 from myfla_gla import Cache, GatedLinearAttention, assert_close
 
 F64 = torch.float64
@@ -115,19 +116,6 @@ FACTORS = {
     'gates': [(16, None), (1, -0.3), (0.5, None)],
     'inputs': ['none', 'mask', 'cu_seqlens'],
 }
-
-
-def pairwise(factors):
-    names = list(factors)
-    combos = list(itertools.product(*factors.values()))
-    pairs = lambda c: {(i, c[i], j, c[j]) for i in range(len(c)) for j in range(i + 1, len(c))}
-    todo = set().union(*(pairs(c) for c in combos))
-    chosen = []
-    while todo:
-        best = max(combos, key=lambda c: len(pairs(c) & todo))
-        todo -= pairs(best)
-        chosen.append(dict(zip(names, best)))
-    return chosen
 
 
 MATRIX = pairwise(FACTORS)

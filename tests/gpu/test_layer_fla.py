@@ -2,7 +2,6 @@
 into ours with `strict=True`, then the same outputs, gradients (input and every parameter), caches after a prefill,
 and outputs and caches through decoding steps, over a pairwise-covering configuration matrix.
 Skipped unless CUDA is available and FLA is importable."""
-import itertools
 import zlib
 
 import pytest
@@ -14,6 +13,7 @@ fla = pytest.importorskip('fla')
 from fla.layers import GatedLinearAttention as FLAGatedLinearAttention  # noqa: E402
 from fla.models.utils import Cache as FLACache  # noqa: E402
 
+from matrix import pairwise  # noqa: E402
 from myfla_gla import Cache, GatedLinearAttention, assert_close, get_err_ratio  # noqa: E402
 
 # bounds on the relative RMS error between FLA and us: (outputs and states, gradients). FLA's float32 matmuls use
@@ -30,17 +30,6 @@ FACTORS = {
     'gates': [(16, None), (1, -0.3)],
     'inputs': ['none', 'mask', 'cu_seqlens'],
 }
-
-
-def pairwise(factors):
-    combos = list(itertools.product(*factors.values()))
-    pairs = lambda c: {(i, c[i], j, c[j]) for i in range(len(c)) for j in range(i + 1, len(c))}
-    todo, chosen = set().union(*(pairs(c) for c in combos)), []
-    while todo:
-        best = max(combos, key=lambda c: len(pairs(c) & todo))
-        todo -= pairs(best)
-        chosen.append(dict(zip(factors, best)))
-    return chosen
 
 
 MATRIX = pairwise(FACTORS)
