@@ -460,6 +460,8 @@ def record_markdown(record: dict) -> str:
     "A stored record as markdown: what, where and when, the command, then the table (bench records)."
     m = record['meta']
     text = f"**{describe(record)}**  \nCommand: `{m.get('command') or '?'}`"
+    if m.get('note'):   # how the record was made, where that is more than its command
+        text += f"  \n{m['note']}"
     if record.get('kind') == 'bench':
         text += '\n\n' + format_table(record, markdown=True)
     return text

@@ -2,4 +2,9 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+here = Path(__file__).resolve().parent
+sys.path[:0] = [str(here.parent), str(here)]
+
+import fla_quick  # noqa: E402
+
+fla_quick.install()

@@ -32,6 +32,9 @@ from pathlib import Path
 root = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(root))
 
+sys.path.insert(0, str(root / 'tests' / 'gpu'))
+
+import fla_quick  # noqa: E402
 import torch  # noqa: E402
 
 import myfla_gla  # noqa: E402
@@ -93,7 +96,14 @@ class Recorder:
         if outcome != 'passed' or old[0] == 'passed':  # a failure or skip in any phase wins
             self.outcomes[name] = (outcome, message)
 
+    deadline = math.inf  # time.perf_counter() after which the remaining tests are skipped (--deadline)
+
     # pytest hooks (this object is passed to pytest.main as a plugin)
+    def pytest_runtest_setup(self, item):
+        import pytest
+        if time.perf_counter() > self.deadline:
+            pytest.skip('not run: the --deadline had passed')
+
     def pytest_runtest_logstart(self, nodeid, location):
         self.start(nodeid)
 
@@ -121,16 +131,27 @@ class Recorder:
             self.finish(report.nodeid, report.outcome, msg)
 
 
-def run_pytest(rec: Recorder, extra: list[str]) -> str:
+class Tee(io.StringIO):
+    "Keeps pytest's output for the report and shows it as it comes, so a run cut off by a time limit still says where."
+
+    def write(self, s):
+        sys.__stdout__.write(s)
+        sys.__stdout__.flush()
+        return super().write(s)
+
+
+def run_pytest(rec: Recorder, extra: list[str], suites: list[str] | None = None) -> str:
     import pytest
     files = sorted((root / 'tests' / 'gpu').glob('test_*_fla.py'))
+    if suites:
+        files = [f for f in files if f.stem.removeprefix('test_').removesuffix('_fla') in suites]
     if not files:
         rec.start('tests/gpu/test_*_fla.py')
         rec.finish('tests/gpu/test_*_fla.py', 'skipped', 'no FLA-parity test files found')
         return ''
-    buf = io.StringIO()
+    buf = Tee()
     with redirect_stdout(buf):
-        pytest.main(['-q', '-p', 'no:cacheprovider', '--rootdir', str(root), '-o', 'console_output_style=classic', '--tb=short',
+        pytest.main(['-v', '-p', 'no:cacheprovider', '--rootdir', str(root), '-o', 'console_output_style=classic', '--tb=short',
                      *map(str, files), *extra], plugins=[rec])
     return buf.getvalue()
 
@@ -185,6 +206,8 @@ def header() -> str:
                      f'fla_available()={fla_available()}')
     except Exception as e:
         lines.append(f'FLA not importable ({type(e).__name__}: {e})')
+    if os.environ.get('MYFLA_FLA_FIRST_CONFIG') == '1':
+        lines.append("FLA's kernels ran with the first configuration that runs, untuned (MYFLA_FLA_FIRST_CONFIG=1)")
     return '\n'.join(lines)
 
 
@@ -225,6 +248,10 @@ def main(argv=None) -> int:
     argv = argv[:argv.index('--')] if '--' in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', help='also write the report to this file (e.g. tests/gpu/parity_report.txt)')
+    p.add_argument('--suite', action='append', metavar='NAME',
+                   help='run only tests/gpu/test_NAME_fla.py (repeatable: modules, recurrent, chunk, layer, models)')
+    p.add_argument('--deadline', type=float, metavar='S',
+                   help='skip the tests not yet started after S seconds, so that a time-limited run still reports')
     p.add_argument('--no-pytest', action='store_true', help='skip the tests/gpu suites')
     p.add_argument('--no-selfcheck', action='store_true', help="skip the self-check's CUDA rows")
     p.add_argument('--notebooks', action='store_true', help='also run every notebook (needs nbdev)')
@@ -232,9 +259,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rec = Recorder()
     rec.install()
+    if a.deadline:
+        rec.deadline = t0 + a.deadline
+    if fla_quick.install():
+        print('MYFLA_FLA_FIRST_CONFIG=1: FLA takes the first kernel configuration that runs (no autotuning)')
     log = ''
     if not a.no_pytest:
-        log = run_pytest(rec, extra)
+        log = run_pytest(rec, extra, a.suite)
     if not a.no_selfcheck:
         run_selfcheck(rec)
     if a.notebooks:

@@ -63,7 +63,10 @@ def compare(B, T, H, D, dtype, normalizer=1., cu=None, state_v_first=False):
             err_fla = get_err_ratio(r, b)
             print(f'{fn.__name__} {name}: ours {err:.1e}  FLA {err_fla:.1e}  ours vs FLA {get_err_ratio(b, a):.1e}')
             assert err <= err_fla + 5e-4, f'{name}: ours {err:.2e} is worse than FLA {err_fla:.2e}'
-            if dtype != torch.float32:          # FLA's float32 uses TF32 (~1e-3); ours is held to 1e-5 above
+            # FLA's float32 uses TF32 (~1e-3; ours is held to 1e-5 above). Where FLA itself is off the float64
+            # recurrence (its dg at gate_logit_normalizer=0.02: relative error 6.8 on an H100), agreeing with
+            # FLA would mean being wrong: the comparison with float64 above is the one that counts.
+            if dtype != torch.float32 and err_fla <= DEFAULT_RATIO[dtype]:
                 assert_close(f'{fn.__name__} {name} vs FLA', b, a, 8e-3)
 
 

@@ -53,11 +53,29 @@ def test_short_convolution_matches_fla(dtype, W, layout, extras, activation):
     mk = lambda *s: torch.randn(*s, device='cuda', dtype=dtype).requires_grad_()
     x, r, h0 = mk(B, T, D), (mk(B, T, D) if extras else None), (mk(N, D, W) if extras else None)
     dy, dh = torch.randn(B, T, D, device='cuda').to(dtype).float(), torch.randn(N, D, W, device='cuda').to(dtype).float()
+    dh[..., 0] = 0  # FLA drops the gradient of final-state slot 0 (test_final_state_slot_0_gradient)
     got, want = run_conv(ours, x, r, h0, cu, dy, dh), run_conv(fla, x, r, h0, cu, dy, dh)
     names = ['y', 'final', 'dx'] + (['dr', 'dh0'] if extras else []) + ['dw'] + (['db'] if extras else [])
     for name, a, b in zip(names, want, got):
         assert a.dtype == b.dtype, name
         assert_close(f'{layout} {name}', a, b, DEFAULT_RATIO[dtype])
+
+
+@pytest.mark.parametrize('W', [2, 4])
+def test_final_state_slot_0_gradient(W):
+    """FLA 0.6.0's backward adds the final state's gradient to tokens T-W+1 .. T-1 only, although slot 0 holds
+    token T-W (spec 2.4): a loss on `final_state[..., 0]` gives x no gradient there. Ours gives it (gradcheck on
+    CPU). Harmless when the state only feeds the next call, which never reads slot 0."""
+    torch.manual_seed(0)
+    ours, fla = pair_of_convs(8, W, False, None, torch.float32)
+    x = torch.randn(1, 10, 8, device='cuda', requires_grad=True)
+    for who, conv in (('ours', ours), ('fla', fla)):
+        _, final = conv(x, output_final_state=True)
+        (dx,) = torch.autograd.grad(final[..., 0].sum(), x)
+        assert torch.equal(final[0, :, 0], x[0, 10 - W].detach())
+        want = 1. if who == 'ours' else 0.   # FLA: the bug
+        assert torch.equal(dx[0, 10 - W], torch.full((8,), want, device='cuda')), who
+        assert dx.abs().sum() == dx[0, 10 - W].abs().sum(), who
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
