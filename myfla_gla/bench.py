@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -224,11 +226,23 @@ def _compiled(fn):
     return _compiled.cache[fn]
 _compiled.cache = {}
 
-def _naive(inp):
+def _naive(inp, op=None):
     c = inp.cfg
     if c.T > c.naive_max_T:
         raise NotAvailable(f'T > --naive-max-T {c.naive_max_T}')
-    return replace(_op_case(_piece('naive_recurrent_gla'), inp, gate='gk'), fwd_only=not c.naive_bwd)
+    return replace(_op_case(op or _piece('naive_recurrent_gla'), inp, gate='gk'), fwd_only=not c.naive_bwd)
+
+def _fla_naive(inp):
+    """FLA's own pure-PyTorch `naive_recurrent_gla`, the baseline of the CPU targets. Its file imports only torch, so
+    it is loaded by path and runs on any device; importing `fla` itself would need Triton."""
+    spec = importlib.util.find_spec('fla')   # finds the package without running its __init__
+    path = Path(next(iter(spec.submodule_search_locations)), 'ops', 'gla', 'naive.py') if spec else None
+    if path is None or not path.exists():
+        raise NotAvailable('FLA is not installed (pip install --no-deps flash-linear-attention fla-core)')
+    module_spec = importlib.util.spec_from_file_location('_fla_gla_naive', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return _naive(inp, module.naive_recurrent_gla)
 
 def _layer_case(inp):
     layer, x = inp.layer()
@@ -258,6 +272,7 @@ IMPLS: dict[str, tuple[str, Callable[[Inputs], Case]]] = {  # name: (group, case
     'fused_chunk_gla': ('myfla_gla', lambda i: _op_case(_piece('fused_chunk_gla'), i)),
     'fused_recurrent_gla': ('myfla_gla', lambda i: _op_case(_piece('fused_recurrent_gla'), i, gate='gk')),
     'naive_recurrent_gla': ('myfla_gla', _naive),
+    'FLA naive_recurrent_gla': ('FLA', _fla_naive),
     'GatedLinearAttention (chunk)': ('myfla_gla', _layer_case),
     'FLA chunk_gla': ('FLA', lambda i: _fla_op('chunk_gla', i)),
     'FLA fused_recurrent_gla': ('FLA', lambda i: _fla_op('fused_recurrent_gla', i)),
@@ -344,13 +359,14 @@ def machine_info(device) -> dict:
     info = dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
                 torch=torch.__version__, python=platform.python_version(), myfla_gla=myfla_gla.__version__,
                 device=str(device), threads=torch.get_num_threads(), cpu_count=os.cpu_count(), fla=None)
+    for dist in ('fla-core', 'flash-linear-attention'):   # the installed version, without importing it
+        try:
+            info['fla'] = importlib.metadata.version(dist)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            pass
     if str(device).startswith('cuda'):
         info.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-        try:
-            import fla
-            info['fla'] = getattr(fla, '__version__', '?')
-        except Exception:
-            pass
     else:
         info['device_name'] = _cpu_name()
     if hasattr(os, 'getloadavg'):  # taken before the run: the load of other work (the run itself adds its threads)

@@ -158,6 +158,26 @@ def test_bench_reports_failures_in_rows(monkeypatch):
     assert 'error: RuntimeError: boom' in bench.format_table(rec)
 
 
+def test_fla_naive_is_loaded_by_path(tmp_path, monkeypatch):
+    "FLA's pure-PyTorch naive op runs without importing `fla` (whose __init__ needs Triton): a stand-in package shows it."
+    pkg = tmp_path / 'fla'
+    (pkg / 'ops' / 'gla').mkdir(parents=True)
+    (pkg / '__init__.py').write_text('raise ImportError("this stand-in, like FLA without Triton, cannot be imported")\n')
+    (pkg / 'ops' / 'gla' / 'naive.py').write_text(
+        'from myfla_gla.ops.recurrent import naive_recurrent_gla as _n\n'
+        'def naive_recurrent_gla(q, k, v, gk, initial_state=None, output_final_state=False):\n'
+        '    return _n(q, k, v, gk, initial_state, output_final_state)\n')
+    cfg = bench.BenchConfig(B=1, T=32, H=2, K=8, V=8, repeats=1, warmup=0, memory=False,
+                            impls=['FLA naive_recurrent_gla'])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    row, = bench.run_bench(cfg, progress=False)['results']
+    assert row['status'] == 'ok' and row['err'] < 1e-6 and row['fwd_ms'] > 0 and row['fwd_bwd_ms'] is None
+    monkeypatch.setattr(sys, 'path', [p for p in sys.path if p != str(tmp_path)])
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)
+    row, = bench.run_bench(cfg, progress=False)['results']
+    assert row['status'] == 'n/a' and 'not installed' in row['note']
+
+
 def test_bench_rounds_keep_the_best():
     rec = bench.run_bench(bench.BenchConfig(B=1, T=32, H=1, K=4, V=4, repeats=1, warmup=1, rounds=3,
                                             impls=['fused_recurrent_gla']), progress=False)

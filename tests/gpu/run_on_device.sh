@@ -15,7 +15,8 @@
 # log under $OUT as it goes; parity suites skip what they cannot start before their --deadline and still report, and
 # take FLA's first working kernel configuration (MYFLA_FLA_FIRST_CONFIG=1, tests/gpu/fla_quick.py: correctness does
 # not depend on tuning). The benchmark tunes FLA fully, in its own process per group so that each writes its JSON.
-# Device time is 30 minutes a session: `parity` with SUITES="modules chunk" fits one 10-minute call, and so on.
+# Device time is 30 minutes a session. `parity` runs the suites side by side (16 cores: Triton's compiles, one core
+# per process, no longer add up), each up to LIMIT seconds (default 500), and fits one 10-minute call.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -24,13 +25,17 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 step() { local limit=$1; shift; echo "+ $*"; timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$LOG"; echo "rc=${PIPESTATUS[0]}"; }
 case "${1:-parity}" in
-  parity)   # one report per suite (tests/gpu/parity_report.txt collects them), each under its own limit
+  parity)   # the suites side by side (Triton compiles on one core per process), one report each; a log for all
     export MYFLA_FLA_FIRST_CONFIG=${MYFLA_FLA_FIRST_CONFIG:-1}
+    L=${LIMIT:-500}
     for s in ${SUITES:-modules recurrent chunk layer models}; do
-      LOG=parity.log step "${LIMIT:-140}" python3 tests/gpu/parity_report.py --suite $s --no-selfcheck \
-        --deadline $(( ${LIMIT:-140} - 50 )) --out "$OUT/parity_$s.txt"
+      (timeout "$L" python3 tests/gpu/parity_report.py --suite $s --no-selfcheck --deadline $(( L - 60 )) \
+        --out "$OUT/parity_$s.txt" 2>&1 | sed -u "s/^/[$s] /" >> "$OUT/parity.log"; echo "$s rc=${PIPESTATUS[0]}") &
     done
-    [ -n "${NO_SELFCHECK:-}" ] || LOG=parity.log step 90 python3 tests/gpu/parity_report.py --no-pytest --out "$OUT/parity_selfcheck.txt" ;;
+    [ -n "${NO_SELFCHECK:-}" ] || (timeout "$L" python3 tests/gpu/parity_report.py --no-pytest \
+      --out "$OUT/parity_selfcheck.txt" 2>&1 | sed -u "s/^/[self-check] /" >> "$OUT/parity.log"; echo "self-check rc=${PIPESTATUS[0]}") &
+    wait
+    grep -h 'rows:' "$OUT"/parity_*.txt ;;
   bench)    # PRESET=gpu1 or gpu2; one process per group, merged afterwards into nbs/bench_results/$PRESET.json
     P=${PRESET:-gpu1}; B="python3 -m myfla_gla.bench --preset $P"
     LOG=bench.log step 130 $B --impl chunk_gla --impl fused_chunk_gla --impl 'GatedLinearAttention (chunk)' \
