@@ -36,12 +36,15 @@ case "${1:-parity}" in
       --out "$OUT/parity_selfcheck.txt" 2>&1 | sed -u "s/^/[self-check] /" >> "$OUT/parity.log"; echo "self-check rc=${PIPESTATUS[0]}") &
     wait
     grep -h 'rows:' "$OUT"/parity_*.txt ;;
-  bench)    # PRESET=gpu1 or gpu2; one process per group, merged afterwards into nbs/bench_results/$PRESET.json
+  bench)    # PRESET=gpu1|gpu2, BENCH from "ours fla compiled" (default "ours fla": compiling alone takes minutes);
+    # one process per group, merged afterwards into nbs/bench_results/$PRESET.json by tests/gpu/merge_bench.py
     P=${PRESET:-gpu1}; B="python3 -m myfla_gla.bench --preset $P"
-    LOG=bench.log step 130 $B --impl chunk_gla --impl fused_chunk_gla --impl 'GatedLinearAttention (chunk)' \
-      --impl 'softmax attention (SDPA, causal)' --json "$OUT/${P}_ours.json"
-    LOG=bench.log step 290 $B --impl 'FLA chunk_gla' --json "$OUT/${P}_fla.json"
-    [ -n "${COMPILE:-}" ] && LOG=bench.log step 400 $B --impl 'chunk_gla (compiled)' --json "$OUT/${P}_compiled.json" ;;
+    for grp in ${BENCH:-ours fla}; do case $grp in
+      ours) LOG=bench.log step 130 $B --impl chunk_gla --impl fused_chunk_gla --impl 'GatedLinearAttention (chunk)' \
+              --impl 'softmax attention (SDPA, causal)' --json "$OUT/${P}_ours.json" ;;
+      fla) LOG=bench.log step 290 $B --impl 'FLA chunk_gla' --json "$OUT/${P}_fla.json" ;;
+      compiled) LOG=bench.log step 540 $B --impl 'chunk_gla (compiled)' --json "$OUT/${P}_compiled.json" ;;
+    esac; done ;;
   notebooks)
     for nb in nbs/0*.ipynb nbs/1*.ipynb; do LOG=notebooks.log step 120 /tmp/site/bin/nbdev_test --path "$nb"; done ;;
 esac
