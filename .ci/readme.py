@@ -5,6 +5,7 @@ python .ci/readme.py --check    exit 1 if README.md is out of step
 python .ci/readme.py --command setup|test   print the README's set-up or test command (used by .ci/run)
 """
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,8 +17,8 @@ def render(nb_path=root / 'nbs' / 'index.ipynb'):
     parts = []
     for cell in json.loads(Path(nb_path).read_text())['cells']:  # plain json: runs before anything is installed
         src = ''.join(cell['source']).strip()
-        if cell['cell_type'] == 'markdown':
-            parts.append(src)
+        if cell['cell_type'] == 'markdown':   # links between notebooks, seen from the repository's root
+            parts.append(re.sub(r'\]\((\w+\.ipynb)', r'](nbs/\1', src))
         elif cell['cell_type'] == 'code' and not src.startswith('#| hide'):
             code = '\n'.join(l for l in src.splitlines() if not l.startswith('#|')).strip()
             if code:
