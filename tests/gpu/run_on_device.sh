@@ -5,6 +5,7 @@
 #   bash tests/gpu/run_on_device.sh parity   # FLA-parity suites + self-check CUDA rows -> $OUT/parity_*.txt
 #   bash tests/gpu/run_on_device.sh bench    # a reference shape against FLA -> $OUT/$PRESET_*.json, which
 #                                            # tests/gpu/merge_bench.py joins into nbs/bench_results/$PRESET.json
+#   bash tests/gpu/run_on_device.sh scaling  # gpu1 against the sequence length -> $OUT/gpu1_scaling.json (+ .png)
 #   bash tests/gpu/run_on_device.sh notebooks  # every notebook's CUDA section (needs the nbdev wheels in .whl/)
 #
 # Wheels (on the workstation, once): echo /.whl/ >> .git/info/exclude; pip download --no-deps -d .whl
@@ -45,6 +46,9 @@ case "${1:-parity}" in
       fla) LOG=bench.log step 290 $B --impl 'FLA chunk_gla' --json "$OUT/${P}_fla.json" ;;
       compiled) LOG=bench.log step 540 $B --impl 'chunk_gla (compiled)' --json "$OUT/${P}_compiled.json" ;;
     esac; done ;;
+  scaling)  # time and memory against T at the gpu1 shape (FLA tunes once: its keys do not hold T) -> gpu1_scaling.json
+    LOG=scaling.log step 560 python3 -m myfla_gla.bench --preset gpu1 --scaling --max-s 5 \
+      --json "$OUT/gpu1_scaling.json" --plot "$OUT/gpu1_scaling.png" ;;
   notebooks)
     for nb in nbs/0*.ipynb nbs/1*.ipynb; do LOG=notebooks.log step 120 /tmp/site/bin/nbdev_test --path "$nb"; done ;;
 esac
