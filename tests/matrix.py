@@ -1,4 +1,5 @@
-"""Pairwise-covering configuration matrices, shared by the CPU and the GPU (FLA-parity) layer tests."""
+"""Pairwise-covering configuration matrices, shared by the CPU and the GPU (FLA-parity) layer tests, and the
+layer arguments of one case (FLA's constructor accepts the same)."""
 import itertools
 
 
@@ -13,3 +14,15 @@ def pairwise(factors: dict) -> list[dict]:
         todo -= pairs(best)
         chosen.append(dict(zip(names, best)))
     return chosen
+
+
+def layer_kwargs(case, hidden=32, heads=4):
+    "`GatedLinearAttention` arguments of a matrix case (keys: mode, conv, gate, gqa, feature_map, gates)."
+    gate = case['gate']
+    normalizer, clamp = case['gates']
+    return dict(mode=case['mode'], hidden_size=hidden, num_heads=heads, num_kv_heads=heads // case['gqa'],
+                expand_k=0.5, expand_v=1.0, feature_map=case['feature_map'], use_short_conv=case['conv'] is not None,
+                conv_size=3, conv_bias=case['conv'] == 'conv+bias', use_output_gate=gate != 'none',
+                gate_fn={'silu': 'silu', 'sigmoid': 'sigmoid'}.get(gate, 'swish'),
+                fuse_norm=gate != 'swish-unfused', elementwise_affine=gate != 'fused-no-affine',
+                gate_logit_normalizer=normalizer, clamp_min=clamp, gate_low_rank_dim=8)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,25 @@ def test_fla_naive_is_loaded_by_path(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)
     row, = bench.run_bench(cfg, progress=False)['results']
     assert row['status'] == 'n/a' and 'not installed' in row['note']
+
+
+def test_merge_bench_joins_records_of_one_shape():
+    sys.path.insert(0, str(root / 'tests' / 'gpu'))
+    try:
+        from merge_bench import merge
+    finally:
+        sys.path.remove(str(root / 'tests' / 'gpu'))
+    cfg = bench.BenchConfig(B=1, T=32, H=2, K=8, V=8, repeats=1, warmup=0, memory=False, error=False)
+    a = bench.run_bench(replace(cfg, impls=['chunk_gla']), progress=False)
+    b = bench.run_bench(replace(cfg, impls=['fused_chunk_gla']), progress=False)
+    rec = merge([a, b], note='two processes')
+    assert [r['name'] for r in rec['results']] == ['chunk_gla', 'fused_chunk_gla']
+    assert rec['config']['impls'] == ['chunk_gla', 'fused_chunk_gla'] and rec['meta']['note'] == 'two processes'
+    assert rec['meta']['seconds'] == a['meta']['seconds'] + b['meta']['seconds']
+    assert 'fused_chunk_gla' in bench.format_table(rec)
+    other = bench.run_bench(replace(cfg, impls=['chunk_gla'], T=64), progress=False)
+    with pytest.raises(ValueError, match='different shapes'):
+        merge([a, other])
 
 
 def test_bench_rounds_keep_the_best():

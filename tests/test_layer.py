@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import myfla_gla.layers.gla as gla_module
 import myfla_gla.utils as utils_module
-from matrix import pairwise
+from matrix import layer_kwargs, pairwise
 from myfla_gla import Cache, GatedLinearAttention, assert_close
 
 F64 = torch.float64
@@ -119,17 +119,6 @@ FACTORS = {
 
 
 MATRIX = pairwise(FACTORS)
-
-
-def layer_kwargs(case, hidden=32, heads=4):
-    gate = case['gate']
-    normalizer, clamp = case['gates']
-    return dict(mode=case['mode'], hidden_size=hidden, num_heads=heads, num_kv_heads=heads // case['gqa'],
-                expand_k=0.5, expand_v=1.0, feature_map=case['feature_map'], use_short_conv=case['conv'] is not None,
-                conv_size=3, conv_bias=case['conv'] == 'conv+bias', use_output_gate=gate != 'none',
-                gate_fn={'silu': 'silu', 'sigmoid': 'sigmoid'}.get(gate, 'swish'),
-                fuse_norm=gate != 'swish-unfused', elementwise_affine=gate != 'fused-no-affine',
-                gate_logit_normalizer=normalizer, clamp_min=clamp, gate_low_rank_dim=8)
 
 
 def matrix_inputs(kind, hidden, T=70, generator=None):

@@ -174,24 +174,16 @@ def _advance(grid, S, j, new):
     return torch.cat([new, S[grid.active[j]:]])
 
 # %% ../../nbs/04_chunk.ipynb #fd153ed5
-def _walk_states(U, ea, S, grid):
-    "Each chunk's own state contribution `U[j]` is overwritten with the state at its start; returns the final state."
-    for j in range(grid.steps):
+def _walk(U, ea, S, grid, reverse=False):
+    """The recurrence over chunks: each chunk's own contribution `U[j]` is overwritten with the carried value where
+    the walk enters the chunk; returns the value after the last chunk. Forward: states, entered at the chunk's start.
+    `reverse`: state gradients dL/dS, entered at the chunk's end, returning dL/dS before the first chunk."""
+    for j in (reversed if reverse else iter)(range(grid.steps)):
         Sj = _active(grid, S, j)
         new = torch.addcmul(grid.take(U, j), grid.take(ea, j)[..., None], Sj)
         grid.put(U, j, Sj)
         S = _advance(grid, S, j, new)
     return U, S
-
-
-def _walk_grads(dU, ea, G, grid):
-    "Each chunk's own dL/dS `dU[j]` is overwritten with dL/dS at its end; returns dL/dS before the first chunk."
-    for j in reversed(range(grid.steps)):
-        Gj = _active(grid, G, j)
-        new = torch.addcmul(grid.take(dU, j), grid.take(ea, j)[..., None], Gj)
-        grid.put(dU, j, Gj)
-        G = _advance(grid, G, j, new)
-    return dU, G
 
 
 def _start_state(h0, q, v, grid):
@@ -205,7 +197,7 @@ def _chunk_fwd(q, k, v, g, h0, grid):
     A, eb, ekb = _intra_attention(q, k, g)
     o = A @ v
     ea = eb[..., -1, :].clone()                             # each chunk's total decay
-    states, ht = _walk_states(ekb.mul_(k).transpose(-1, -2) @ v, ea, _start_state(h0, q, v, grid), grid)
+    states, ht = _walk(ekb.mul_(k).transpose(-1, -2) @ v, ea, _start_state(h0, q, v, grid), grid)
     o.view(-1, *o.shape[-2:]).baddbmm_(eb.mul_(q).view(-1, *q.shape[-2:]), states.view(-1, *states.shape[-2:]))
     return o, grid.unsort(ht), A
 
@@ -256,10 +248,10 @@ def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A):
     dq, dk, dv, eb, ekb = _intra_grads(q, k, v, g, do, A)
     ea = eb[..., -1, :]
     ke = k * ekb
-    states, ht = _walk_states(ke.transpose(-1, -2) @ v, ea, _start_state(h0, q, v, grid), grid)
+    states, ht = _walk(ke.transpose(-1, -2) @ v, ea, _start_state(h0, q, v, grid), grid)
     dq.addcmul_(do @ states.transpose(-1, -2), eb)
     G = q.new_zeros(ht.shape) if dht is None else grid.sort(dht.to(q.dtype))
-    Gn, G = _walk_grads((q * eb).transpose(-1, -2) @ do, ea, G, grid)
+    Gn, G = _walk((q * eb).transpose(-1, -2) @ do, ea, G, grid, reverse=True)
     c4 = states.mul_(Gn).sum(-1).mul_(ea)
     del states
     dki = (v @ Gn.transpose(-1, -2)).mul_(ekb)

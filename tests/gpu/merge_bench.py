@@ -13,7 +13,7 @@ def merge(records: list[dict], note: str | None = None) -> dict:
     if not all(r['kind'] == 'bench' and same(r) and r['meta'].get('device_name') == first['meta'].get('device_name')
                for r in records):
         raise ValueError('records of different shapes, settings or devices cannot share one table')
-    meta = {**first['meta'], 'command': ' ; '.join(r['meta']['command'] for r in records),
+    meta = {**first['meta'], 'command': ' ; '.join(r['meta'].get('command') or '?' for r in records),
             'seconds': sum(r['meta']['seconds'] for r in records)}
     if note:
         meta['note'] = note

@@ -13,7 +13,7 @@ fla = pytest.importorskip('fla')
 from fla.layers import GatedLinearAttention as FLAGatedLinearAttention  # noqa: E402
 from fla.models.utils import Cache as FLACache  # noqa: E402
 
-from matrix import pairwise  # noqa: E402
+from matrix import layer_kwargs, pairwise  # noqa: E402
 from myfla_gla import Cache, GatedLinearAttention, assert_close, get_err_ratio  # noqa: E402
 
 # bounds on the relative RMS error between FLA and us: (outputs and states, gradients). FLA's float32 matmuls use
@@ -35,19 +35,9 @@ FACTORS = {
 MATRIX = pairwise(FACTORS)
 
 
-def layer_kwargs(case, hidden=128, heads=4):
-    gate = case['gate']
-    normalizer, clamp = case['gates']
-    return dict(mode=case['mode'], hidden_size=hidden, num_heads=heads, num_kv_heads=heads // case['gqa'],
-                feature_map=case['feature_map'], use_short_conv=case['conv'] is not None,
-                conv_bias=case['conv'] == 'conv+bias', use_output_gate=gate != 'none',
-                gate_fn='sigmoid' if gate == 'sigmoid' else 'swish', fuse_norm=gate != 'swish-unfused',
-                gate_logit_normalizer=normalizer, clamp_min=clamp, layer_idx=0)
-
-
 def pair(case, dtype, seed):
     "FLA's layer (random weights everywhere) and ours with its state dict, both in `dtype` on CUDA."
-    kw = layer_kwargs(case)
+    kw = dict(layer_kwargs(case, hidden=128), layer_idx=0)
     fla_kw = dict(kw, mode='chunk') if kw['mode'] == 'fused_chunk' else kw   # FLA 0.6.0 raises for fused_chunk
     torch.manual_seed(seed)
     theirs = FLAGatedLinearAttention(**fla_kw)
