@@ -492,13 +492,22 @@ SCALING_IMPLS = ['chunk_gla', 'fused_chunk_gla', 'fused_recurrent_gla', 'naive_r
                  'FLA fused_recurrent_gla', 'softmax attention (SDPA, causal)']
 
 def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_s: float = 5.,
-            progress: bool = True, command: str | None = None) -> dict:
-    "Time and peak memory of each implementation against the sequence length: the record (JSON-able)."
+            progress: bool = True, command: str | None = None, checkpoint=None) -> dict:
+    """Time and peak memory of each implementation against the sequence length: the record (JSON-able).
+    `checkpoint(record)`, if given, receives the record so far after each length of the first round, so that a run
+    stopped by a time limit still leaves what it measured."""
     names = cfg.impls or SCALING_IMPLS
     cfg = replace(cfg, error=False, impls=names)
     info, t0 = machine_info(cfg.device), time.perf_counter()
     results, stopped = {n: [] for n in names}, set()
     bar = Progress(len(names) * len(Ts) * cfg.rounds, enabled=progress)
+
+    def record():
+        c = {**asdict(cfg), 'Ts': list(Ts)}
+        c.pop('T')
+        meta = dict(info, command=command, max_s=max_s, seconds=round(time.perf_counter() - t0, 1))
+        return dict(kind='scaling', meta=meta, config=c, results=results)
+
     for T in Ts:
         inp = Inputs(replace(cfg, T=T))
         for n in names:
@@ -518,6 +527,8 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
                 stopped.add(n)
         del inp
         _free(cfg.device)
+        if checkpoint is not None:
+            checkpoint(record())
     for _ in range(cfg.rounds - 1):  # later rounds time the measured points again; each keeps its best round
         for T in Ts:
             todo = [(n, r) for n in names for r in results[n] if r['T'] == T and r['status'] == 'ok']
@@ -533,12 +544,7 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
             del inp
             _free(cfg.device)
     bar.close()
-    c = asdict(cfg)
-    c.pop('T')
-    c['Ts'] = list(Ts)
-    return dict(kind='scaling', meta=dict(info, command=command, max_s=max_s, seconds=round(time.perf_counter() - t0, 1)),
-                config=c,
-                results=results)
+    return record()
 
 # %% ../nbs/08_bench.ipynb #c6efacaa
 def plot_scaling(record: dict, axes=None):
@@ -634,8 +640,11 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     cfg = config_from_args(a)
     command = 'python -m myfla_gla.bench ' + ' '.join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    def save(record):
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(record, indent=1) + '\n')
     if a.scaling:
-        record = scaling(cfg, [int(t) for t in a.Ts.split(',')], a.max_s, not a.quiet, command)
+        record = scaling(cfg, [int(t) for t in a.Ts.split(',')], a.max_s, not a.quiet, command, save if a.json else None)
         for name, rows in record['results'].items():
             cells = ', '.join(f"{r['T']}: {_fmt(r['fwd_bwd_ms'], '.1f')}" + ('' if r['status'] == 'ok' else f" ({r['status']})")
                               for r in rows)
@@ -648,8 +657,7 @@ def main(argv=None) -> int:
         record = run_bench(cfg, not a.quiet, command)
         print(format_table(record))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(record, indent=1) + '\n')
+        save(record)
     bad = [r for rows in ([record['results']] if not a.scaling else record['results'].values()) for r in rows
            if r['status'] == 'error']
     return 1 if bad else 0

@@ -226,6 +226,24 @@ def test_bench_scaling_json_and_plot(tmp_path):
     assert all(r['fwd_bwd_ms'] > 0 for r in rec['results']['softmax attention (SDPA, causal)'])
 
 
+def test_bench_scaling_saves_each_length(tmp_path, monkeypatch):
+    "A sweep stopped by a time limit still leaves the lengths it finished in its --json file."
+    out, seen = tmp_path / 's.json', []
+    real = bench.measure
+
+    def measure(name, inp, **kw):
+        if inp.cfg.T == 32:
+            seen.append(json.loads(out.read_text()))   # the record as it stood before T=32 began
+            raise KeyboardInterrupt
+        return real(name, inp, **kw)
+
+    monkeypatch.setattr(bench, 'measure', measure)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*tiny, '--scaling', '--Ts', '16,32', '--impl', 'naive_recurrent_gla', '--json', str(out)])
+    assert [r['T'] for r in seen[0]['results']['naive_recurrent_gla']] == [16]
+    assert json.loads(out.read_text()) == seen[0]
+
+
 def test_time_fn_and_cpu_memory():
     import time
     t = bench.time_fn(lambda: time.sleep(0.02), 'cpu', repeats=50, warmup=1, budget=0.1)

@@ -19,6 +19,9 @@ def install():
 
     def first_run(self, *args, **kwargs):
         self._myfla_found = False   # a new tuning round (if the key is new) starts with this call
+        # FLA asks Triton to keep tuning results on disk (FLA_CACHE_RESULTS, on by default): a first-config "tuning"
+        # kept there would be read back as tuned by a benchmark run later on the same machine.
+        self.cache_results = False
         return run(self, *args, **kwargs)
 
     def first_bench(self, *args, **kwargs):

@@ -8,7 +8,8 @@ It runs, in this one process:
 1. the FLA-parity test suites `tests/gpu/test_*_fla.py` (pytest; extra arguments after `--` go to pytest),
 2. the self-check's CUDA rows (`python -m myfla_gla --device cuda`: ops, modules and layer against float64,
    and FLA's chunk_gla / fused_recurrent_gla / layer with its state_dict loaded into ours),
-3. with `--notebooks` (needs nbdev), every notebook, whose closing equivalence sections compare against FLA on CUDA.
+3. with `--notebooks [GLOB]` (needs nbdev), every notebook (or those matching nbs/GLOB.ipynb), whose closing
+   equivalence sections compare against FLA on CUDA.
 
 Every call of `assert_close` (myfla_gla's, or FLA's `fla.utils.assert_close`) is recorded, so each test's row
 shows how many comparisons it made and the worst one: its relative RMS error, its bound, and their ratio (the
@@ -176,14 +177,14 @@ def run_selfcheck(rec: Recorder):
         rec.seconds[name] = (r.ms or 0) / 1e3 or secs
 
 
-def run_notebooks(rec: Recorder):
+def run_notebooks(rec: Recorder, pattern: str = '*'):
     try:
         from nbdev.test import test_nb
     except ImportError:
         rec.start('notebooks')
         rec.finish('notebooks', 'skipped', 'nbdev not installed (pip install the dev requirements)')
         return
-    for nb in sorted((root / 'nbs').glob('*.ipynb')):
+    for nb in sorted((root / 'nbs').glob(f'{pattern}.ipynb')):
         name = f'notebook {nb.name}'
         rec.start(name)
         t = time.perf_counter()
@@ -254,7 +255,8 @@ def main(argv=None) -> int:
                    help='skip the tests not yet started after S seconds, so that a time-limited run still reports')
     p.add_argument('--no-pytest', action='store_true', help='skip the tests/gpu suites')
     p.add_argument('--no-selfcheck', action='store_true', help="skip the self-check's CUDA rows")
-    p.add_argument('--notebooks', action='store_true', help='also run every notebook (needs nbdev)')
+    p.add_argument('--notebooks', nargs='?', const='*', metavar='GLOB',
+                   help='also run the notebooks nbs/GLOB.ipynb (default: every one; needs nbdev)')
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     rec = Recorder()
@@ -269,7 +271,7 @@ def main(argv=None) -> int:
     if not a.no_selfcheck:
         run_selfcheck(rec)
     if a.notebooks:
-        run_notebooks(rec)
+        run_notebooks(rec, a.notebooks)
     text, counts = table(rec)
     report = f'{header()}\ncommand: {cmd} ({time.perf_counter() - t0:.0f} s)\n\n{text}\n'
     if counts['failed'] and log:

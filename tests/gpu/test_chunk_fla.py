@@ -107,6 +107,7 @@ def test_fused_uses_less_memory():
     assert fused < chunk
 
 
+@pytest.mark.compile   # no NaN-filled empty tensors (tests/conftest.py): Dynamo cannot trace their sys._getframe
 def test_compile_matches_eager():
     q, k, v, g = random_gla_inputs(2, 300, 4, 64, dtype=torch.bfloat16, device='cuda', requires_grad=True)
     h0 = torch.rand(2, 4, 64, 64, device='cuda', requires_grad=True)

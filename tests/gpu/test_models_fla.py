@@ -1,6 +1,8 @@
 """FLA parity of the GLA model stack on CUDA: FLA's `GLAForCausalLM` with random weights hands its `state_dict` to
 ours (`strict=True`); logits, loss, gradients, masked and packed input, cached decoding and greedy generation must
 match. Skipped without CUDA or without FLA (`pip install flash-linear-attention`)."""
+import copy
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ if not torch.cuda.is_available():
     pytest.skip('needs a CUDA device', allow_module_level=True)
 fla_models = pytest.importorskip('fla.models')
 
-from myfla_gla import Cache, GLAConfig, GLAForCausalLM, assert_close  # noqa: E402
+from myfla_gla import Cache, GLAConfig, GLAForCausalLM, assert_close, get_err_ratio  # noqa: E402
 from myfla_gla.models.gla import attnres  # noqa: E402
 
 BASE = dict(hidden_size=256, num_hidden_layers=2, num_heads=4, vocab_size=1000, bos_token_id=None, eos_token_id=None)
@@ -57,10 +59,13 @@ def test_attnres_op_matches_fla(dtype, L, onorm):
                  for o in (f(q, res, w, output_rms_weight=ow, rms_eps=1e-6) for f in (attnres, fused_attnres)))
     for name, a, b in zip(['o', 'dq', 'dw', *[f'dres{i}' for i in range(L)], 'dow'], want, got):
         assert a.dtype == b.dtype, name
-        # one source: the weights are 1 whatever the query, so dq is 0 and both sides return rounding noise
-        # (FLA's up to 3e-4 on H100); its relative error means nothing, its size does
-        atol = 1e-3 if L == 1 and name in ('dq', 'dw') else 0.
-        assert_close(f'attnres {name}', a, b, 1e-5 if dtype == torch.float32 else 1e-2, err_atol=atol)
+        if L == 1 and name in ('dq', 'dw'):
+            # one source: its weight is exactly 1 whatever q and w, so dq and dw are exactly 0. Ours are (the softmax
+            # backward gives p * (dp - p * dp) = 0); FLA's kernel returns rounding noise there, which is not compared.
+            assert not b.any(), f'attnres {name}: must be exactly 0 with one source; max |{name}| {b.abs().max():.1e}'
+            print(f'attnres {name} with one source: ours exactly 0, FLA max abs {a.abs().max():.1e}')
+            continue
+        assert_close(f'attnres {name}', a, b, 1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
@@ -77,16 +82,26 @@ def test_logits_and_loss_match_fla(name, dtype, T):
 
 @pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv', 'attnres'])
 def test_gradients_match_fla(name):
+    """Every parameter's gradient, ours and FLA's in float32, against ours in float64 (the same weights) as the
+    arbiter: ours must be within 1e-3 of it, and FLA's within 1e-2 of ours wherever FLA is itself within 1e-2 of
+    float64. The attnres model's gradient is ill-conditioned on these inputs: one token's embedding gradient (the
+    first of a sequence) dominates and carries ours to 3e-4 of float64 on the CPU (1e-5 for the other configs), and
+    on an H100 FLA's (tf32) differed from ours by 8.5e-2 there; the float64 run says which side is off."""
     fla, ours = pair(name, torch.float32)
-    fla.train(), ours.train()
+    ref = copy.deepcopy(ours).double()
     ids = torch.randint(0, 1000, (2, 130), device='cuda')
-    fla(ids, labels=ids).loss.backward()
-    ours(ids, labels=ids).loss.backward()
-    theirs = dict(fla.named_parameters())
+    for model in (fla, ours, ref):
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    theirs, exact = dict(fla.named_parameters()), dict(ref.named_parameters())
     for n, p in ours.named_parameters():
         if theirs[n].grad is None and p.grad is None:   # unused in both (block 0's attention-residual query)
             continue
-        assert_close(f'{name} grad {n}', theirs[n].grad, p.grad, 1e-2)
+        assert_close(f'{name} grad {n} vs float64', exact[n].grad, p.grad, 1e-3)
+        err_fla = get_err_ratio(exact[n].grad, theirs[n].grad)
+        print(f'{name} grad {n}: ours {get_err_ratio(exact[n].grad, p.grad):.1e}, FLA {err_fla:.1e} vs float64')
+        if err_fla <= 1e-2:
+            assert_close(f'{name} grad {n} vs FLA', theirs[n].grad, p.grad, 1e-2)
 
 
 @pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv', 'attnres'])
