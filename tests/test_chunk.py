@@ -243,10 +243,22 @@ def test_property_varlen(lens, K, gate, h0, dtype):
           ratio=1e-11 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize('cu', [None, [0, 0, 70, 200, 201]])
+def test_compiled_walk_stacks_the_states(cu, monkeypatch):
+    "The walk's path under torch.compile (entered states stacked, not written in place) gives the eager numbers."
+    q, k, v, g = random_gla_inputs(1, 201, 2, 8)
+    h0, do = torch.rand(1 if cu is None else 4, 2, 8, 8), torch.rand(1, 201, 2, 8)
+    kw = dict(cu_seqlens=None if cu is None else torch.tensor(cu))
+    eager = run(chunk_gla, q, k, v, g, h0, do, h0, **kw)
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    for name, a, b in zip(NAMES, eager, run(chunk_gla, q, k, v, g, h0, do, h0, **kw)):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.compile
 def test_compile_matches_eager():
     "torch.compile(fullgraph=True) traces forward and backward (no graph break) and gives the eager numbers."
-    q, k, v, g = random_gla_inputs(2, 8, 2, 4, requires_grad=True)
+    q, k, v, g = random_gla_inputs(2, 150, 2, 4, requires_grad=True)   # three chunks, the last one partial
     h0 = torch.rand(2, 2, 4, 4, requires_grad=True)
 
     def f(q, k, v, g, h0):

@@ -114,6 +114,10 @@ class _Fixed:
     def put(self, x, j, val):
         x[:, j] = val
 
+    def stack(self, xs):
+        "The values of steps 0, 1, ... as one chunk tensor."
+        return torch.stack(xs, 1)
+
     def sort(self, S):
         return S
 
@@ -155,6 +159,11 @@ class _Varlen:
     def put(self, x, j, val):
         x[0, self.pos[j]] = val
 
+    def stack(self, xs):
+        out = xs[0].new_empty((1, self.NC) + xs[0].shape[1:])
+        out[0, torch.cat(self.pos)] = torch.cat(xs)
+        return out
+
     def sort(self, S):
         return S[self.order]
 
@@ -175,14 +184,23 @@ def _advance(grid, S, j, new):
 
 # %% ../../nbs/04_chunk.ipynb #fd153ed5
 def _walk(U, ea, S, grid, reverse=False):
-    """The recurrence over chunks: each chunk's own contribution `U[j]` is overwritten with the carried value where
-    the walk enters the chunk; returns the value after the last chunk. Forward: states, entered at the chunk's start.
-    `reverse`: state gradients dL/dS, entered at the chunk's end, returning dL/dS before the first chunk."""
+    """The recurrence over chunks: each chunk's own contribution `U[j]` is replaced by the carried value where the
+    walk enters the chunk; returns the value after the last chunk. Forward: states, entered at the chunk's start.
+    `reverse`: state gradients dL/dS, entered at the chunk's end, returning dL/dS before the first chunk.
+    Eager, `U` is overwritten in place (no second tensor of that size). Under `torch.compile` the entered values are
+    stacked at the end instead: Inductor turns each in-place write into a copy of all of `U`, which made the compiled
+    walk quadratic in the number of chunks."""
+    compiling, entered = torch.compiler.is_compiling(), []
     for j in (reversed if reverse else iter)(range(grid.steps)):
         Sj = _active(grid, S, j)
         new = torch.addcmul(grid.take(U, j), grid.take(ea, j)[..., None], Sj)
-        grid.put(U, j, Sj)
+        if compiling:
+            entered.append(Sj)
+        else:
+            grid.put(U, j, Sj)
         S = _advance(grid, S, j, new)
+    if compiling and entered:
+        U = grid.stack(entered[::-1] if reverse else entered)
     return U, S
 
 
