@@ -22,12 +22,14 @@
 # suite can run as several processes (e.g. SUITES='modules:norms and dtype0,modules:norms and not dtype0,chunk').
 # On a machine with several GPUs, run one invocation per GPU side by side (CUDA_VISIBLE_DEVICES=i ... &; wait): they
 # install the wheels once between them, and FLA's tuning results, kept on disk by Triton, serve later runs of the
-# same kernels on that machine (parity runs neither read nor write them: tests/gpu/fla_quick.py).
+# same kernels on that machine (parity runs neither read nor write them: tests/gpu/fla_quick.py). The device brings
+# back only a limited number of files from $OUT: end such a command with `tar czf` of the outputs, e.g.
+#   mkdir $OUT/r; OUT=$OUT/r ...; cd $OUT && tar czf r.tgz r && rm -rf r
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-(! command -v flock > /dev/null || flock 9; [ -e /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site .whl/*.whl > /tmp/pip.log 2>&1 && touch /tmp/site/.installed; }) 9> /tmp/site.lock \
-  || { cat /tmp/pip.log; exit 1; }
+(! command -v flock > /dev/null || flock 9; [ -e /tmp/site/.installed ] || { python3 -m pip install -q --no-index \
+  --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > /tmp/pip.log 2>&1 \
+  && touch /tmp/site/.installed; }) 9> /tmp/site.lock || { cat /tmp/pip.log; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 GPU=${CUDA_VISIBLE_DEVICES:-0}
 nvidia-smi -i "${GPU%%,*}" --query-gpu=index,name,driver_version --format=csv,noheader
@@ -54,7 +56,7 @@ case "${1:-parity}" in
   bench)    # PRESET=gpu1|gpu2, BENCH from "ours compiled fla recurrent fla_more" (default "ours fla": compiling alone
     # takes minutes); one process per group, merged afterwards into nbs/bench_results/$PRESET.json by
     # tests/gpu/merge_bench.py. Timings are only comparable from a machine doing nothing else: our eager ops launch
-    # many small kernels, and a busy host slowed them up to 3x (measured on 2026-11-27 beside other GPU jobs).
+    # many small kernels, and a busy host slowed them 3.3x (chunk_gla fwd+bwd 60 ms against 18 ms, 2026-11-27).
     P=${PRESET:-gpu1}; B="python3 -m myfla_gla.bench --preset $P"
     for grp in ${BENCH:-ours fla}; do case $grp in
       ours) LOG=$P.log step 150 $B --impl chunk_gla --impl fused_chunk_gla --impl 'GatedLinearAttention (chunk)' \
