@@ -1,6 +1,8 @@
-"""Pairwise-covering configuration matrices, shared by the CPU and the GPU (FLA-parity) layer tests, and the
-layer arguments of one case (FLA's constructor accepts the same)."""
+"""Pairwise-covering configuration matrices, shared by the CPU and the GPU (FLA-parity) layer tests, the layer
+arguments of one case (FLA's constructor accepts the same), and the random weights that make every parameter count."""
 import itertools
+
+import torch
 
 
 def pairwise(factors: dict) -> list[dict]:
@@ -26,3 +28,14 @@ def layer_kwargs(case, hidden=32, heads=4):
                 gate_fn={'silu': 'silu', 'sigmoid': 'sigmoid'}.get(gate, 'swish'),
                 fuse_norm=gate != 'swish-unfused', elementwise_affine=gate != 'fused-no-affine',
                 gate_logit_normalizer=normalizer, clamp_min=clamp, gate_low_rank_dim=8)
+
+
+def randomize_norms_and_biases(layer):
+    "Norm weights in [0.5, 1.5] and biases in [-1, 1] (not their defaults 1 and 0), so that a mix-up shows; in place."
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if 'norm' in name:
+                p.uniform_(0.5, 1.5)
+            elif 'bias' in name:
+                p.uniform_(-1, 1)
+    return layer

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import myfla_gla.layers.gla as gla_module
 import myfla_gla.utils as utils_module
-from matrix import layer_kwargs, pairwise
+from matrix import layer_kwargs, pairwise, randomize_norms_and_biases
 from myfla_gla import Cache, GatedLinearAttention, assert_close
 
 F64 = torch.float64
@@ -91,13 +91,7 @@ def make_layer(**kw):
     fm, gate_fn = kw.get('feature_map'), kw.get('gate_fn', 'swish')
     layer = GatedLinearAttention(**kw)
     layer._ref_feature_map, layer._ref_gate_fn = fm, gate_fn
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if 'norm' in name:
-                p.uniform_(0.5, 1.5)
-            elif 'bias' in name:
-                p.uniform_(-1, 1)
-    return layer.double()
+    return randomize_norms_and_biases(layer).double()
 
 
 def max_err(a, b):

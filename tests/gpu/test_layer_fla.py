@@ -13,7 +13,7 @@ fla = pytest.importorskip('fla')
 from fla.layers import GatedLinearAttention as FLAGatedLinearAttention  # noqa: E402
 from fla.models.utils import Cache as FLACache  # noqa: E402
 
-from matrix import layer_kwargs, pairwise  # noqa: E402
+from matrix import layer_kwargs, pairwise, randomize_norms_and_biases  # noqa: E402
 from myfla_gla import Cache, GatedLinearAttention, assert_close, get_err_ratio  # noqa: E402
 
 # bounds on the relative RMS error between FLA and us: (outputs and states, gradients). FLA's float32 matmuls use
@@ -40,14 +40,7 @@ def pair(case, dtype, seed):
     kw = dict(layer_kwargs(case, hidden=128), layer_idx=0)
     fla_kw = dict(kw, mode='chunk') if kw['mode'] == 'fused_chunk' else kw   # FLA 0.6.0 raises for fused_chunk
     torch.manual_seed(seed)
-    theirs = FLAGatedLinearAttention(**fla_kw)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if 'norm' in name:
-                p.uniform_(0.5, 1.5)
-            elif 'bias' in name:
-                p.uniform_(-1, 1)
-    theirs = theirs.to('cuda', dtype)
+    theirs = randomize_norms_and_biases(FLAGatedLinearAttention(**fla_kw)).to('cuda', dtype)
     ours = GatedLinearAttention(**kw).to('cuda', dtype)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return theirs, ours

@@ -93,7 +93,7 @@ def test_gradients_match_fla(name):
     for model in (fla, ours, ref):
         model.train()
         model(ids, labels=ids).loss.backward()
-    theirs, exact = dict(fla.named_parameters()), dict(ref.named_parameters())
+    theirs, exact, fla_off = dict(fla.named_parameters()), dict(ref.named_parameters()), []
     for n, p in ours.named_parameters():
         if theirs[n].grad is None and p.grad is None:   # unused in both (block 0's attention-residual query)
             continue
@@ -102,6 +102,10 @@ def test_gradients_match_fla(name):
         print(f'{name} grad {n}: ours {get_err_ratio(exact[n].grad, p.grad):.1e}, FLA {err_fla:.1e} vs float64')
         if err_fla <= 1e-2:
             assert_close(f'{name} grad {n} vs FLA', theirs[n].grad, p.grad, 1e-2)
+        else:
+            fla_off.append(n)
+    # only the ill-conditioned attnres gradient may leave FLA off float64: elsewhere every parameter is compared
+    assert name == 'attnres' or not fla_off, f'FLA is more than 1e-2 off float64 for {fla_off}'
 
 
 @pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv', 'attnres'])
