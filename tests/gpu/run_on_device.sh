@@ -12,7 +12,8 @@
 #   fla-core==0.6.0 flash-linear-attention==0.6.0  (+ nbdev==2.4.14 and its pure-Python needs for `notebooks`).
 # Measured on fresh H100 machines (2026-11-27): FLA's autotuning took 103 s for its first chunk_gla forward (T=63,
 # K=V=64) and 266 s for forward+backward at the gpu1 shape; Triton compiles about ten seconds a kernel variant; Inductor
-# had not compiled chunk_gla forward+backward at gpu1 after 160 s. So each step has its own time limit and writes its
+# had not compiled chunk_gla forward+backward at gpu1 after 160 s (63 s since the state walk stacks its states
+# under the compiler). So each step has its own time limit and writes its
 # log under $OUT as it goes; parity suites skip what they cannot start before their --deadline and still report, and
 # take FLA's first working kernel configuration (MYFLA_FLA_FIRST_CONFIG=1, tests/gpu/fla_quick.py: correctness does
 # not depend on tuning). The benchmark tunes FLA fully, in its own process per group so that each writes its JSON.
