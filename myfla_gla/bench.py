@@ -90,7 +90,8 @@ def time_fn(fn: Callable, device, repeats: int = 10, warmup: int = 2, budget: fl
         _sync(device)
         warm.append(time.perf_counter() - t0)
     first = warm[0]  # includes one-off costs (compilation, autotuning)
-    repeats = max(1, min(repeats, int(budget / max(min(warm), 1e-9))))
+    if budget < math.inf:  # fewer repeats for long calls, never fewer than one
+        repeats = max(1, min(repeats, int(budget / max(min(warm), 1e-9))))
     times = []
     if str(device).startswith('cuda'):
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]

@@ -248,6 +248,7 @@ def test_time_fn_and_cpu_memory():
     import time
     t = bench.time_fn(lambda: time.sleep(0.02), 'cpu', repeats=50, warmup=1, budget=0.1)
     assert t['repeats'] <= 5 and 15 < t['min_ms'] <= t['median_ms'] < 500
+    assert bench.time_fn(lambda: None, 'cpu', repeats=3)['repeats'] == 3   # no budget: every repeat
     def grow():
         x = torch.ones(250_000, requires_grad=True)   # 1 MB
         y = (x * 2).exp()                             # 1 MB kept for the backward, 1 MB output
