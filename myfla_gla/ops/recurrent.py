@@ -9,8 +9,10 @@ import functools
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..checks import check_gla_inputs, check_no_double_backward, check_no_head_first
 from ..utils import (
     check_cu_seqlens, index_first_axis, index_put_first_axis, prepare_position_ids, prepare_sequence_ids)
 
@@ -27,6 +29,7 @@ def naive_recurrent_gla(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # o [B, T, H, V] in q's dtype; final state [B, H, K, V]
     "The GLA recurrence, one token at a time: the reference (exact in float64; float32 at least)."
+    check_gla_inputs(q, k, v, gk, initial_state=initial_state, g_name='gk')
     dtype, acc = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, k, v, gk = (x.transpose(1, 2).to(acc) for x in (q, k, v, gk))  # [B, H, T, .]
     B, H, T, K = q.shape
@@ -90,41 +93,55 @@ def reference_recurrent_gla(
 
 # %% ../../nbs/03_recurrent.ipynb #d2eabb72
 def _decay(S, t, a, c, out):
-    "out = diag(a_t) S diag(c_t) for the exponentiated gates `a` [L, M, K], `c` [L, M, V] (None: no gate); `out` may be `S`."
+    "out = diag(a_t) S diag(c_t) for the exponentiated gates `a` [R, K], `c` [R, V] at rows `t` (None: no gate); `out` may be `S`."
     if a is None and c is None:
         return out.copy_(S)
     if a is not None:
-        S = torch.mul(S, a[t, :, :, None], out=out)
+        S = torch.mul(S, a[t][..., :, None], out=out)
     if c is not None:
-        S = torch.mul(S, c[t, :, None, :], out=out)
+        S = torch.mul(S, c[t][..., None, :], out=out)
     return out
 
 # %% ../../nbs/03_recurrent.ipynb #d3514237
+def _offsets(m):
+    "Prefix sums `[0, m0, m0+m1, ...]` of the rows per step (Python ints)."
+    off = [0]
+    for x in m:
+        off.append(off[-1] + x)
+    return off
+
+
 class _Recurrence(torch.autograd.Function):
-    "The recurrence on time-major `[L, M, .]` tensors (M = sequences x heads), with a checkpointed backward."
+    """The recurrence on time-major rows, with a checkpointed backward. Step t reads the `m[t]` rows from `off[t]` of
+    the flat `[R, .]` inputs and updates the first `m[t]` of the `M` states (sequences x heads, the longest sequence
+    first, so the sequences still running at step t are always the first ones)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gk, gv, h0, scale: float, every: int):
-        L, M, K, V = *k.shape, v.shape[-1]
+    def forward(ctx, q, k, v, gk, gv, h0, scale: float, every: int, m: tuple, M: int):
+        K, V, L, off = k.shape[-1], v.shape[-1], len(m), _offsets(m)
         a, c = (None if g is None else g.exp() for g in (gk, gv))
         S = q.new_zeros(M, K, V) if h0 is None else h0.clone()
-        o = q.new_empty(L, M, V)
-        ckpt = q.new_empty(-(-L // every), M, K, V)          # S before tokens 0, every, 2*every, ...
+        o = q.new_empty(q.shape[0], V)
+        co = _offsets([m[t] for t in range(0, L, every)])   # the running states at steps 0, every, 2*every, ...
+        ckpt = q.new_empty(co[-1], K, V)
         for t in range(L):
+            r, St = slice(off[t], off[t + 1]), S[:m[t]]
             if t % every == 0:
-                ckpt[t // every] = S
-            _decay(S, t, a, c, S).addcmul_(k[t, :, :, None], v[t, :, None, :])
-            torch.bmm(q[t, :, None], S, out=o[t, :, None])
+                ckpt[co[t // every]:co[t // every + 1]] = St
+            _decay(St, r, a, c, St).addcmul_(k[r, :, None], v[r, None, :])
+            torch.bmm(q[r, None], St, out=o[r, None])
         ctx.save_for_backward(q, k, v, a, c, ckpt)
-        ctx.scale, ctx.every, ctx.has_h0 = scale, every, h0 is not None
+        ctx.scale, ctx.every, ctx.m, ctx.M, ctx.has_h0 = scale, every, m, M, h0 is not None
         return o.mul_(scale), S
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dht):
+        check_no_double_backward('fused_recurrent_gla')
         q, k, v, a, c, ckpt = ctx.saved_tensors
-        scale, every = ctx.scale, ctx.every
-        L, M, K, V = *k.shape, v.shape[-1]
+        scale, every, m, M = ctx.scale, ctx.every, ctx.m, ctx.M
+        K, V, L, off = k.shape[-1], v.shape[-1], len(m), _offsets(m)
+        co = _offsets([m[t] for t in range(0, L, every)])
         do = do.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         want_gk, want_gv = a is not None and ctx.needs_input_grad[3], c is not None and ctx.needs_input_grad[4]
@@ -132,39 +149,44 @@ class _Recurrence(torch.autograd.Function):
         dgv = torch.empty_like(c) if want_gv else None
         E = q.new_empty(M, K, V) if want_gk or want_gv else None
         W = q.new_empty(M, K, V)                              # the state being recomputed (stays in cache)
-        S = q.new_empty(min(every, L) + 1, M, K, V)          # one segment's states S_{s-1}, S_s, ..., S_{e-1}
+        segs = [(s, min(s + every, L)) for s in range(0, L, every)]
+        # one segment's states: S_{s-1} (its m[s] running rows), then S_s, ..., S_{e-1} (m[t] rows each)
+        S = q.new_empty(max((m[s] + off[e] - off[s] for s, e in segs), default=0), K, V)
         G = dht.clone(memory_format=torch.contiguous_format)  # the gradient carried back to the current state
-        for j in reversed(range(len(ckpt))):
-            s, e = j * every, min(j * every + every, L)
-            n = e - s
-            S[0] = W.copy_(ckpt[j])
-            for i in range(n):                                 # recompute the segment
-                _decay(W, s + i, a, c, W).addcmul_(k[s + i, :, :, None], v[s + i, :, None, :])
-                S[i + 1] = W
+        for j in reversed(range(len(segs))):
+            s, e = segs[j]
+            base = m[s] - off[s]                              # S_t sits at rows base + off[t] of S
+            S[:m[s]] = W[:m[s]].copy_(ckpt[co[j]:co[j + 1]])
+            for t in range(s, e):                              # recompute the segment
+                r, Wt = slice(off[t], off[t + 1]), W[:m[t]]
+                _decay(Wt, r, a, c, Wt).addcmul_(k[r, :, None], v[r, None, :])
+                S[base + off[t]:base + off[t + 1]] = Wt
             # dq_t = S_t do_t, for the whole segment at once (as do_t S_t^T: rows times rows is the faster product)
-            torch.bmm(do[s:e].reshape(n * M, 1, V), S[1:n + 1].view(n * M, K, V).transpose(1, 2),
-                      out=dq[s:e].view(n * M, 1, K))
-            for i in reversed(range(n)):
-                t = s + i
-                G.addcmul_(q[t, :, :, None], do[t, :, None, :], value=scale)  # G = dL/dS_t
-                torch.bmm(v[t, :, None], G.transpose(1, 2), out=dk[t, :, None])
-                torch.bmm(k[t, :, None], G, out=dv[t, :, None])
-                _decay(G, t, a, c, G)                                       # G = dL/dS_{t-1}
+            seg = slice(off[s], off[e])
+            torch.bmm(do[seg, None], S[m[s]:m[s] + off[e] - off[s]].transpose(1, 2), out=dq[seg, None])
+            for t in reversed(range(s, e)):
+                r, Gt = slice(off[t], off[t + 1]), G[:m[t]]
+                Gt.addcmul_(q[r, :, None], do[r, None, :], value=scale)   # G = dL/dS_t
+                torch.bmm(v[r, None], Gt.transpose(1, 2), out=dk[r, None])
+                torch.bmm(k[r, None], Gt, out=dv[r, None])
+                _decay(Gt, r, a, c, Gt)                                     # G = dL/dS_{t-1}
                 if E is not None:
-                    torch.mul(G, S[i], out=E)                               # = dL/dS_t * decayed S_{t-1}
+                    prev = base + off[t - 1] if t > s else 0                # S_{t-1}: its first m[t] rows
+                    Et = torch.mul(Gt, S[prev:prev + m[t]], out=E[:m[t]])   # = dL/dS_t * decayed S_{t-1}
                     if want_gk:
-                        torch.sum(E, -1, out=dgk[t])
+                        torch.sum(Et, -1, out=dgk[r])
                     if want_gv:
-                        torch.sum(E, -2, out=dgv[t])
-        return dq.mul_(scale), dk, dv, dgk, dgv, (G if ctx.has_h0 else None), None, None
+                        torch.sum(Et, -2, out=dgv[r])
+        return dq.mul_(scale), dk, dv, dgk, dgv, (G if ctx.has_h0 else None), None, None, None, None
 
 # %% ../../nbs/03_recurrent.ipynb #3a13505f
-def _varlen_grid_index(
+def _varlen_rows(
     cu_seqlens: torch.Tensor,  # [N+1]
     T: int,                    # number of packed tokens
     reverse: bool,
-) -> tuple[torch.Tensor, int]:  # grid row (time * N + sequence) of every packed token; the grid length L
-    "Where each packed token goes in the `[L, N]` time-major grid (sequences written back to front if `reverse`)."
+) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+    """Where each packed token goes in the time-major order (row), the number of sequences running at each step,
+    the sequences longest first (`order`) and each sequence's place in it (`rank`)."""
     cu = cu_seqlens.long()
     N = len(cu) - 1
     lens = cu.diff()
@@ -173,10 +195,14 @@ def _varlen_grid_index(
     if first != 0 or last != T or shortest < 0:
         raise ValueError(f"`cu_seqlens` must start at 0, never decrease and end at the number of tokens ({T}), "
                          f"got {cu_seqlens.tolist()}")
+    order = torch.argsort(lens, descending=True, stable=True)
+    rank = torch.argsort(order)
+    running = N - torch.bincount(lens, minlength=L + 1)[:L].cumsum(0)   # sequences longer than t, t < L
+    start = F.pad(running.cumsum(0), (1, 0))                            # first row of step t
     seq, pos = prepare_sequence_ids(cu), prepare_position_ids(cu)
     if reverse:
         pos = lens[seq] - 1 - pos
-    return pos * N + seq, L
+    return start[pos] + rank[seq], running.tolist(), order, rank
 
 # %% ../../nbs/03_recurrent.ipynb #f740b27b
 def _decode_step(
@@ -204,25 +230,8 @@ def _read(S, q, state_v_first):
 
 # %% ../../nbs/03_recurrent.ipynb #d44978bf
 def _check_shapes(q, k, v, gk, gv, initial_state, N: int, state_v_first: bool):
-    "Shape and dtype checks FLA lacks, each naming the argument."
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"`q` must be a [B, T, H, K] tensor, got {getattr(q, 'shape', type(q))}")
-    B, T, H, K = q.shape
-    if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"`v` must be [B, T, H, V] with q's B, T, H = {(B, T, H)}, got {getattr(v, 'shape', type(v))}")
-    V = v.shape[-1]
-    for name, x, dims, want in (('k', k, 'B, T, H, K', (B, T, H, K)), ('gk', gk, 'B, T, H, K', (B, T, H, K)),
-                                ('gv', gv, 'B, T, H, V', (B, T, H, V))):
-        if x is not None and (not isinstance(x, torch.Tensor) or tuple(x.shape) != want):
-            raise ValueError(f"`{name}` must be [{dims}] = {want}, got {getattr(x, 'shape', type(x))}")
-    for name, x in (('q', q), ('k', k), ('v', v), ('gk', gk), ('gv', gv), ('initial_state', initial_state)):
-        if x is not None and not x.is_floating_point():
-            raise ValueError(f"`{name}` must be a floating-point tensor, got {x.dtype}")
-    if initial_state is not None:
-        dims, want = ('N, H, V, K', (N, H, V, K)) if state_v_first else ('N, H, K, V', (N, H, K, V))
-        if tuple(initial_state.shape) != want:
-            raise ValueError(f"`initial_state` must be [{dims}] = {want} (state_v_first={state_v_first}), "
-                             f"got {tuple(initial_state.shape)}")
+    "Shape, dtype and device checks FLA lacks, each naming the argument (`myfla_gla.checks`)."
+    check_gla_inputs(q, k, v, gk, gv, initial_state, N, state_v_first, g_name='gk', g_optional=True)
 
 # %% ../../nbs/03_recurrent.ipynb #48d94936
 def fused_recurrent_gla(
@@ -248,21 +257,20 @@ def fused_recurrent_gla(
         warnings.warn("`transpose_state_layout` is deprecated and renamed to `state_v_first`.",
                       DeprecationWarning, stacklevel=2)
         state_v_first = kwargs.pop('transpose_state_layout')
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"`q` must be a [B, T, H, K] tensor, got {getattr(q, 'shape', type(q))}")
-    B, T, H, K = q.shape
+    check_no_head_first('fused_recurrent_gla', kwargs)
+    B, T, H, K, V = check_gla_inputs(q, k, v, gk, gv, cu_seqlens=cu_seqlens, g_name='gk', g_optional=True)
     n = check_cu_seqlens(cu_seqlens, B, initial_state)
     N = B if n is None else n
     _check_shapes(q, k, v, gk, gv, initial_state, N, state_v_first)
     if checkpoint_every < 1:
         raise ValueError(f"`checkpoint_every` must be a positive number of tokens, got {checkpoint_every}")
-    V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     acc = functools.reduce(torch.promote_types, [x.dtype for x in (q, k, v, gk, gv) if x is not None], torch.float32)
     if cu_seqlens is None:
         L = T
     else:
-        idx, L = _varlen_grid_index(cu_seqlens, T, reverse)
+        row, running, order, rank = _varlen_rows(cu_seqlens, T, reverse)
+        L = len(running)
     cast = lambda x: None if x is None else x.to(acc)
 
     if L == 1 and B * T == N:  # decoding: exactly one token per sequence
@@ -272,23 +280,29 @@ def fused_recurrent_gla(
         o = o.to(q.dtype).unsqueeze(0 if cu_seqlens is not None else 1)
         return o, (S if output_final_state else None)
 
-    if cu_seqlens is None:  # [B, T, H, D] <-> time-major [T, B*H, D], time reversed if `reverse`
-        def to_grid(x):
-            x = x.to(acc).transpose(0, 1)
-            return (x.flip(0) if reverse else x).reshape(T, B * H, x.shape[-1]).contiguous()
-        def from_grid(y):
-            y = y.view(T, B, H, V)
-            return (y.flip(0) if reverse else y).transpose(0, 1)
-    else:                   # [1, T, H, D] packed <-> [L, N*H, D] padded grid
-        to_grid = lambda x: index_put_first_axis(x[0].to(acc), idx, L * N).view(L, N * H, x.shape[-1])
-        from_grid = lambda y: index_first_axis(y.view(L * N, H, V), idx)[None]
     h0 = cast(initial_state)
     if h0 is not None:
-        h0 = (h0.transpose(-1, -2) if state_v_first else h0).reshape(N * H, K, V)
-    grid = lambda x: None if x is None else to_grid(x)
-    o, S = _Recurrence.apply(*map(grid, (q, k, v, gk, gv)), h0, scale, checkpoint_every)
-    o = from_grid(o).to(q.dtype, memory_format=torch.contiguous_format)
+        h0 = h0.transpose(-1, -2) if state_v_first else h0
+    if cu_seqlens is None:  # [B, T, H, D] <-> time-major rows [T*B*H, D], time reversed if `reverse`
+        def to_rows(x):
+            x = x.to(acc).transpose(0, 1)
+            return (x.flip(0) if reverse else x).reshape(T * B * H, x.shape[-1])
+        def from_rows(y):
+            y = y.view(T, B, H, V)
+            return (y.flip(0) if reverse else y).transpose(0, 1)
+        running, unsort = [B] * T, (lambda S: S)
+    else:                   # [1, T, H, D] packed <-> time-major rows, longest sequence first
+        to_rows = lambda x: index_put_first_axis(x[0].to(acc), row, T).view(T * H, x.shape[-1])
+        from_rows = lambda y: index_first_axis(y.view(T, H, V), row)[None]
+        unsort = lambda S: S[rank]
+        h0 = None if h0 is None else h0[order]
+    if h0 is not None:
+        h0 = h0.reshape(N * H, K, V)
+    rows = lambda x: None if x is None else to_rows(x).contiguous()
+    o, S = _Recurrence.apply(*map(rows, (q, k, v, gk, gv)), h0, scale, checkpoint_every,
+                             tuple(a * H for a in running), N * H)
+    o = from_rows(o).to(q.dtype, memory_format=torch.contiguous_format)
     if not output_final_state:
         return o, None
-    S = S.view(N, H, K, V)
+    S = unsort(S.view(N, H, K, V))
     return o, (S.transpose(-1, -2).contiguous() if state_v_first else S)
