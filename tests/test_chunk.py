@@ -205,13 +205,13 @@ def test_bad_input():
         chunk_gla(q, k, v, g, initial_state=torch.zeros(3, 2, 4, 4), cu_seqlens=cu)
     with pytest.raises(AssertionError, match='initial_state must be in float32'):
         chunk_gla(q, k, v, g, initial_state=torch.zeros(1, 2, 4, 4, dtype=torch.bfloat16))
-    with pytest.raises(AssertionError, match='q, k and g'):
+    with pytest.raises(AssertionError, match='`g` must be'):
         chunk_gla(q, k, v, g[..., :3])
-    with pytest.raises(AssertionError, match='q, k and g'):
+    with pytest.raises(AssertionError, match='`k` must be'):
         chunk_gla(q, k[:, :10], v, g)
-    with pytest.raises(AssertionError, match='v must be'):
+    with pytest.raises(AssertionError, match='`v` must be'):
         chunk_gla(q, k, v[:, :, :1], g)
-    with pytest.raises(AssertionError, match='initial_state must be'):
+    with pytest.raises(AssertionError, match='`initial_state` must be'):
         chunk_gla(q, k, v, g, initial_state=torch.zeros(1, 2, 4, 5))
     with pytest.raises(AssertionError, match=r'\[N, H, V, K\]'):
         chunk_gla(q, k, v[..., :3], g, initial_state=torch.zeros(1, 2, 4, 3), state_v_first=True)

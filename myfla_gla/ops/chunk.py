@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from ..checks import InputError, check_gla_inputs, check_no_double_backward, check_no_head_first
 from ..utils import check_cu_seqlens, prepare_token_indices
 
 # %% auto #0
@@ -344,6 +345,7 @@ class ChunkGLAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
+        check_no_double_backward('fused_chunk_gla' if ctx.fused else 'chunk_gla')
         q, k, v, g, h0, A = ctx.saved_tensors
         grid, acc = ctx.grid, torch.promote_types(q.dtype, torch.float32)
         qc, kc, vc, gc = (grid.to_chunks(x, acc) for x in (q, k, v, g))
@@ -355,20 +357,12 @@ class ChunkGLAFunction(torch.autograd.Function):
 # %% ../../nbs/04_chunk.ipynb #bf3a8146
 def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
                  fused):
-    N = check_cu_seqlens(cu_seqlens, q.shape[0], initial_state)
+    B, T, H, K, V = check_gla_inputs(q, k, v, g, cu_seqlens=cu_seqlens)
+    N = check_cu_seqlens(cu_seqlens, B, initial_state)
+    check_gla_inputs(q, k, v, g, initial_state=initial_state, N=N, state_v_first=state_v_first)
     acc = torch.promote_types(q.dtype, torch.float32)
-    if initial_state is not None:
-        assert initial_state.dtype in (torch.float32, acc), "initial_state must be in float32."
-    assert q.dim() == 4 and q.shape == k.shape == g.shape, \
-        f"q, k and g must have the same shape [B, T, H, K]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(g.shape)}"
-    assert v.dim() == 4 and v.shape[:3] == q.shape[:3], \
-        f"v must be [B, T, H, V] with the B, T, H of q {tuple(q.shape[:3])}; got {tuple(v.shape)}"
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if initial_state is not None:
-        want = (B if N is None else N, H) + ((V, K) if state_v_first else (K, V))
-        assert tuple(initial_state.shape) == want, (f"initial_state must be {list(want)} "
-            f"([N, H, {'V, K' if state_v_first else 'K, V'}]); got {list(initial_state.shape)}")
+    if initial_state is not None and initial_state.dtype not in (torch.float32, acc):
+        raise InputError(f"initial_state must be in float32 (or {acc}), got {initial_state.dtype}")
     varlen = None
     if cu_seqlens is not None:
         cu = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).to('cpu', torch.long)
@@ -412,5 +406,6 @@ def fused_chunk_gla(
     **kwargs,                                    # `cu_seqlens_cpu` is read; anything else is ignored
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     "`chunk_gla` that walks the chunks in order with one state: less memory, the same results."
+    check_no_head_first('fused_chunk_gla', kwargs)
     return _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                         kwargs.get('cu_seqlens_cpu'), True)
