@@ -11,8 +11,11 @@ from typing import Any
 
 import torch
 
+from .checks import InputError, check_int
+
 # %% auto #0
-__all__ = ['FLACache', 'FLALayer', 'Cache', 'require_cache_layer_idx', 'get_layer_cache', 'update_layer_cache']
+__all__ = ['FLACache', 'FLALayer', 'Cache', 'require_cache_layer_idx', 'get_layer_cache', 'update_layer_cache', 'check_cache',
+           'check_conv_state']
 
 # %% ../nbs/05_cache.ipynb #c8a61376
 try:
@@ -315,6 +318,8 @@ def require_cache_layer_idx(module, past_key_values) -> int | None:
     layer_idx = getattr(module, 'layer_idx', None)
     if past_key_values is not None and layer_idx is None:
         raise ValueError(f"{type(module).__name__} requires `layer_idx` when `past_key_values` is provided.")
+    if past_key_values is not None:
+        check_int('layer_idx', layer_idx, 0)
     return layer_idx
 
 
@@ -330,5 +335,30 @@ def update_layer_cache(module, past_key_values, **kwargs) -> dict[str, Any] | No
     "`past_key_values.update(layer_idx=module.layer_idx, **kwargs)`, or None without a cache."
     layer_idx = require_cache_layer_idx(module, past_key_values)
     if past_key_values is not None:
+        check_cache(past_key_values)
         return past_key_values.update(layer_idx=layer_idx, **kwargs)
     return None
+
+# %% ../nbs/05_cache.ipynb #7cc752cf
+def check_cache(past_key_values):
+    "A `TypeError` unless `past_key_values` is a cache object (not a legacy tuple or list of state dicts)."
+    if isinstance(past_key_values, (tuple, list, dict)) or not hasattr(past_key_values, 'update'):
+        raise TypeError(f"`past_key_values` must be a `Cache`, got {type(past_key_values).__name__}; convert a tuple "
+                        "of per-layer state dicts with `Cache.from_legacy_cache(past_key_values)`.")
+
+
+def check_conv_state(
+    state: dict | None,       # the layer's record (None before its first update)
+    use_short_conv: bool,     # whether the reading layer has short convolutions
+    layer_idx: int | None = None,
+    seen_tokens: int = 1,     # tokens the record has seen: 0 for a state seeded by hand, which may lack conv windows
+):
+    "An `InputError` if the record was written by a layer with short convolutions and is read by one without (or the reverse)."
+    if state is None or state.get('recurrent_state') is None:
+        return
+    has_conv = state.get('conv_state') is not None
+    if has_conv != bool(use_short_conv) and (has_conv or seen_tokens > 0):
+        written = 'with' if has_conv else 'without'
+        raise InputError(f"The cache record of layer {layer_idx} was written by a layer {written} short convolutions "
+                         f"(`conv_state` is {'set' if has_conv else 'None'}), but this layer has "
+                         f"use_short_conv={use_short_conv}: the layers must match.")

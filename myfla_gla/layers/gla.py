@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from ..cache import get_layer_cache, update_layer_cache
+from ..cache import check_cache, check_conv_state, get_layer_cache, update_layer_cache
+from ..checks import InputError, check_int, check_positive, check_tensor
 from ..modules.convolution import ShortConvolution
 from ..modules.norms import FusedRMSNormGated, RMSNorm
 from ..ops.chunk import chunk_gla, fused_chunk_gla
@@ -26,7 +27,7 @@ __all__ = ['GatedLinearAttention']
 def _check(cond: bool, msg: str):
     "FLA asserts its constructor arguments; raise the same AssertionError, also under `python -O`."
     if not cond:
-        raise AssertionError(msg)
+        raise InputError(msg)
 
 # %% ../../nbs/06_layer.ipynb #1e84d7d3
 class GatedLinearAttention(nn.Module):
@@ -54,6 +55,14 @@ class GatedLinearAttention(nn.Module):
         layer_idx: int | None = None,       # this layer's record in a cache (required with one)
     ):
         super().__init__()
+        check_int('hidden_size', hidden_size, 1)
+        check_int('num_heads', num_heads, 1)
+        check_int('num_kv_heads', num_kv_heads, 1, optional=True)
+        check_int('gate_low_rank_dim', gate_low_rank_dim, 1)
+        check_int('layer_idx', layer_idx, 0, optional=True)
+        check_positive('norm_eps', norm_eps)
+        if use_short_conv:
+            check_int('conv_size', conv_size, 1)
         self.mode = mode
         self.hidden_size = hidden_size
         self.expand_k = expand_k
@@ -81,6 +90,8 @@ class GatedLinearAttention(nn.Module):
         _check(mode in ('chunk', 'fused_recurrent', 'fused_chunk'), f"Not supported mode `{mode}`.")
         _check(self.key_dim % num_heads == 0, f"key dim must be divisible by num_heads of {num_heads}")
         _check(self.value_dim % num_heads == 0, f"value dim must be divisible by num_heads of {num_heads}")
+        _check(self.key_dim >= num_heads and self.value_dim >= num_heads,
+               f"key dim ({self.key_dim}) and value dim ({self.value_dim}) must be at least num_heads ({num_heads})")
         self.head_k_dim = self.key_dim // num_heads
         self.head_v_dim = self.value_dim // num_heads
 
@@ -175,16 +186,19 @@ def _gate_and_norm(self, o, h):
 
 # %% ../../nbs/06_layer.ipynb #1ce679df
 @_method()
-def _check_inputs(self, hidden_states, attention_mask):
+def _check_inputs(self, hidden_states, attention_mask, cu_seqlens=None):
     "Clear errors for inputs FLA would reject obscurely (or, for a [B, T, T] mask, with an AssertionError)."
     if attention_mask is not None and attention_mask.dim() != 2:
         raise AssertionError(
             "Expected attention_mask as a 0-1 matrix with shape [batch_size, seq_len] for padding purposes "
             f"(0 indicating padding), got shape {tuple(attention_mask.shape)}. "
             "Arbitrary attention masks of shape [batch_size, seq_len, seq_len] are not allowed.")
+    check_tensor('hidden_states', hidden_states, floating=True)
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
         raise ValueError(f"`hidden_states` must be [batch_size, seq_len, hidden_size={self.hidden_size}], "
                          f"got shape {tuple(hidden_states.shape)}")
+    if cu_seqlens is not None:
+        check_tensor('cu_seqlens', cu_seqlens, device=hidden_states.device, device_of='hidden_states')
 
 # %% ../../nbs/06_layer.ipynb #e1141a28
 @_method('forward')
@@ -198,12 +212,16 @@ def _forward(
     **kwargs,                                      # `cu_seqlens` [N+1]: packed input; wins over `attention_mask`
 ) -> tuple[torch.Tensor, None, Cache | None]:      # output [B, T, hidden_size], None, past_key_values
     "FLA's GLA forward: pack, project, convolve, gate, attend (recurrent for T <= 64), norm, gate, project, unpack."
-    self._check_inputs(hidden_states, attention_mask)
+    self._check_inputs(hidden_states, attention_mask, kwargs.get('cu_seqlens'))
+    if past_key_values is not None:
+        check_cache(past_key_values)   # a legacy tuple could be read, but not written
     batch_size, q_len, _ = hidden_states.shape
     mode = 'fused_recurrent' if q_len <= 64 else self.mode
     use_cache = bool(use_cache)
 
     last_state = get_layer_cache(self, past_key_values)
+    if last_state is not None:
+        check_conv_state(last_state, self.use_short_conv, self.layer_idx, past_key_values.get_seq_length(self.layer_idx))
     h, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get('cu_seqlens'), attention_mask, q_len)
 
     conv_state = None

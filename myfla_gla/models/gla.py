@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cache import Cache
+from ..checks import InputError, check_int, check_positive
 from ..layers.gla import GatedLinearAttention
 from ..modules.norms import RMSNorm
 
@@ -284,6 +285,25 @@ def get_hybrid_attention_spec(attn, layer_idx: int):
             return spec
     return None
 
+# %% ../../nbs/10_models.ipynb #a570a890
+def _check_config_fields(c):
+    "Sizes and counts of a `GLAConfig`, checked when it is built: an error naming the field, not a failure later."
+    for name, minimum in (('hidden_size', 1), ('num_hidden_layers', 0), ('num_heads', 1), ('vocab_size', 1),
+                          ('conv_size', 1), ('gate_low_rank_dim', 1)):
+        check_int(name, getattr(c, name), minimum)
+    for name in ('num_kv_heads', 'intermediate_size'):
+        check_int(name, getattr(c, name), 1, optional=True)
+    check_positive('hidden_ratio', c.hidden_ratio, optional=True)
+    check_positive('norm_eps', c.norm_eps)
+    heads = c.num_heads if c.num_kv_heads is None else c.num_kv_heads
+    if c.num_heads % heads:
+        raise InputError(f"`num_heads` ({c.num_heads}) must be divisible by `num_kv_heads` ({heads})")
+    for name, ratio in (('expand_k', c.expand_k), ('expand_v', c.expand_v)):
+        dim = c.hidden_size * ratio
+        if not isinstance(ratio, (int, float)) or dim != round(dim) or round(dim) < c.num_heads or round(dim) % c.num_heads:
+            raise InputError(f"`hidden_size * {name}` ({c.hidden_size} * {ratio} = {dim}) must be a positive integer "
+                             f"divisible by `num_heads` ({c.num_heads})")
+
 # %% ../../nbs/10_models.ipynb #a02c7771
 class GLAConfig(_ConfigBase):
     "Configuration of a GLA language model: FLA's `GLAConfig` fields and defaults (plus three layer settings FLA does not expose)."
@@ -354,6 +374,7 @@ class GLAConfig(_ConfigBase):
             raise ValueError("`attnres_block_size` must be `None`, `1` (full mode), or an even integer (one block contains "
                              f"`attnres_block_size // 2` transformer layers); got {attnres_block_size!r}")
         self.attnres_block_size = attnres_block_size
+        _check_config_fields(self)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -778,6 +799,18 @@ class _GLAGenerationMixin(*((_HFGenerationMixin,) if TRANSFORMERS_AVAILABLE else
             input_ids = kwargs.pop('inputs', None) if input_ids is None else input_ids  # transformers' name
             return simple_generate(self, input_ids, **kwargs)
 
+# %% ../../nbs/10_models.ipynb #aaa43787
+def _check_labels(labels, input_ids, inputs_embeds):
+    "`labels` must have the shape of the tokens: `[B, T]` as `input_ids` (or `inputs_embeds` without its last dim)."
+    if labels is None:
+        return
+    want = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:-1]) \
+        if inputs_embeds is not None else None
+    if not isinstance(labels, torch.Tensor) or (want is not None and tuple(labels.shape) != want):
+        raise InputError(f"`labels` must be [batch_size, seq_len] = {list(want) if want else '?'}, the shape of "
+                         f"{'input_ids' if input_ids is not None else 'inputs_embeds[..., 0]'}, got "
+                         f"{list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+
 # %% ../../nbs/10_models.ipynb #6c9436b8
 class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
     "`GLAModel` with a linear head: logits, the shifted next-token loss, and `generate`."
@@ -854,6 +887,7 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
         **kwargs,
     ):
         past_key_values = _pop_cache_kwarg(past_key_values, kwargs)
+        _check_labels(labels, input_ids, inputs_embeds)
         if 'num_logits_to_keep' in kwargs:  # the deprecated name
             logits_to_keep = kwargs.pop('num_logits_to_keep')
         return_dict = return_dict if return_dict is not None else _return_dict(self.config)

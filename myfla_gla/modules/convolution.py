@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checks import InputError, check_int, check_tensor
 from ..utils import check_cu_seqlens, prepare_sequence_ids
 
 # %% auto #0
@@ -30,9 +31,9 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 def _check_conv_args(x, weight, residual, initial_state, cu_seqlens, state_name='initial_state') -> int:
     "Validate shapes (naming the argument at fault); returns N, the number of sequences."
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"`x` must be [B, T, D], got shape {tuple(getattr(x, 'shape', ()))}")
-    B, T, D = x.shape
+    B, T, D = check_tensor('x', x, 'B, T, D', floating=True).shape
+    if cu_seqlens is not None:
+        check_tensor('cu_seqlens', cu_seqlens, device=x.device, device_of='x')
     if weight is None or weight.dim() != 2 or weight.shape[0] != D:
         raise ValueError(f"`weight` must be [D, W] = [{D}, W], got "
                          f"{None if weight is None else tuple(weight.shape)}")
@@ -135,11 +136,13 @@ class ShortConvolution(nn.Conv1d):
         dtype: torch.dtype | None = None,
         **kwargs,
     ):
+        check_int('hidden_size', hidden_size, 1)
+        check_int('kernel_size', kernel_size, 1)
         super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, bias=bias,
                          padding=kernel_size - 1, device=device, dtype=dtype)
         self.hidden_size = hidden_size
         if activation is not None and activation not in ('silu', 'swish'):
-            raise AssertionError(f"Activation `{activation}` not supported yet.")
+            raise InputError(f"Activation `{activation}` not supported yet.")
         self.activation = activation
         if 'use_fast_conv1d' in kwargs:
             warnings.warn("The `use_fast_conv1d` parameter is deprecated and will be ignored. "

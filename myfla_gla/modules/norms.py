@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checks import InputError, check_int, check_tensor
+
 # %% auto #0
 __all__ = ['rms_norm', 'rms_norm_gated', 'layer_norm_gated', 'RMSNorm', 'FusedRMSNormGated', 'FusedLayerNormGated']
 
@@ -19,14 +21,19 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 _GATES = ('swish', 'silu', 'sigmoid')
 
+def _check_gate(activation):
+    if activation not in _GATES:
+        raise InputError(f"Unsupported activation: {activation} (`activation` must be one of {list(_GATES)})")
+
 def _norm(x, g, weight, bias, activation, residual, eps, prenorm, residual_in_fp32, is_rms_norm):
     "The one function behind every norm here: (residual add), normalise, scale, shift, (gate)."
+    check_tensor('x', x, floating=True)
     D = x.shape[-1]
-    if residual is not None and residual.shape != x.shape:
-        raise AssertionError(f"`residual` must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual is not None and check_tensor('residual', residual, device=x.device, device_of='x').shape != x.shape:
+        raise InputError(f"`residual` must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     for name, p in (('weight', weight), ('bias', bias)):
         if p is not None and tuple(p.shape) != (D,):
-            raise AssertionError(f"`{name}` must be [D] = [{D}], got {tuple(p.shape)}")
+            raise InputError(f"`{name}` must be [D] = [{D}], got {tuple(p.shape)}")
     acc = _acc(x.dtype)
     z = x.to(acc) if residual is None else x.to(acc) + residual.to(acc)
     w = None if weight is None else weight.to(acc)
@@ -34,8 +41,8 @@ def _norm(x, g, weight, bias, activation, residual, eps, prenorm, residual_in_fp
     if bias is not None:
         y = y + bias.to(acc)
     if g is not None:
-        if activation not in _GATES:
-            raise ValueError(f"Unsupported activation: {activation}")
+        check_tensor('g', g, floating=True, device=x.device, device_of='x')
+        _check_gate(activation)
         if g.numel() != x.numel():
             raise ValueError(f"`g` must have as many elements as x {tuple(x.shape)}, got {tuple(g.shape)}")
         g = g.reshape(z.shape).to(acc)
@@ -87,10 +94,10 @@ class _Norm(nn.Module):
     "Shared parameters, initialisation and repr of the norm modules."
     def __init__(self, hidden_size, elementwise_affine, bias, eps, activation=None, device=None, dtype=None):
         super().__init__()
+        check_int('hidden_size', hidden_size, 1)
         self.hidden_size, self.elementwise_affine, self.eps = hidden_size, elementwise_affine, eps
         if activation is not None:
-            if activation not in _GATES:
-                raise ValueError(f"Unsupported activation: {activation}")
+            _check_gate(activation)
             self.activation = activation
         self.register_parameter('weight', None)
         self.register_parameter('bias', None)
@@ -99,6 +106,11 @@ class _Norm(nn.Module):
             if bias:
                 self.bias = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.reset_parameters()
+
+    def _check_width(self, x):
+        "`x` must end in this norm's width: the error names the input, not the weight it would not fit."
+        if check_tensor('x', x, floating=True).shape[-1:] != (self.hidden_size,):
+            raise InputError(f"`x` must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
 
     def reset_parameters(self):
         if self.weight is not None:
@@ -123,15 +135,18 @@ class RMSNorm(_Norm):
         super().__init__(hidden_size, elementwise_affine, bias, eps, device=device, dtype=dtype)
 
     def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        self._check_width(x)
         return rms_norm(x, self.weight, self.bias, residual, self.eps, prenorm, residual_in_fp32)
 
 class FusedRMSNormGated(_Norm):
     "FLA's `FusedRMSNormGated`: RMS norm, then `· g·σ(g)` ('swish'/'silu') or `· σ(g)` ('sigmoid')."
     def __init__(self, hidden_size: int, elementwise_affine: bool = True, eps: float = 1e-5,
                  activation: str = 'swish', device: torch.device | None = None, dtype: torch.dtype | None = None):
+        _check_gate(activation)   # here, not at the first forward
         super().__init__(hidden_size, elementwise_affine, False, eps, activation, device, dtype)
 
     def forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+        self._check_width(x)
         return rms_norm_gated(x, g, self.weight, self.bias, self.activation, residual, prenorm, residual_in_fp32,
                               self.eps)
 
@@ -140,8 +155,10 @@ class FusedLayerNormGated(_Norm):
     def __init__(self, hidden_size: int, elementwise_affine: bool = True, bias: bool = False,
                  activation: str = 'swish', eps: float = 1e-5, device: torch.device | None = None,
                  dtype: torch.dtype | None = None):
+        _check_gate(activation)
         super().__init__(hidden_size, elementwise_affine, bias, eps, activation, device, dtype)
 
     def forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+        self._check_width(x)
         return layer_norm_gated(x, g, self.weight, self.bias, self.activation, residual, prenorm, residual_in_fp32,
                                 self.eps)
