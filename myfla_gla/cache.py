@@ -14,8 +14,8 @@ import torch
 from .checks import InputError, check_int
 
 # %% auto #0
-__all__ = ['FLACache', 'FLALayer', 'Cache', 'require_cache_layer_idx', 'get_layer_cache', 'update_layer_cache', 'check_cache',
-           'check_conv_state']
+__all__ = ['FLACache', 'FLALayer', 'Cache', 'check_cache', 'check_conv_state', 'require_cache_layer_idx', 'get_layer_cache',
+           'update_layer_cache']
 
 # %% ../nbs/05_cache.ipynb #c8a61376
 try:
@@ -312,6 +312,30 @@ class Cache(_HFCache or _CacheBase):
 
 FLACache = Cache
 
+# %% ../nbs/05_cache.ipynb #7cc752cf
+def check_cache(past_key_values):
+    "A `TypeError` unless `past_key_values` is a cache object (not a legacy tuple or list of state dicts)."
+    if isinstance(past_key_values, (tuple, list, dict)) or not hasattr(past_key_values, 'update'):
+        raise TypeError(f"`past_key_values` must be a `Cache`, got {type(past_key_values).__name__}; convert a tuple "
+                        "of per-layer state dicts with `Cache.from_legacy_cache(past_key_values)`.")
+
+
+def check_conv_state(
+    state: dict | None,       # the layer's record (None before its first update)
+    use_short_conv: bool,     # whether the reading layer has short convolutions
+    layer_idx: int | None = None,
+    seen_tokens: int = 1,     # tokens the record has seen: 0 for a state seeded by hand, which may lack conv windows
+):
+    "An `InputError` if the record was written by a layer with short convolutions and is read by one without (or the reverse)."
+    if state is None or state.get('recurrent_state') is None:
+        return
+    has_conv = state.get('conv_state') is not None
+    if has_conv != bool(use_short_conv) and (has_conv or seen_tokens > 0):
+        written = 'with' if has_conv else 'without'
+        raise InputError(f"The cache record of layer {layer_idx} was written by a layer {written} short convolutions "
+                         f"(`conv_state` is {'set' if has_conv else 'None'}), but this layer has "
+                         f"use_short_conv={use_short_conv}: the layers must match.")
+
 # %% ../nbs/05_cache.ipynb #d51724f6
 def require_cache_layer_idx(module, past_key_values) -> int | None:
     "The module's `layer_idx`; a ValueError if a cache is given and the module has none."
@@ -338,27 +362,3 @@ def update_layer_cache(module, past_key_values, **kwargs) -> dict[str, Any] | No
         check_cache(past_key_values)
         return past_key_values.update(layer_idx=layer_idx, **kwargs)
     return None
-
-# %% ../nbs/05_cache.ipynb #7cc752cf
-def check_cache(past_key_values):
-    "A `TypeError` unless `past_key_values` is a cache object (not a legacy tuple or list of state dicts)."
-    if isinstance(past_key_values, (tuple, list, dict)) or not hasattr(past_key_values, 'update'):
-        raise TypeError(f"`past_key_values` must be a `Cache`, got {type(past_key_values).__name__}; convert a tuple "
-                        "of per-layer state dicts with `Cache.from_legacy_cache(past_key_values)`.")
-
-
-def check_conv_state(
-    state: dict | None,       # the layer's record (None before its first update)
-    use_short_conv: bool,     # whether the reading layer has short convolutions
-    layer_idx: int | None = None,
-    seen_tokens: int = 1,     # tokens the record has seen: 0 for a state seeded by hand, which may lack conv windows
-):
-    "An `InputError` if the record was written by a layer with short convolutions and is read by one without (or the reverse)."
-    if state is None or state.get('recurrent_state') is None:
-        return
-    has_conv = state.get('conv_state') is not None
-    if has_conv != bool(use_short_conv) and (has_conv or seen_tokens > 0):
-        written = 'with' if has_conv else 'without'
-        raise InputError(f"The cache record of layer {layer_idx} was written by a layer {written} short convolutions "
-                         f"(`conv_state` is {'set' if has_conv else 'None'}), but this layer has "
-                         f"use_short_conv={use_short_conv}: the layers must match.")

@@ -9,7 +9,7 @@ import torch
 
 # %% auto #0
 __all__ = ['InputError', 'DTypeError', 'check_tensor', 'check_gla_inputs', 'check_no_head_first', 'check_no_double_backward',
-           'check_int', 'check_positive', 'check_divisible', 'check_choice']
+           'first_order_only', 'check_int', 'check_positive', 'check_divisible', 'check_choice']
 
 # %% ../nbs/00a_checks.ipynb #b70c4339
 class InputError(ValueError, AssertionError):
@@ -85,6 +85,8 @@ def check_gla_inputs(
     return B, T, H, K, V
 
 # %% ../nbs/00a_checks.ipynb #15463c94
+import functools
+
 def check_no_head_first(op: str, kwargs: dict):
     "Reject `head_first=True` (FLA 0.6.0 removed the `[B, H, T, K]` layout), rather than ignore it."
     if kwargs.get('head_first', False):
@@ -98,6 +100,18 @@ def check_no_double_backward(op: str):
         raise NotImplementedError(
             f"{op} does not support double backward (a gradient with `create_graph=True`): its backward computes "
             "first derivatives only. Use `naive_recurrent_gla` (plain PyTorch) for higher derivatives.")
+
+
+def first_order_only(op: str):
+    "Decorate a custom `backward`: raise under `create_graph=True`, else run it without a graph (`once_differentiable`'s job)."
+    def wrap(backward):
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            check_no_double_backward(op)
+            with torch.no_grad():
+                return backward(ctx, *grads)
+        return run
+    return wrap
 
 # %% ../nbs/00a_checks.ipynb #cef7a748
 def check_int(name: str, value, minimum: int | None = None, optional: bool = False):

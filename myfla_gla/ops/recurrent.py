@@ -10,9 +10,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from ..checks import check_gla_inputs, check_no_double_backward, check_no_head_first
+from ..checks import check_gla_inputs, check_no_head_first, first_order_only
 from ..utils import (
     check_cu_seqlens, index_first_axis, index_put_first_axis, prepare_position_ids, prepare_sequence_ids)
 
@@ -135,9 +134,8 @@ class _Recurrence(torch.autograd.Function):
         return o.mul_(scale), S
 
     @staticmethod
-    @once_differentiable
+    @first_order_only('fused_recurrent_gla')
     def backward(ctx, do, dht):
-        check_no_double_backward('fused_recurrent_gla')
         q, k, v, a, c, ckpt = ctx.saved_tensors
         scale, every, m, M = ctx.scale, ctx.every, ctx.m, ctx.M
         K, V, L, off = k.shape[-1], v.shape[-1], len(m), _offsets(m)
