@@ -103,7 +103,8 @@ def causal_conv1d_update(
     activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:    # y (x's shape and dtype), the updated cache
     "One decoding step: shift the cache left, write `x` into slot W-1, convolve; FLA's `causal_conv1d_update`."
-    D = x.shape[-1]
+    D = check_tensor('x', x, floating=True).shape[-1]
+    check_tensor('cache', cache, floating=True, device=x.device, device_of='x')
     N, acc = x.numel() // max(D, 1), _acc(x.dtype)
     if weight is None or weight.dim() != 2 or weight.shape[0] != D:
         raise ValueError(f"`weight` must be [D, W] = [{D}, W], got {None if weight is None else tuple(weight.shape)}")
