@@ -67,6 +67,8 @@ def check_gla_inputs(
     "Types, shapes, float dtypes and devices of a GLA op's inputs; an error naming the first bad argument."
     check_tensor('q', q, 'B, T, H, K', floating=True)
     B, T, H, K = q.shape
+    if K == 0:
+        raise InputError(f"`q` must have a key dimension K >= 1 (the default scale is K ** -0.5), got shape {tuple(q.shape)}")
     dev = q.device
     check_tensor('k', k, 'B, T, H, K', (B, T, H, K), floating=True, device=dev)
     check_tensor('v', v, 'B, T, H, V', (B, T, H, None), floating=True, device=dev)

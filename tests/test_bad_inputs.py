@@ -170,6 +170,15 @@ def test_head_first_is_rejected(op):
         chunk_gla(q, k, v, g, head_first=True)
 
 
+@pytest.mark.parametrize('op', list(OPS) + ['naive'])
+def test_zero_key_dim(op):
+    q, k, v, g = small(1, 5, 2, 4)
+    q, k, g = q[..., :0], k[..., :0], g[..., :0]
+    fn = naive_recurrent_gla if op == 'naive' else OPS[op]
+    with pytest.raises(ValueError, match='key dimension K >= 1'):
+        fn(q, k, v, g)
+
+
 def test_naive_rejects_broadcast_values():
     q, k, v, g = small(1, 5, 2, 4)
     with pytest.raises(ValueError, match='`v` must be'):

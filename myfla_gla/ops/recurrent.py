@@ -131,6 +131,7 @@ class _Recurrence(torch.autograd.Function):
             torch.bmm(q[r, None], St, out=o[r, None])
         ctx.save_for_backward(q, k, v, a, c, ckpt)
         ctx.scale, ctx.every, ctx.m, ctx.M, ctx.has_h0 = scale, every, m, M, h0 is not None
+        ctx.set_materialize_grads(False)   # an unused output's gradient arrives as None, not as zeros
         return o.mul_(scale), S
 
     @staticmethod
@@ -140,25 +141,24 @@ class _Recurrence(torch.autograd.Function):
         scale, every, m, M = ctx.scale, ctx.every, ctx.m, ctx.M
         K, V, L, off = k.shape[-1], v.shape[-1], len(m), _offsets(m)
         co = _offsets([m[t] for t in range(0, L, every)])
-        do = do.contiguous()
+        do = q.new_zeros(q.shape[0], V) if do is None else do.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         want_gk, want_gv = a is not None and ctx.needs_input_grad[3], c is not None and ctx.needs_input_grad[4]
         dgk = torch.empty_like(a) if want_gk else None
         dgv = torch.empty_like(c) if want_gv else None
-        E = q.new_empty(M, K, V) if want_gk or want_gv else None
-        W = q.new_empty(M, K, V)                              # the state being recomputed (stays in cache)
         segs = [(s, min(s + every, L)) for s in range(0, L, every)]
         # one segment's states: S_{s-1} (its m[s] running rows), then S_s, ..., S_{e-1} (m[t] rows each)
         S = q.new_empty(max((m[s] + off[e] - off[s] for s, e in segs), default=0), K, V)
-        G = dht.clone(memory_format=torch.contiguous_format)  # the gradient carried back to the current state
+        # the gradient carried back to the current state
+        G = q.new_zeros(M, K, V) if dht is None else dht.clone(memory_format=torch.contiguous_format)
         for j in reversed(range(len(segs))):
             s, e = segs[j]
             base = m[s] - off[s]                              # S_t sits at rows base + off[t] of S
-            S[:m[s]] = W[:m[s]].copy_(ckpt[co[j]:co[j + 1]])
+            S[:m[s]] = ckpt[co[j]:co[j + 1]]
             for t in range(s, e):                              # recompute the segment
-                r, Wt = slice(off[t], off[t + 1]), W[:m[t]]
-                _decay(Wt, r, a, c, Wt).addcmul_(k[r, :, None], v[r, None, :])
-                S[base + off[t]:base + off[t + 1]] = Wt
+                r, prev = slice(off[t], off[t + 1]), base + off[t - 1] if t > s else 0
+                St = S[base + off[t]:base + off[t + 1]]
+                _decay(S[prev:prev + m[t]], r, a, c, St).addcmul_(k[r, :, None], v[r, None, :])
             # dq_t = S_t do_t, for the whole segment at once (as do_t S_t^T: rows times rows is the faster product)
             seg = slice(off[s], off[e])
             torch.bmm(do[seg, None], S[m[s]:m[s] + off[e] - off[s]].transpose(1, 2), out=dq[seg, None])
@@ -168,9 +168,9 @@ class _Recurrence(torch.autograd.Function):
                 torch.bmm(v[r, None], Gt.transpose(1, 2), out=dk[r, None])
                 torch.bmm(k[r, None], Gt, out=dv[r, None])
                 _decay(Gt, r, a, c, Gt)                                     # G = dL/dS_{t-1}
-                if E is not None:
-                    prev = base + off[t - 1] if t > s else 0                # S_{t-1}: its first m[t] rows
-                    Et = torch.mul(Gt, S[prev:prev + m[t]], out=E[:m[t]])   # = dL/dS_t * decayed S_{t-1}
+                if want_gk or want_gv:   # S_{t-1} (its first m[t] rows) is needed no more: overwritten
+                    prev = base + off[t - 1] if t > s else 0
+                    Et = S[prev:prev + m[t]].mul_(Gt)                       # = dL/dS_t * decayed S_{t-1}
                     if want_gk:
                         torch.sum(Et, -1, out=dgk[r])
                     if want_gv:
