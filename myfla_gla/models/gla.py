@@ -443,14 +443,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     acc = torch.promote_types(gate.dtype, torch.float32)
     return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
 
-def powglu(gate: torch.Tensor, up: torch.Tensor, power: float = 3.0) -> torch.Tensor:
-    "FLA's PowGLU: `g(gate) * up` with `g(x) = x**(power/(sqrt(x)+1)) * sigmoid(x)` for x > 0, else `x * sigmoid(x)`."
-    acc = torch.promote_types(gate.dtype, torch.float32)
-    x = gate.to(acc)
+def powglu(x: torch.Tensor, y: torch.Tensor, power: float = 3.0) -> torch.Tensor:
+    "FLA's PowGLU: `g(x) * y` (gate `x`, up `y`) with `g(x) = x**(power/(sqrt(x)+1)) * sigmoid(x)` for x > 0, else `x * sigmoid(x)`."
+    acc, dtype = torch.promote_types(x.dtype, torch.float32), x.dtype
+    up, x = y, x.to(acc)
     pos = x > 0
     xp = torch.where(pos, x, torch.ones_like(x))   # only positive lanes reach the power (no NaN in the gradient)
     g = torch.where(pos, xp ** (power / (xp.sqrt() + 1)), x) * torch.sigmoid(x)
-    return (g * up.to(acc)).to(gate.dtype)
+    return (g * up.to(acc)).to(dtype)
 
 class GatedMLP(nn.Module):
     "FLA's gated MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`, SwiGLU (or PowGLU)."
@@ -849,10 +849,10 @@ class _GLAGenerationMixin(*((_HFGenerationMixin,) if TRANSFORMERS_AVAILABLE else
         return False  # as FLA: transformers must not make a key/value cache; the model makes its `Cache`
 
     def prepare_inputs_for_generation(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                      use_cache=True, logits_to_keep=None, cache_position=None, **kwargs):
+                                      use_cache=True, logits_to_keep=None, cache_position=None,
+                                      next_sequence_length=None, is_first_iteration=False, **kwargs):
         cache = _pop_cache_kwarg(past_key_values, kwargs)
-        seen, new = _seen_tokens(cache), kwargs.pop('next_sequence_length', None)
-        kwargs.pop('is_first_iteration', None)
+        seen, new = _seen_tokens(cache), next_sequence_length
         if inputs_embeds is not None and seen == 0:
             model_inputs = {'input_ids': None, 'inputs_embeds': inputs_embeds}
         else:

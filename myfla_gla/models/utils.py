@@ -4,15 +4,3 @@
 from ..cache import Cache, FLACache, FLALayer
 
 __all__ = ['Cache', 'FLACache', 'FLALayer']
-
-_NOT_PORTED = {
-    'LegacyFLACache': "FLA's cache for transformers <= 4.53.3; use `Cache`",
-    'FLAGenerationMixin': "the models' `generate()` is transformers' own",
-    'FLAUnsupportedCacheGenerationMixin': "the models' `generate()` is transformers' own",
-}
-
-
-def __getattr__(name):
-    if name in _NOT_PORTED:
-        raise ImportError(f"fla.models.utils.{name} is not ported to myfla_gla: {_NOT_PORTED[name]}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,14 +6,3 @@ from ..modules.norms import RMSNorm, FusedRMSNormGated, FusedLayerNormGated
 from ..models.gla import GatedMLP
 
 __all__ = ['ShortConvolution', 'RMSNorm', 'FusedRMSNormGated', 'FusedLayerNormGated', 'GatedMLP']
-
-_NOT_PORTED = {
-    'FusedCrossEntropyLoss': 'a fused Triton kernel; use `torch.nn.CrossEntropyLoss`',
-    'FusedLinearCrossEntropyLoss': 'a fused Triton kernel; use `torch.nn.CrossEntropyLoss` on the logits',
-}
-
-
-def __getattr__(name):
-    if name in _NOT_PORTED:
-        raise ImportError(f"fla.modules.{name} is not ported to myfla_gla: {_NOT_PORTED[name]}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
