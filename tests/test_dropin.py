@@ -207,9 +207,10 @@ def test_save_is_never_half_written(tmp_path, monkeypatch):
 
 
 FLA_WRITER = textwrap.dedent('''
-    import sys, torch
+    import json, sys, torch
+    import myfla_gla                  # registered first ...
     try:
-        import fla
+        import fla                    # ... then FLA registers the same model type: no error
         from fla.models import GLAConfig, GLAForCausalLM
         assert fla.__version__ == '0.6.0', fla.__version__
     except Exception as e:
@@ -220,7 +221,11 @@ FLA_WRITER = textwrap.dedent('''
         config = GLAConfig(hidden_size=32, num_hidden_layers=2, num_heads=2, vocab_size=64, use_short_conv=True,
                            tie_word_embeddings=tied)
         GLAForCausalLM(config).save_pretrained(f'{sys.argv[1]}/tied={tied}')
-    print('OK')
+    from transformers import AutoConfig, AutoModelForCausalLM
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_heads=2, vocab_size=64)
+    print(json.dumps({'AutoConfig': type(AutoConfig.for_model('gla')).__module__.split('.')[0],
+                      'from_config(ours)': type(AutoModelForCausalLM.from_config(myfla_gla.GLAConfig(**tiny))).__module__,
+                      'from_config(FLA)': type(AutoModelForCausalLM.from_config(GLAConfig(**tiny))).__module__}))
 ''')
 
 
@@ -232,6 +237,9 @@ def test_checkpoints_written_by_fla(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     if run.stdout.startswith('SKIP'):
         pytest.skip(f'FLA 0.6.0 does not import here: {run.stdout.strip()}')
+    # what the porting page says of the Auto classes with both packages imported (FLA last)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {
+        'AutoConfig': 'fla', 'from_config(ours)': 'myfla_gla.models.gla', 'from_config(FLA)': 'fla.models.gla.modeling_gla'}
     for tied in (False, True):
         folder = tmp_path / f'tied={tied}'
         stored = load_file(folder / 'model.safetensors')
