@@ -608,16 +608,20 @@ class GLAPreTrainedModel(_ModelBase):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         "Save to a folder through a temporary one and a rename, so that the folder is never left half-written."
-        target = Path(save_directory)
-        if target.is_file():
-            raise FileExistsError(f"{str(target)!r} is a file: save_pretrained writes a folder")
+        if Path(save_directory).is_file():
+            raise FileExistsError(f"{str(save_directory)!r} is a file: save_pretrained writes a folder")
         if kwargs.get('push_to_hub'):
             return super().save_pretrained(save_directory, *args, **kwargs)
+        target = Path(save_directory).resolve()
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.', dir=target.parent))
         try:
             super().save_pretrained(tmp, *args, **kwargs)
-            if target.is_dir():  # keep the folder's other files (a tokenizer, ...); replace the model's
+            if target.is_dir() and Path.cwd().is_relative_to(target):
+                # the working folder (or one above it) stays in place: its files are replaced, config.json last
+                for f in sorted(tmp.iterdir(), key=lambda f: f.name == 'config.json'):
+                    os.replace(f, target / f.name)
+            elif target.is_dir():  # keep the folder's other files (a tokenizer, ...); replace the model's
                 written = set(os.listdir(tmp))
                 for f in target.iterdir():
                     if f.name not in written and not _is_model_file(f.name):
