@@ -256,3 +256,18 @@ def test_checkpoints_written_by_fla(tmp_path):
         assert (model.lm_head.weight.data_ptr() == model.model.embeddings.weight.data_ptr()) == tied
         with torch.no_grad():
             assert torch.isfinite(model(torch.randint(0, 64, (1, 6))).logits).all()
+
+
+def test_pytorch_bin_checkpoint(tmp_path):
+    "Older checkpoints store `pytorch_model.bin`: its names and shapes are read memory-mapped, then it loads."
+    torch.manual_seed(0)
+    model = GLAForCausalLM(GLAConfig(**TINY))
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / 'pytorch_model.bin')
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(again.state_dict().items())):
+        assert torch.equal(a, b), name
+    cfg = json.loads((tmp_path / 'config.json').read_text())
+    (tmp_path / 'config.json').write_text(json.dumps({**cfg, 'num_heads': 4, 'expand_k': 1.0}))
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin'.*'model\.layers\.0\.attn\.q_proj\.weight' has shape"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
