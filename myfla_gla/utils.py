@@ -159,25 +159,31 @@ def _segmented_arange(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     starts = F.pad(counts.cumsum(0), (1, 0))[:-1]
     return seg_id, torch.arange(len(seg_id), device=counts.device) - starts[seg_id]
 
-def prepare_position_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+def _host(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None) -> torch.Tensor:
+    "The copy of `cu_seqlens` to compute indices from: FLA's `cu_seqlens_cpu` when given (no device synchronisation)."
+    return cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
+
+def prepare_position_ids(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None = None) -> torch.Tensor:
     "Position of every packed token within its own sequence."
-    return _segmented_arange(prepare_lens(cu_seqlens))[1].to(cu_seqlens.dtype)
+    return _segmented_arange(prepare_lens(_host(cu_seqlens, cu_seqlens_cpu)))[1].to(cu_seqlens.device, cu_seqlens.dtype)
 
-def prepare_sequence_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+def prepare_sequence_ids(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None = None) -> torch.Tensor:
     "Sequence id of every packed token (zero-length sequences keep their ids)."
-    return _segmented_arange(prepare_lens(cu_seqlens))[0].to(cu_seqlens.dtype)
+    return _segmented_arange(prepare_lens(_host(cu_seqlens, cu_seqlens_cpu)))[0].to(cu_seqlens.device, cu_seqlens.dtype)
 
-def prepare_token_indices(cu_seqlens: torch.Tensor) -> torch.Tensor:
+def prepare_token_indices(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None = None) -> torch.Tensor:
     "`[total, 2]`: (sequence id, position) of every packed token."
-    return torch.stack(_segmented_arange(prepare_lens(cu_seqlens)), 1).to(cu_seqlens.dtype)
+    idx = torch.stack(_segmented_arange(prepare_lens(_host(cu_seqlens, cu_seqlens_cpu))), 1)
+    return idx.to(cu_seqlens.device, cu_seqlens.dtype)
 
 # %% ../nbs/00_utils.ipynb #c4959c3b
 def _num_chunks(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return (prepare_lens(cu_seqlens) + chunk_size - 1).div(chunk_size, rounding_mode='floor')
 
-def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int, cu_seqlens_cpu: torch.Tensor | None = None) -> torch.Tensor:
     "`[num_chunks, 2]`: (sequence id, chunk index within it); `ceil(len/chunk_size)` chunks a sequence."
-    return torch.stack(_segmented_arange(_num_chunks(cu_seqlens, chunk_size)), 1).to(cu_seqlens.dtype)
+    idx = torch.stack(_segmented_arange(_num_chunks(_host(cu_seqlens, cu_seqlens_cpu), chunk_size)), 1)
+    return idx.to(cu_seqlens.device, cu_seqlens.dtype)
 
 def prepare_chunk_offsets(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
     "`[N+1]` cumulative chunk counts: sequence n owns chunks `[off_n, off_{n+1})`."
@@ -189,7 +195,7 @@ def prepare_split_cu_seqlens(
     split_size: int | None = None,
     cu_seqlens: torch.Tensor | None = None,  # packed boundaries; else `batch_size` rows of `seq_len`
     dtype: torch.dtype | None = torch.int32,
-    device: torch.device | str | None = 'cpu',
+    device: torch.device | str | None = torch.device('cpu'),
 ) -> torch.Tensor:
     "Boundaries after splitting every sequence into pieces of at most `split_size` tokens."
     if split_size is None:
@@ -231,6 +237,7 @@ def _fp32(fn):
         return fn(x.to(torch.promote_types(x.dtype, torch.float32)), *args, **kwargs).to(x.dtype)
     f.__name__ = f.__qualname__ = fn.__name__
     f.__doc__ = fn.__doc__
+    f.__wrapped__ = fn  # so that `inspect.signature` shows fn's parameters (FLA's `temperature`, ...)
     return f
 
 @_fp32
@@ -258,9 +265,9 @@ def gelu(x):
     "GELU, tanh approximation"
     return F.gelu(x, approximate='tanh')
 
-def bias_gelu(x, bias):
-    "GELU (tanh approximation) of `x + bias`"
-    return gelu(x + bias)
+def bias_gelu(y, bias):
+    "GELU (tanh approximation) of `y + bias`"
+    return gelu(y + bias)
 
 def identity(x):
     "x"

@@ -9,6 +9,8 @@ import copy
 import json
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,9 +24,9 @@ from ..layers.gla import GatedLinearAttention
 from ..modules.norms import RMSNorm
 
 # %% auto #0
-__all__ = ['load_state_dict_from_folder', 'normalize_hybrid_attention_config', 'get_hybrid_attention_spec', 'GLAConfig', 'swiglu',
-           'powglu', 'GatedMLP', 'attnres', 'GLABlock', 'GLAPreTrainedModel', 'GLAModel', 'l2_warp', 'simple_generate',
-           'GLAForCausalLM']
+__all__ = ['load_state_dict_from_folder', 'checkpoint_shapes', 'check_checkpoint', 'normalize_hybrid_attention_config',
+           'get_hybrid_attention_spec', 'GLAConfig', 'swiglu', 'powglu', 'GatedMLP', 'attnres', 'GLABlock',
+           'GLAPreTrainedModel', 'GLAModel', 'l2_warp', 'simple_generate', 'GLAForCausalLM', 'register_auto_classes']
 
 # %% ../../nbs/10_models.ipynb #aed36229
 try:
@@ -143,6 +145,76 @@ def load_state_dict_from_folder(folder) -> dict:
         shards = sorted(set(json.loads(path.read_text())['weight_map'].values()))
         return {k: v for shard in shards for k, v in _load_file(folder / shard).items()}
     return _load_file(path)
+
+# %% ../../nbs/10_models.ipynb #d6e7a476
+def _is_model_file(name: str) -> bool:
+    "The files `save_pretrained` writes for a model (its config and weights), which a new save replaces."
+    return name in ('config.json', 'generation_config.json') or name.startswith(('model.', 'model-', 'pytorch_model'))
+
+
+def checkpoint_shapes(folder) -> tuple[dict, dict]:
+    "`({name: shape}, {name: file})` of the weights stored in a local checkpoint folder, reading no tensor."
+    folder = Path(folder)
+    path = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
+    if path is None:
+        raise OSError(f"No weights in {str(folder)!r}: expected one of {list(_WEIGHT_FILES)}")
+    files = ([folder / s for s in sorted(set(json.loads(path.read_text())['weight_map'].values()))]
+             if path.name.endswith('.index.json') else [path])
+    shapes, where = {}, {}
+    for f in files:
+        if f.suffix == '.safetensors':
+            from safetensors import safe_open
+            with safe_open(str(f), framework='pt') as sf:
+                found = {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+        else:
+            found = {k: tuple(v.shape) for k, v in torch.load(f, map_location='cpu', mmap=True, weights_only=True).items()}
+        shapes.update(found)
+        where.update(dict.fromkeys(found, str(f)))
+    return shapes, where
+
+
+def check_checkpoint(model_class, folder, config=None, **overrides):
+    "Check a local folder before `model_class` loads it: `config.json`, `model_type`, every weight's name and shape."
+    folder = Path(folder)
+    config_file = folder / 'config.json'
+    if config is None:
+        if not config_file.is_file():
+            raise OSError(f"{str(config_file)!r} does not exist: a checkpoint folder needs its config.json")
+        d = json.loads(config_file.read_text())
+        model_type = model_class.config_class.model_type
+        if d.get('model_type', model_type) != model_type:
+            raise ValueError(f"{str(config_file)!r}: `model_type` is {d.get('model_type')!r}, "
+                             f"but {model_class.__name__} loads {model_type!r} checkpoints")
+        d.pop('model_type', None)
+        config = model_class.config_class.from_dict(d)
+        for k, v in overrides.items():
+            if hasattr(config, k):
+                setattr(config, k, v)
+    with torch.device('meta'):
+        expected = {k: tuple(v.shape) for k, v in model_class(copy.deepcopy(config)).state_dict().items()}
+    stored, where = checkpoint_shapes(folder)
+    prefix = model_class.base_model_prefix + '.'
+    if any(k.startswith(prefix) for k in expected) and not any(k.startswith(prefix) for k in stored):
+        # the full model from a checkpoint of the base model: its weights sit under `model.`
+        stored, where = {prefix + k: s for k, s in stored.items()}, {prefix + k: f for k, f in where.items()}
+    elif not any(k.startswith(prefix) for k in expected) and any(k.startswith(prefix) for k in stored):
+        # a base model (`GLAModel`) from a checkpoint of the full model: only its part is read
+        stored = {k[len(prefix):]: s for k, s in stored.items() if k.startswith(prefix)}
+        where = {k[len(prefix):]: f for k, f in where.items() if k.startswith(prefix)}
+    tied = {'lm_head.weight'} if getattr(config, 'tie_word_embeddings', False) else set()
+    files = sorted(set(where.values())) or [str(folder)]
+    for k, shape in expected.items():
+        if k not in stored and k not in tied:
+            raise KeyError(f"{files[0] if len(files) == 1 else str(folder)!r} has no weight {k!r} "
+                           f"(shape {shape} for this config), which {model_class.__name__} needs")
+        if k in stored and stored[k] != shape:
+            raise ValueError(f"{where[k]!r}: weight {k!r} has shape {stored[k]}, but {str(config_file)!r} gives a "
+                             f"{model_class.__name__} whose {k!r} is {shape}: the config and the weights disagree")
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise KeyError(f"{where[extra[0]]!r} has weights {model_class.__name__} does not have: {extra[:5]}"
+                       + (f" and {len(extra) - 5} more" if len(extra) > 5 else ''))
+    return config
 
 # %% ../../nbs/10_models.ipynb #a9b050c2
 class _PlainPreTrainedModel(nn.Module):
@@ -392,14 +464,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     acc = torch.promote_types(gate.dtype, torch.float32)
     return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
 
-def powglu(gate: torch.Tensor, up: torch.Tensor, power: float = 3.0) -> torch.Tensor:
-    "FLA's PowGLU: `g(gate) * up` with `g(x) = x**(power/(sqrt(x)+1)) * sigmoid(x)` for x > 0, else `x * sigmoid(x)`."
-    acc = torch.promote_types(gate.dtype, torch.float32)
-    x = gate.to(acc)
+def powglu(x: torch.Tensor, y: torch.Tensor, power: float = 3.0) -> torch.Tensor:
+    "FLA's PowGLU: `g(x) * y` (gate `x`, up `y`) with `g(x) = x**(power/(sqrt(x)+1)) * sigmoid(x)` for x > 0, else `x * sigmoid(x)`."
+    acc, dtype = torch.promote_types(x.dtype, torch.float32), x.dtype
+    up, x = y, x.to(acc)
     pos = x > 0
     xp = torch.where(pos, x, torch.ones_like(x))   # only positive lanes reach the power (no NaN in the gradient)
     g = torch.where(pos, xp ** (power / (xp.sqrt() + 1)), x) * torch.sigmoid(x)
-    return (g * up.to(acc)).to(gate.dtype)
+    return (g * up.to(acc)).to(dtype)
 
 class GatedMLP(nn.Module):
     "FLA's gated MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`, SwiGLU (or PowGLU)."
@@ -546,6 +618,44 @@ class GLAPreTrainedModel(_ModelBase):
     _supports_cache_class = True
     _is_stateful = True                  # transformers: the cache is a recurrent state, not a key/value list
     _input_embed_layer = 'embeddings'
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        "Load a checkpoint; a local folder is checked first (`check_checkpoint`), so that it loads strict or not at all."
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)) and Path(path).is_dir() and not kwargs.get('subfolder'):
+            check_checkpoint(cls, path, config, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        "Save to a folder through a temporary one and a rename, so that the folder is never left half-written."
+        if Path(save_directory).is_file():
+            raise FileExistsError(f"{str(save_directory)!r} is a file: save_pretrained writes a folder")
+        if kwargs.get('push_to_hub'):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        target = Path(save_directory).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.', dir=target.parent))
+        try:
+            super().save_pretrained(tmp, *args, **kwargs)
+            if target.is_dir() and Path.cwd().is_relative_to(target):
+                # the working folder (or one above it) stays in place: its files are replaced, config.json last
+                for f in sorted(tmp.iterdir(), key=lambda f: f.name == 'config.json'):
+                    os.replace(f, target / f.name)
+            elif target.is_dir():  # keep the folder's other files (a tokenizer, ...); replace the model's
+                written = set(os.listdir(tmp))
+                for f in target.iterdir():
+                    if f.name not in written and not _is_model_file(f.name):
+                        (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+                old = target.with_name(tmp.name + '.old')
+                os.rename(target, old)
+                os.rename(tmp, target)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
     def _init_weights(self, module: nn.Module, prenorm_residual_strategy: str | None = None, num_residuals_per_layer: int = 2):
         std = self.config.initializer_range
@@ -764,10 +874,10 @@ class _GLAGenerationMixin(*((_HFGenerationMixin,) if TRANSFORMERS_AVAILABLE else
         return False  # as FLA: transformers must not make a key/value cache; the model makes its `Cache`
 
     def prepare_inputs_for_generation(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                      use_cache=True, logits_to_keep=None, cache_position=None, **kwargs):
+                                      use_cache=True, logits_to_keep=None, cache_position=None,
+                                      next_sequence_length=None, is_first_iteration=False, **kwargs):
         cache = _pop_cache_kwarg(past_key_values, kwargs)
-        seen, new = _seen_tokens(cache), kwargs.pop('next_sequence_length', None)
-        kwargs.pop('is_first_iteration', None)
+        seen, new = _seen_tokens(cache), next_sequence_length
         if inputs_embeds is not None and seen == 0:
             model_inputs = {'input_ids': None, 'inputs_embeds': inputs_embeds}
         else:
@@ -902,3 +1012,16 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
         return _CausalLMOutput(loss=loss, logits=logits, hidden_states=_field(outputs, 'hidden_states'),
                                attentions=_field(outputs, 'attentions'),
                                **{_CACHE_FIELD: _field(outputs, _CACHE_FIELD)})
+
+# %% ../../nbs/10_models.ipynb #85763b0f
+def register_auto_classes() -> bool:
+    "Register `GLAConfig`, `GLAModel` and `GLAForCausalLM` with transformers' Auto classes; False without transformers."
+    if not TRANSFORMERS_AVAILABLE:
+        return False
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    AutoConfig.register(GLAConfig.model_type, GLAConfig, exist_ok=True)
+    AutoModel.register(GLAConfig, GLAModel, exist_ok=True)
+    AutoModelForCausalLM.register(GLAConfig, GLAForCausalLM, exist_ok=True)
+    return True
+
+register_auto_classes()

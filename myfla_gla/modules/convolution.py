@@ -60,6 +60,7 @@ def causal_conv1d(
     activation: str | None = None,               # None, 'silu' or 'swish'
     backend: str | None = 'triton',              # accepted for FLA compatibility; there is one PyTorch path
     cu_seqlens: torch.Tensor | None = None,      # [N+1] packed sequence boundaries
+    cu_seqlens_cpu: torch.Tensor | None = None,  # accepted for FLA compatibility; unused
     chunk_indices: torch.Tensor | None = None,   # accepted for FLA compatibility; unused
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:   # y [B, T, D] in x's dtype; final state [N, D, W] in x's dtype
