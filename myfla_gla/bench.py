@@ -613,11 +613,15 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
 
 # %% ../nbs/08_bench.ipynb #c6efacaa
 def plot_scaling(record: dict, axes=None):
-    "Log-log plots of forward time, forward+backward time and peak memory against T."
+    """Log-log plots of forward time, forward+backward time and peak memory against T. Without `axes`, a 2x2 grid
+    (the legend in the fourth cell) 7 inches wide: about 700 pixels, the width of a documentation page's column."""
+    import textwrap
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
+    legend_ax = None
     if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        _, grid = plt.subplots(2, 2, figsize=(7, 6.4))
+        axes, legend_ax = [grid[0, 0], grid[0, 1], grid[1, 0]], grid[1, 1]
     panels = (('fwd_ms', 'forward time (ms)'), ('fwd_bwd_ms', 'forward+backward time (ms)'),
               ('fwd_bwd_peak_mib', 'forward+backward peak memory (MiB)'))
     for ax, (key, label) in zip(axes, panels):
@@ -639,8 +643,12 @@ def plot_scaling(record: dict, axes=None):
             if y0:
                 ax.plot(Ts, [y0 * t / Ts[0] for t in Ts], ':', color='gray', lw=1, label='∝ T (guide)')
         ax.grid(True, which='both', alpha=0.3)
-    axes[0].legend(fontsize=8)
-    axes[0].figure.suptitle(describe(record), fontsize=8)
+    if legend_ax is not None:
+        legend_ax.axis('off')
+        legend_ax.legend(*axes[0].get_legend_handles_labels(), loc='center', fontsize=8, frameon=False)
+    else:
+        axes[0].legend(fontsize=8)
+    axes[0].figure.suptitle(textwrap.fill(describe(record), 120), fontsize=6.5)
     axes[0].figure.tight_layout()
     return axes
 
