@@ -11,7 +11,9 @@
 2. What Quarto would have read there is rewritten for MyST into `docs/_build/src/`: the front matter
    becomes the page's title and summary, `#| echo: false` the `remove-input` tag, other `#|` lines go,
    Quarto link attributes and show_doc's leading `---` go, links to the nbdev site become links between
-   pages; the home page gets the table of contents, every other notebook in file order.
+   pages, show_doc's "[source]" links to the repository host go (the code is on the page, right after its
+   documentation), the blank lines between import groups of an import-only cell go (in a short cell they read
+   as gaps between every line); the home page gets the table of contents, every other notebook in file order.
 3. Sphinx (myst-nb, furo, MathJax served from the site) renders `docs/_build/html/`, warnings as errors.
 """
 import argparse
@@ -130,6 +132,17 @@ FRONT = re.compile(r'^\s*---\n(.*?)\n---\s*$', re.S)
 QUARTO_ATTRS = re.compile(r'(\]\([^)\s]*\))\{[^}\n]*\}')   # [text](url){target="_blank" ...}
 WIDGET = 'application/vnd.jupyter.widget-view+json'
 TAGS = {'echo: false': 'remove-input', 'output: false': 'remove-output', 'include: false': 'remove-cell'}
+SOURCE_LINK = re.compile(r'\[source\]\(https?://[^)\s]*/blob/[^)\s]*\)\s*')   # show_doc's link to the repository host
+
+
+def imports_only(code):
+    "Whether a cell's code is nothing but import statements."
+    import ast
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return False
+    return bool(tree.body) and all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body)
 
 
 def front_matter(nb):
@@ -166,6 +179,8 @@ def convert_cell(cell, fix):
     directives = [l[2:].strip() for l in lines if l.startswith('#|')]
     tags = sorted({t for d, t in TAGS.items() if d in directives} | set(cell.get('metadata', {}).get('tags', [])))
     code = '\n'.join(l for l in lines if not l.startswith('#|')).strip('\n')
+    if imports_only(code):
+        code = '\n'.join(l for l in code.splitlines() if l.strip())
     outputs = []
     for out in cell.get('outputs', []):
         if WIDGET in out.get('data', {}):  # a widget (a tqdm bar, say) without its runtime: keep its text
@@ -176,6 +191,7 @@ def convert_cell(cell, fix):
         if md is not None:
             md = ''.join(md)
             md = fix(re.sub(r'^\s*---\s*\n', '', md))  # show_doc's leading rule would read as front matter
+            md = SOURCE_LINK.sub('', md)
             out = {**out, 'data': {**out['data'], 'text/markdown': md}}
         outputs.append(out)
     if not code.strip() and not outputs:

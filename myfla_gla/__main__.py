@@ -23,7 +23,8 @@ from .utils import (DEFAULT_RATIO, assert_close, check_devices, check_dtypes, fl
 __all__ = ['GATE_ARG', 'LAYER_CONFIG', 'LAYER_RATIO', 'FLA_RATIO', 'FLA_LAYER_RATIO', 'OPS', 'MODULES', 'MODES', 'CheckResult',
            'compare', 'piece', 'memo', 'reference_op', 'run_op', 'op_inputs', 'check_op', 'check_module', 'check_layer',
            'check_decoding', 'check_padding', 'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check',
-           'format_row', 'format_header', 'selfcheck', 'make_parser', 'parse_args', 'main']
+           'format_row', 'format_header', 'selfcheck', 'positive_int', 'available_device', 'make_parser', 'parse_args',
+           'main']
 
 # %% ../nbs/07_selfcheck.ipynb #5887a571
 @dataclass
@@ -444,17 +445,36 @@ def _no_fla_reason(fla):
     return 'FLA not importable'
 
 # %% ../nbs/07_selfcheck.ipynb #5c261c9a
+def positive_int(text: str) -> int:
+    "argparse type: an integer of at least 1 (a size, a count)."
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {n}')
+    return n
+
+def available_device(name: str) -> str:
+    "argparse type: a device PyTorch can allocate on in this process ('cpu', 'cuda', 'cuda:1', 'mps', ...)."
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError, ValueError) as e:   # unknown name, or a build/machine without it
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise argparse.ArgumentTypeError(f'device {name!r} is not available here: {why}') from None
+    return name
+
 def make_parser() -> argparse.ArgumentParser:
     "The command line of `python -m myfla_gla`."
     p = argparse.ArgumentParser(prog='python -m myfla_gla', description=(
         'Self-check: build a GLA layer, run every op and mode against the float64 recurrence on every '
         'available device (and against FLA on CUDA when importable); exit status 1 if any check fails.'))
-    p.add_argument('--device', action='append', help='device to check (repeatable; default: every available one)')
+    p.add_argument('--device', action='append', type=available_device, help='device to check (repeatable; default: every available one)')
     p.add_argument('--dtype', action='append', choices=['float64', 'float32', 'bfloat16', 'float16'],
                    help='dtype to check (repeatable; default: all the device supports)')
     p.add_argument('--only', action='append', help='keep checks whose name contains this text (repeatable)')
     p.add_argument('--no-fla', action='store_true', help='skip the comparisons against FLA')
-    p.add_argument('-T', '--seq-len', type=int, default=100, help='sequence length of the checks (default 100)')
+    p.add_argument('-T', '--seq-len', type=positive_int, default=100, help='sequence length of the checks (default 100)')
     p.add_argument('-q', '--quiet', action='store_true', help='print only failures and the summary')
     return p
 

@@ -14,9 +14,11 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,14 +28,15 @@ import torch
 import torch.nn.functional as F
 
 import myfla_gla
+from .__main__ import available_device, positive_int
 from .ops.recurrent import naive_recurrent_gla as reference_gla
 from .utils import fla_available, get_err_ratio, random_gla_inputs
 
 # %% auto #0
-__all__ = ['PRESETS', 'IMPLS', 'MiB', 'STEPS', 'SCALING_IMPLS', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable', 'Case',
-           'Inputs', 'measure', 'machine_info', 'Progress', 'run_bench', 'table_rows', 'describe', 'format_table',
-           'record_markdown', 'load_record', 'scaling', 'plot_scaling', 'make_parser', 'parse_args', 'config_from_args',
-           'main']
+__all__ = ['PRESETS', 'IMPLS', 'MiB', 'STEPS', 'SCALING_IMPLS', 'OPT_IN', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable',
+           'Case', 'Inputs', 'measure', 'machine_info', 'Progress', 'run_bench', 'flags', 'row_line', 'table_rows',
+           'describe', 'format_table', 'record_markdown', 'load_record', 'scaling', 'plot_scaling', 'impl_name',
+           'lengths', 'make_parser', 'parse_args', 'config_from_args', 'save_record', 'main']
 
 # %% ../nbs/08_bench.ipynb #c53030fd
 PRESETS = {
@@ -351,6 +354,8 @@ def measure(name: str, inp: Inputs, progress=None, timing_only: bool = False) ->
         else:
             row.update(status='error', note=f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:160]}')
     _free(cfg.device)
+    if hasattr(os, 'getloadavg'):   # the 1-minute load as the row ends, this run's own threads included
+        row['load'] = round(os.getloadavg()[0], 2)
     if progress:
         progress.n += max(0, STEPS - len(used))  # phases not run
     return row
@@ -362,7 +367,8 @@ def machine_info(device) -> dict:
     "Where and when: date, versions, device name, CPU threads and load."
     info = dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
                 torch=torch.__version__, python=platform.python_version(), myfla_gla=myfla_gla.__version__,
-                device=str(device), threads=torch.get_num_threads(), cpu_count=os.cpu_count(), fla=None)
+                device=str(device), threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'), fla=None)
     for dist in ('fla-core', 'flash-linear-attention'):   # the installed version, without importing it
         try:
             info['fla'] = importlib.metadata.version(dist)
@@ -404,21 +410,37 @@ class Progress:
         else:
             print(line, file=self.file, flush=True)
 
+    def write(self, line: str):
+        "A line that stays (a measured row), printed above the bar."
+        if self.enabled:
+            print(('\r' + line.ljust(118)) if self.tty else line, file=self.file, flush=True)
+
     def close(self):
         if self.enabled and self.tty:
             print(file=self.file, flush=True)
 
 # %% ../nbs/08_bench.ipynb #a30d9130
-def run_bench(cfg: BenchConfig, progress: bool = True, command: str | None = None) -> dict:
-    "Measure every implementation of `cfg` in this process: the record (JSON-able)."
+def run_bench(cfg: BenchConfig, progress: bool = True, command: str | None = None, checkpoint=None) -> dict:
+    """Measure every implementation of `cfg` in this process: the record (JSON-able). With `progress`, a bar and each
+    row as soon as it is measured go to stderr. `checkpoint(record)`, if given, receives the record so far at the
+    start and after each row, so that an interrupted run still leaves what it measured."""
     names = cfg.impls or list(IMPLS)
     unknown = [n for n in names if n not in IMPLS]
     if unknown:
         raise ValueError(f'unknown implementation(s) {unknown}; known: {list(IMPLS)}')
-    info, t0 = machine_info(cfg.device), time.perf_counter()
+    info, t0, rows = machine_info(cfg.device), time.perf_counter(), []
+    def record():
+        return dict(kind='bench', meta=dict(info, command=command, seconds=round(time.perf_counter() - t0, 1)),
+                    config=asdict(cfg), results=rows)
+    if checkpoint:
+        checkpoint(record())
     inp = Inputs(cfg)
     bar = Progress(STEPS * len(names) * cfg.rounds, enabled=progress)
-    rows = [measure(n, inp, bar) for n in names]
+    for n in names:
+        rows.append(measure(n, inp, bar))
+        bar.write(row_line(rows[-1], info))
+        if checkpoint:
+            checkpoint(record())
     for _ in range(cfg.rounds - 1):  # later rounds time again; each column keeps its best round
         for row in rows:
             again = measure(row['name'], inp, bar, timing_only=True) if row['status'] == 'ok' else None
@@ -426,9 +448,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True, command: str | None = Non
                 if again and again['status'] == 'ok' and again[f'{key}_ms'] is not None \
                         and again[f'{key}_ms'] < row[f'{key}_ms']:
                     row.update({k: again[k] for k in (f'{key}_ms', f'{key}_median_ms', f'{key}_min_ms')})
+            if again and again.get('load') is not None:
+                row['load'] = max(row.get('load') or 0, again['load'])
+            if checkpoint:
+                checkpoint(record())
     bar.close()
-    return dict(kind='bench', meta=dict(info, command=command, seconds=round(time.perf_counter() - t0, 1)),
-                config=asdict(cfg), results=rows)
+    return record()
 
 # %% ../nbs/08_bench.ipynb #4d09dcd4
 def _fmt(x, spec, none='-'):
@@ -436,6 +461,32 @@ def _fmt(x, spec, none='-'):
 
 def _mib(x):
     return '-' if x is None else f'{x:.0f}' if x >= 100 else f'{x:.1f}' if x >= 1 else f'{x:.2f}'
+
+def flags(row: dict, meta: dict) -> list[str]:
+    "What makes a row's times doubtful: a forward slower than its forward+backward, or a load above the cores."
+    said = []
+    f, fb, cores = row.get('fwd_ms'), row.get('fwd_bwd_ms'), meta.get('cpu_count')
+    if f is None and fb is None:
+        return said   # nothing timed
+    if f is not None and fb is not None and f > fb:
+        said.append('fwd slower than fwd+bwd: disturbed timing')
+    if row.get('load') is not None and cores and row['load'] > cores + 0.5:
+        said.append(f"load {row['load']:.1f} on {cores} cores")
+    return said
+
+def _retry_hint(meta: dict) -> str:
+    wait = ', OMP_WAIT_POLICY=PASSIVE' if (meta.get('threads') or 1) > 1 and not meta.get('omp_wait_policy') else ''
+    return f'try --rounds 3{wait}'
+
+def row_line(row: dict, meta: dict) -> str:
+    "One measured row as a line of text (printed as soon as it is measured)."
+    if row['status'] != 'ok':
+        return f"{row['name']}: {row['status']}: {row['note']}"
+    marks = flags(row, meta)
+    parts = [f"fwd {_fmt(row['fwd_ms'], '.2f')} ms", f"fwd+bwd {_fmt(row['fwd_bwd_ms'], '.2f')} ms",
+             f"peak {_mib(row['fwd_peak_mib'])}/{_mib(row['fwd_bwd_peak_mib'])} MiB", f"err {_fmt(row['err'], '.1e')}"]
+    note = '; '.join(([row['note']] if row['note'] else []) + ([f"! {'; '.join(marks)}: {_retry_hint(meta)}"] if marks else []))
+    return f"{row['name']}: {', '.join(parts)}" + (f'  ({note})' if note else '')
 
 def table_rows(record: dict) -> tuple[list[str], list[list[str]]]:
     "Header and cells of the results table."
@@ -447,7 +498,11 @@ def table_rows(record: dict) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in rows:
         note = r['note'] if r['status'] in ('ok', 'n/a') else f"{r['status']}: {r['note']}"
-        body.append([r['name'], _fmt(r['fwd_ms'], '.2f'), ratio(r, 'fwd_ms'), _fmt(r['fwd_bwd_ms'], '.2f'),
+        marks = flags(r, record['meta'])
+        if marks:
+            note = '; '.join(([note] if note else []) + [f"! {'; '.join(marks)}: {_retry_hint(record['meta'])}"])
+        t = lambda c: _fmt(r[c], '.2f') + ('!' if marks and r[c] is not None else '')
+        body.append([r['name'], t('fwd_ms'), ratio(r, 'fwd_ms'), t('fwd_bwd_ms'),
                      ratio(r, 'fwd_bwd_ms'), _mib(r['fwd_peak_mib']), _mib(r['fwd_bwd_peak_mib']),
                      _fmt(r['err'], '.1e'), note])
     return head, body
@@ -459,6 +514,8 @@ def describe(record: dict) -> str:
     ts = f" T={','.join(map(str, c['Ts']))}" if 'Ts' in c else ''
     load = (f", load {m['loadavg'][0]} before the run" if m.get('loadavg') and not str(m['device']).startswith('cuda')
             else '')
+    if load and m.get('cpu_count') and m['loadavg'][0] >= m['cpu_count']:   # other work alone fills the cores
+        load += f" (! above its {m['cpu_count']} cores: {_retry_hint(m)})"
     rounds = f", best of {c['rounds']} rounds" if c.get('rounds', 1) > 1 else ''
     stat = f"; times: {c.get('stat', 'median')} of up to {c['repeats']} runs{rounds}" if c.get('repeats') else ''
     return (f"{shape}{ts} {c['dtype']} on {m['device']} ({m.get('device_name', '?')}, {m.get('threads')} threads{load}); "
@@ -469,7 +526,8 @@ def format_table(record: dict, markdown: bool = False) -> str:
     head, body = table_rows(record)
     if markdown:
         lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
-        return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in body])
+        flag = re.compile(r'(?<![`\w-])(--[a-zA-Z][\w-]*(?:=\S+)?)')   # `--naive-bwd` as code, not an en dash
+        return '\n'.join(lines + ['| ' + ' | '.join(flag.sub(r'`\1`', c) for c in r) + ' |' for r in body])
     w = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: '  '.join(c.ljust(n) if i in (0, len(w) - 1) else c.rjust(n)
                                   for i, (c, n) in enumerate(zip(cells, w))).rstrip()
@@ -498,8 +556,8 @@ SCALING_IMPLS = ['chunk_gla', 'fused_chunk_gla', 'fused_recurrent_gla', 'naive_r
 def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_s: float = 5.,
             progress: bool = True, command: str | None = None, checkpoint=None) -> dict:
     """Time and peak memory of each implementation against the sequence length: the record (JSON-able).
-    `checkpoint(record)`, if given, receives the record so far after each length of the first round, so that a run
-    stopped by a time limit still leaves what it measured."""
+    `checkpoint(record)`, if given, receives the record so far at the start and after each measurement, so that a run
+    stopped by a time limit or Ctrl-C still leaves what it measured."""
     names = cfg.impls or SCALING_IMPLS
     cfg = replace(cfg, error=False, impls=names)
     info, t0 = machine_info(cfg.device), time.perf_counter()
@@ -512,6 +570,8 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
         meta = dict(info, command=command, max_s=max_s, seconds=round(time.perf_counter() - t0, 1))
         return dict(kind='scaling', meta=meta, config=c, results=results)
 
+    if checkpoint is not None:
+        checkpoint(record())
     for T in Ts:
         inp = Inputs(replace(cfg, T=T))
         for n in names:
@@ -521,18 +581,17 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
             bar.step(f'{n} T={T}')
             r = measure(n, inp)
             r['T'] = T
-            if r['status'] == 'n/a' and not results[n]:
-                results[n].append(r)  # keep one row saying why
-                stopped.add(n)
-                continue
+            if r['status'] == 'n/a' and results[n]:
+                continue   # only the first n/a row is kept, to say why
             results[n].append(r)
+            bar.write(f'T={T} ' + row_line(r, info))
             slowest = max((x for x in (r['fwd_ms'], r['fwd_bwd_ms']) if x is not None), default=0) / 1e3
             if r['status'] != 'ok' or slowest > max_s:
                 stopped.add(n)
+            if checkpoint is not None:
+                checkpoint(record())
         del inp
         _free(cfg.device)
-        if checkpoint is not None:
-            checkpoint(record())
     for _ in range(cfg.rounds - 1):  # later rounds time the measured points again; each keeps its best round
         for T in Ts:
             todo = [(n, r) for n in names for r in results[n] if r['T'] == T and r['status'] == 'ok']
@@ -547,16 +606,22 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
                         row.update({k: again[k] for k in (f'{key}_ms', f'{key}_median_ms', f'{key}_min_ms')})
             del inp
             _free(cfg.device)
+            if checkpoint is not None:
+                checkpoint(record())
     bar.close()
     return record()
 
 # %% ../nbs/08_bench.ipynb #c6efacaa
 def plot_scaling(record: dict, axes=None):
-    "Log-log plots of forward time, forward+backward time and peak memory against T."
+    """Log-log plots of forward time, forward+backward time and peak memory against T. Without `axes`, a 2x2 grid
+    (the legend in the fourth cell) 7 inches wide: about 700 pixels, the width of a documentation page's column."""
+    import textwrap
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
+    legend_ax = None
     if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        _, grid = plt.subplots(2, 2, figsize=(7, 6.4))
+        axes, legend_ax = [grid[0, 0], grid[0, 1], grid[1, 0]], grid[1, 1]
     panels = (('fwd_ms', 'forward time (ms)'), ('fwd_bwd_ms', 'forward+backward time (ms)'),
               ('fwd_bwd_peak_mib', 'forward+backward peak memory (MiB)'))
     for ax, (key, label) in zip(axes, panels):
@@ -578,48 +643,76 @@ def plot_scaling(record: dict, axes=None):
             if y0:
                 ax.plot(Ts, [y0 * t / Ts[0] for t in Ts], ':', color='gray', lw=1, label='∝ T (guide)')
         ax.grid(True, which='both', alpha=0.3)
-    axes[0].legend(fontsize=8)
-    axes[0].figure.suptitle(describe(record), fontsize=8)
+    if legend_ax is not None:
+        legend_ax.axis('off')
+        legend_ax.legend(*axes[0].get_legend_handles_labels(), loc='center', fontsize=8, frameon=False)
+    else:
+        axes[0].legend(fontsize=8)
+    axes[0].figure.suptitle(textwrap.fill(describe(record), 120), fontsize=6.5)
     axes[0].figure.tight_layout()
     return axes
 
 # %% ../nbs/08_bench.ipynb #865c43fb
+OPT_IN = {'chunk_gla (compiled)': 'compile', 'naive_recurrent_gla': 'naive', 'FLA naive_recurrent_gla': 'naive'}
+
+def impl_name(name: str) -> str:
+    "argparse type: the name of an implementation of `IMPLS`."
+    if name not in IMPLS:
+        raise argparse.ArgumentTypeError(f"unknown implementation {name!r}; known: {', '.join(map(repr, IMPLS))}")
+    return name
+
+def lengths(text: str) -> list[int]:
+    "argparse type: comma-separated positive integers."
+    try:
+        return [positive_int(t) for t in text.split(',')]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated positive integers, got {text!r}') from None
+
 def make_parser() -> argparse.ArgumentParser:
     "The command line of `python -m myfla_gla.bench`."
     p = argparse.ArgumentParser(prog='python -m myfla_gla.bench', description=(
         'Time forward and forward+backward, peak memory and error against the float64 recurrence of every GLA '
         "implementation (myfla_gla's and, on CUDA, FLA's), in one process on one device; with --scaling, "
-        'against the sequence length, with a log-log plot.'),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        'against the sequence length, with a log-log plot. Rows are printed to stderr as they are measured; '
+        'Ctrl-C prints and saves (--json) what was measured and exits with status 130.'))
     cuda = torch.cuda.is_available()
     p.add_argument('--preset', choices=list(PRESETS), default='gpu1' if cuda else 'cpu',
-                   help='reference shapes: ' + '; '.join(f"{k}: {' '.join(f'{a}={b}' for a, b in v.items())}"
-                                                          for k, v in PRESETS.items()))
-    p.add_argument('--device', default='cuda' if cuda else 'cpu')
+                   help='reference shapes (default: gpu1 with CUDA, cpu otherwise): ' + '; '.join(
+                       f"{k}: {' '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
+    p.add_argument('--device', type=available_device, default='cuda' if cuda else 'cpu',
+                   help='device to run on, as PyTorch names it: cpu, cuda, cuda:1, mps, ... (default: cuda if '
+                        'available, else cpu)')
     p.add_argument('--dtype', choices=['float64', 'float32', 'bfloat16', 'float16'], help="default: the preset's")
-    for k in 'BTHKV':
-        p.add_argument(f'-{k}', type=int, help=f"{k} (default: the preset's)")
-    p.add_argument('--repeats', type=int, default=20 if cuda else 5, help='timed runs per measurement')
-    p.add_argument('--warmup', type=int, default=3 if cuda else 2, help='untimed runs before timing')
-    p.add_argument('--budget', type=float, default=10., help='seconds a measurement may take (fewer repeats)')
-    p.add_argument('--rounds', type=int, default=1,
-                   help='time all implementations this many times in turn, keep the best (for busy machines)')
+    for k, what in zip('BTHKV', ('batch size', 'sequence length', 'heads', 'key size per head', 'value size per head')):
+        p.add_argument(f'-{k}', type=positive_int, help=f"{what} (default: the preset's)")
+    p.add_argument('--repeats', type=positive_int, default=20 if cuda else 5,
+                   help='timed runs per measurement (default: 20 on CUDA, 5 otherwise)')
+    p.add_argument('--warmup', type=positive_int, default=3 if cuda else 2,
+                   help='untimed runs before timing (default: 3 on CUDA, 2 otherwise)')
+    p.add_argument('--budget', type=float, default=10., help='seconds a measurement may take: fewer repeats (default: 10)')
+    p.add_argument('--rounds', type=positive_int, default=1,
+                   help='time all implementations this many times in turn and keep the best: for busy machines')
     p.add_argument('--stat', choices=['median', 'min'], help="the table's time statistic (default: median on CUDA, min elsewhere)")
-    p.add_argument('--impl', action='append', help=f'implementation to run (repeatable): {list(IMPLS)}')
-    p.add_argument('--skip', action='append', default=[], help='implementation to leave out (repeatable)')
-    p.add_argument('--no-compile', action='store_true', help='leave out the torch.compile variants')
+    p.add_argument('--impl', action='append', type=impl_name, metavar='NAME',
+                   help=f"implementation to run (repeatable; default: all but the opt-in ones): {', '.join(IMPLS)}")
+    p.add_argument('--skip', action='append', default=[], type=impl_name, metavar='NAME',
+                   help='implementation to leave out (repeatable)')
+    p.add_argument('--compile', action='store_true', help='also run the torch.compile variant (compiling takes minutes)')
+    p.add_argument('--naive', action='store_true',
+                   help="also run the token-by-token references naive_recurrent_gla and FLA's (slow)")
     p.add_argument('--no-backward', action='store_true', help='time the forward only')
     p.add_argument('--no-memory', action='store_true', help='do not measure peak memory')
     p.add_argument('--no-error', action='store_true', help='do not compute errors against float64')
-    p.add_argument('--naive-max-T', type=int, default=4096, help='longest T naive_recurrent_gla runs at')
+    p.add_argument('--naive-max-T', type=positive_int, default=4096, help='longest T naive_recurrent_gla runs at (default: 4096)')
     p.add_argument('--naive-bwd', action='store_true', help='also run the (memory-hungry) backward through naive_recurrent_gla')
-    p.add_argument('--normalizer', type=float, default=1., help='gate_logit_normalizer of the random inputs')
+    p.add_argument('--normalizer', type=float, default=1., help='gate_logit_normalizer of the random inputs (default: 1)')
     p.add_argument('--scaling', action='store_true', help='measure against T instead (no errors)')
-    p.add_argument('--Ts', default='256,512,1024,2048,4096,8192,16384', help='lengths for --scaling')
-    p.add_argument('--max-s', type=float, default=5., help='--scaling: stop an implementation after a run this long (s)')
-    p.add_argument('--json', help='write the record to this JSON file')
-    p.add_argument('--plot', help='--scaling: save the plot to this image file')
-    p.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
+    p.add_argument('--Ts', type=lengths, default=[256, 512, 1024, 2048, 4096, 8192, 16384], metavar='T,T,...',
+                   help='lengths for --scaling (default: 256,512,...,16384)')
+    p.add_argument('--max-s', type=float, default=5., help='--scaling: stop an implementation after a run this long (default: 5 s)')
+    p.add_argument('--json', metavar='PATH', help='write the record to this JSON file (also during the run)')
+    p.add_argument('--plot', metavar='PATH', help='--scaling: save the plot to this image file')
+    p.add_argument('-q', '--quiet', action='store_true', help='no progress bar and no rows as measured')
     return p
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -633,35 +726,89 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
             shape[k] = getattr(a, k)
     if a.dtype:
         shape['dtype'] = a.dtype
-    impls = a.impl or (SCALING_IMPLS if a.scaling else list(IMPLS))
-    impls = [n for n in impls if n not in a.skip and not (a.no_compile and 'compiled' in n)]
+    impls = a.impl or [n for n in (SCALING_IMPLS if a.scaling else IMPLS) if n not in OPT_IN or getattr(a, OPT_IN[n])]
+    impls = [n for n in impls if n not in a.skip]
     return BenchConfig(**shape, device=a.device, repeats=a.repeats, warmup=a.warmup, budget=a.budget, stat=a.stat or '', rounds=a.rounds,
                        backward=not a.no_backward, memory=not a.no_memory, error=not a.no_error, impls=impls,
                        naive_max_T=a.naive_max_T, naive_bwd=a.naive_bwd, normalizer=a.normalizer)
 
-def main(argv=None) -> int:
-    "The benchmark command."
-    a = parse_args(argv)
-    cfg = config_from_args(a)
-    command = 'python -m myfla_gla.bench ' + ' '.join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
-    def save(record):
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(record, indent=1) + '\n')
+def save_record(record: dict, path):
+    "Write `record` to `path` atomically: a temporary file in the same folder, renamed over `path`."
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f'.{p.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(json.dumps(record, indent=1) + '\n')
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+def _unwritable(path) -> str | None:
+    "Why `path` cannot be written (checked before a run, not after it), or None."
+    p = Path(path)
+    if p.is_dir():
+        return 'it is a directory'
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=p.parent).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+def _print_results(a, record):
     if a.scaling:
-        record = scaling(cfg, [int(t) for t in a.Ts.split(',')], a.max_s, not a.quiet, command, save if a.json else None)
         for name, rows in record['results'].items():
             cells = ', '.join(f"{r['T']}: {_fmt(r['fwd_bwd_ms'], '.1f')}" + ('' if r['status'] == 'ok' else f" ({r['status']})")
                               for r in rows)
             print(f'{name:34s} fwd+bwd ms  {cells}')
-        if a.plot:
-            import matplotlib
-            matplotlib.use('Agg')
-            plot_scaling(record)[0].figure.savefig(a.plot, dpi=120)
     else:
-        record = run_bench(cfg, not a.quiet, command)
         print(format_table(record))
+
+def main(argv=None) -> int:
+    "The benchmark command: 0, 1 if a row failed, 130 if interrupted (2 for a bad command line, from argparse)."
+    p = make_parser()
+    a = p.parse_args(argv)
+    for opt in ('json', 'plot'):
+        why = getattr(a, opt) and _unwritable(getattr(a, opt))
+        if why:
+            p.error(f'argument --{opt}: cannot write {getattr(a, opt)}: {why}')
+    if a.plot and not a.scaling:
+        p.error('argument --plot: only with --scaling')
+    cfg = config_from_args(a)
+    command = 'python -m myfla_gla.bench ' + ' '.join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    latest = []
+    def keep(record):
+        latest[:] = [record]
+        if a.json:
+            save_record(record, a.json)
+    try:
+        if a.scaling:
+            record = scaling(cfg, a.Ts, a.max_s, not a.quiet, command, keep)
+        else:
+            record = run_bench(cfg, not a.quiet, command, keep)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        if not latest:
+            print('interrupted before anything was measured', file=sys.stderr)
+            return 130
+        record = latest[0]
+        record['meta']['interrupted'] = True
+        _print_results(a, record)
+        if a.json:
+            save_record(record, a.json)
+        print('interrupted: the results above are those measured so far' + (f', saved to {a.json}' if a.json else ''),
+              file=sys.stderr)
+        return 130
+    _print_results(a, record)
+    if a.plot:
+        import matplotlib
+        matplotlib.use('Agg')
+        plot_scaling(record)[0].figure.savefig(a.plot, dpi=120)
     if a.json:
-        save(record)
+        save_record(record, a.json)
     bad = [r for rows in ([record['results']] if not a.scaling else record['results'].values()) for r in rows
            if r['status'] == 'error']
     return 1 if bad else 0

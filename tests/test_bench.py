@@ -102,7 +102,7 @@ def test_python_m_myfla_gla_exit_status():
 # ---------------------------------------------------------------- benchmark
 
 tiny = ['--preset', 'small', '--device', 'cpu', '-B', '1', '-T', '48', '-H', '1', '-K', '8', '-V', '8',
-        '--repeats', '2', '--warmup', '1', '--no-compile', '-q']
+        '--repeats', '2', '--warmup', '1', '-q']
 
 
 def test_bench_help(capsys):
@@ -110,15 +110,19 @@ def test_bench_help(capsys):
         bench.parse_args(['--help'])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for word in ('--preset', 'gpu1', 'B=4 T=4096 H=16 K=128 V=128', '--scaling', '--json', '--repeats', '--device'):
+    for word in ('--preset', 'gpu1', 'B=4 T=4096 H=16 K=128 V=128', '--scaling', '--json', '--repeats', '--device',
+                 'device to run on', '--compile', '--naive '):
         assert word in out
+    assert '(default: None)' not in out and ') (default' not in out   # no default said twice, none said as None
 
 
 def test_bench_presets_and_overrides():
     cfg = bench.config_from_args(bench.parse_args(['--preset', 'gpu2', '--device', 'cpu', '-T', '64', '--dtype',
                                                    'float32', '--skip', 'naive_recurrent_gla']))
     assert (cfg.B, cfg.T, cfg.H, cfg.K, cfg.V, cfg.dtype) == (8, 64, 4, 256, 512, 'float32')
-    assert 'naive_recurrent_gla' not in cfg.impls and 'chunk_gla (compiled)' in cfg.impls
+    assert 'naive_recurrent_gla' not in cfg.impls and 'chunk_gla (compiled)' not in cfg.impls   # opt-in rows
+    assert 'chunk_gla (compiled)' in bench.config_from_args(bench.parse_args(['--compile'])).impls
+    assert {'naive_recurrent_gla', 'FLA naive_recurrent_gla'} <= set(bench.config_from_args(bench.parse_args(['--naive'])).impls)
     assert bench.PRESETS['cpu'] == dict(B=2, T=4096, H=4, K=128, V=128, dtype='float32')
     with pytest.raises(SystemExit):
         bench.parse_args(['--preset', 'nope'])
@@ -126,10 +130,11 @@ def test_bench_presets_and_overrides():
 
 def test_bench_json_record(tmp_path, capsys):
     out = tmp_path / 'r.json'
-    assert bench.main([*tiny, '--json', str(out)]) == 0
+    assert bench.main([*tiny, '--naive', '--json', str(out)]) == 0
     printed = capsys.readouterr().out
     assert 'implementation' in printed and 'naive_recurrent_gla' in printed
     rec = json.loads(out.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ['r.json']   # written atomically: no temporary file left
     assert rec['kind'] == 'bench' and rec['config']['T'] == 48 and rec['config']['dtype'] == 'float32'
     for key in ('date', 'torch', 'device', 'device_name', 'command', 'threads'):
         assert key in rec['meta']
@@ -226,8 +231,8 @@ def test_bench_scaling_json_and_plot(tmp_path):
     assert all(r['fwd_bwd_ms'] > 0 for r in rec['results']['softmax attention (SDPA, causal)'])
 
 
-def test_bench_scaling_saves_each_length(tmp_path, monkeypatch):
-    "A sweep stopped by a time limit still leaves the lengths it finished in its --json file."
+def test_bench_scaling_saves_each_length(tmp_path, monkeypatch, capsys):
+    "A sweep stopped by Ctrl-C (or a time limit) leaves the lengths it finished in its --json file; Ctrl-C exits 130."
     out, seen = tmp_path / 's.json', []
     real = bench.measure
 
@@ -238,10 +243,108 @@ def test_bench_scaling_saves_each_length(tmp_path, monkeypatch):
         return real(name, inp, **kw)
 
     monkeypatch.setattr(bench, 'measure', measure)
-    with pytest.raises(KeyboardInterrupt):
-        bench.main([*tiny, '--scaling', '--Ts', '16,32', '--impl', 'naive_recurrent_gla', '--json', str(out)])
+    assert bench.main([*tiny, '--scaling', '--Ts', '16,32', '--impl', 'naive_recurrent_gla', '--json', str(out)]) == 130
     assert [r['T'] for r in seen[0]['results']['naive_recurrent_gla']] == [16]
-    assert json.loads(out.read_text()) == seen[0]
+    final = json.loads(out.read_text())
+    assert final['results'] == seen[0]['results'] and final['meta']['interrupted'] is True
+    assert 'naive_recurrent_gla' in capsys.readouterr().out
+
+
+def test_bench_interrupted_prints_and_saves(tmp_path, monkeypatch, capsys):
+    "Ctrl-C during the table: the rows measured so far are printed and saved (valid JSON), exit status 130."
+    out, real = tmp_path / 'r.json', bench.measure
+    def measure(name, inp, *args, **kw):
+        if name == 'fused_recurrent_gla':
+            raise KeyboardInterrupt
+        return real(name, inp, *args, **kw)
+    monkeypatch.setattr(bench, 'measure', measure)
+    code = bench.main([*tiny, '--impl', 'chunk_gla', '--impl', 'fused_recurrent_gla', '--json', str(out)])
+    assert code == 130
+    rec = json.loads(out.read_text())
+    assert [r['name'] for r in rec['results']] == ['chunk_gla'] and rec['meta']['interrupted'] is True
+    assert rec['results'][0]['fwd_ms'] > 0
+    captured = capsys.readouterr()
+    assert 'chunk_gla' in captured.out and 'interrupted' in captured.err
+
+
+def test_bench_ctrl_c_in_a_real_process(tmp_path):
+    "SIGINT to `python -m myfla_gla.bench` once its first row is out: exit status 130, that row printed and saved."
+    import signal
+    out = tmp_path / 'r.json'
+    args = [a for a in tiny if a != '-q'] + ['--repeats', '100000', '--budget', '1000', '--impl', 'FLA chunk_gla',
+                                             '--impl', 'fused_recurrent_gla', '--json', str(out)]
+    p = subprocess.Popen([sys.executable, '-m', 'myfla_gla.bench', *args], env=env, cwd=root,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stderr:   # rows are written to stderr as they are measured
+            if line.startswith('FLA chunk_gla: n/a'):
+                break
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, stderr
+    assert 'Traceback' not in stderr and 'FLA chunk_gla' in stdout
+    rec = json.loads(out.read_text())
+    assert rec['meta']['interrupted'] is True and rec['results'][0]['name'] == 'FLA chunk_gla'
+
+
+@pytest.mark.parametrize('args, message', [
+    (['-B', '-1'], 'argument -B: expected a positive integer, got -1'),
+    (['--Ts', 'a,b', '--scaling'], "argument --Ts: expected comma-separated positive integers, got 'a,b'"),
+    (['--impl', 'bogus'], "argument --impl: unknown implementation 'bogus'"),
+    (['--device', 'nodevice'], "argument --device: device 'nodevice' is not available here"),
+    (['--plot', 'p.png'], 'argument --plot: only with --scaling'),
+])
+def test_bench_bad_arguments(args, message, capsys, monkeypatch):
+    "A bad command line is one line of error and exit status 2, before anything is measured."
+    monkeypatch.setattr(bench, 'measure', lambda *a, **k: pytest.fail('measured despite a bad command line'))
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.splitlines()[-1].startswith(f'python -m myfla_gla.bench: error: {message}'), err
+
+
+def test_bench_unwritable_json_fails_before_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, 'measure', lambda *a, **k: pytest.fail('measured despite an unwritable --json'))
+    (tmp_path / 'file').write_text('')
+    for path in (tmp_path / 'file' / 'r.json', tmp_path):   # under a file; a directory
+        with pytest.raises(SystemExit) as e:
+            bench.main([*tiny, '--json', str(path)])
+        assert e.value.code == 2 and 'error: argument --json: cannot write' in capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line_without_traceback(capsys):
+    "In a real process: a CUDA device on a build without it is one line of error, status 2; so is the self-check's -T -5."
+    cuda = 'cuda' if not torch.cuda.is_available() else 'cuda:99'
+    p = subprocess.run([sys.executable, '-m', 'myfla_gla.bench', '--device', cuda], env=env, cwd=root,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[-1].startswith(f"python -m myfla_gla.bench: error: argument --device: device '{cuda}'")
+    with pytest.raises(SystemExit) as e:
+        selfcheck_main(['-T', '-5'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.splitlines()[-1] == (
+        'python -m myfla_gla: error: argument -T/--seq-len: expected a positive integer, got -5')
+
+
+def test_bench_flags_impossible_readings_and_load():
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=16, H=1, K=4, V=4, repeats=1, warmup=1, memory=False,
+                                            impls=['chunk_gla', 'naive_recurrent_gla']), progress=False)
+    rec['meta'].update(cpu_count=2, threads=2, omp_wait_policy=None)
+    chunk, naive = rec['results']
+    chunk.update(fwd_ms=9.0, fwd_bwd_ms=3.0, load=1.0)    # a forward slower than its forward+backward
+    naive.update(load=4.2)                                # a machine busier than its 2 cores
+    head, body = bench.table_rows(rec)
+    assert body[0][1] == '9.00!' and 'fwd slower than fwd+bwd' in body[0][-1] and 'try --rounds 3' in body[0][-1]
+    assert 'OMP_WAIT_POLICY=PASSIVE' in body[0][-1]
+    assert body[1][1].endswith('!') and 'load 4.2 on 2 cores' in body[1][-1]
+    naive['load'] = 2.3                                   # this run's 2 threads on 2 cores: not flagged
+    assert not bench.table_rows(rec)[1][1][-1].endswith('!') and '!' not in bench.table_rows(rec)[1][1][-1]
+    md = bench.format_table(rec, markdown=True)
+    assert '(`--naive-bwd` for backward)' in md   # a flag in a code span, so that no page renders it with a dash
+    rec['meta']['loadavg'] = [2.5, 2, 2]
+    assert '! above its 2 cores' in bench.describe(rec)
 
 
 def test_time_fn_and_cpu_memory():

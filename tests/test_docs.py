@@ -4,9 +4,13 @@ Builds the site (`python docs/build.py`, incremental: seconds), serves `docs/_bu
 loads every page in headless Chromium (Debian's `chromium`, driven by Playwright; never Playwright's own
 browser download). Each page must: carry its notebook's title, show the API names its module exports,
 typeset all its math, load every image, log no console or page error, have no failed request and no
-request leaving 127.0.0.1, no broken internal link (the `#fragment` included), no nbdev `#|` directive
+request leaving 127.0.0.1, no broken internal link (the `#fragment` included), no link to the repository
+host named in settings.ini (`git_url`, an address the site does not vouch for), no nbdev `#|` directive
 left in the text, show its `#| export` cells as code and none of its `#| hide` cells, and link to the
-previous and next chapter in notebook order. Chromium runs headless on a fresh profile with the flags
+previous and next chapter in notebook order. Its layout at a desktop width (1280 px): no code block wider
+than its box (cut-off code), no number in a table split across two lines, no command-line flag rendered
+with a dash (`--naive-bwd` as "–naive-bwd"), every image at least as wide as it was drawn, and no blank
+lines inside a cell of imports only. Chromium runs headless on a fresh profile with the flags
 below. A screenshot of every page is saved under `docs/_build/screenshots/`; the home page's path is printed.
 
 Without Chromium (or Playwright) the test skips, except in CI (`CI=true`), where that is a failure.
@@ -39,6 +43,7 @@ docs_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(docs_build)
 pages = docs_build.notebook_names()   # the build's own list of pages, in order
 doc_host = docs_build.settings()['doc_host']
+git_url = docs_build.settings()['git_url']
 
 
 def require(ok, why):
@@ -153,6 +158,46 @@ BROKEN_IMAGES = """async () => {
   return bad;
 }"""
 
+# The layout defects a reader sees at a desktop width; each entry is a problem.
+LAYOUT = """() => {
+  const bad = [];
+  const article = document.querySelector('article');
+  for (const pre of article.querySelectorAll('pre')) {   // code cut off: wider than its box (outputs may scroll)
+    if (!pre.closest('.cell_output') && pre.scrollWidth > pre.clientWidth + 1)
+      bad.push(`code wider than its box (${pre.scrollWidth} > ${pre.clientWidth} px): ${pre.textContent.trim().split('\\n')[0].slice(0, 60)}`);
+  }
+  const number = /(?<![\\w.+-])[-+]?\\d+(?:\\.\\d+)?(?:e[-+]?\\d+)?[x×!%]?(?![\\w.+-])/g;
+  for (const cell of article.querySelectorAll('td, th')) {   // a number split across two lines
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+      for (const m of n.textContent.matchAll(number)) {
+        const r = document.createRange();
+        r.setStart(n, m.index);
+        r.setEnd(n, m.index + m[0].length);
+        const lines = new Set([...r.getClientRects()].filter(x => x.width > 0).map(x => Math.round(x.top)));
+        if (lines.size > 1) bad.push(`number split across lines in a table: ${m[0]}`);
+      }
+    }
+  }
+  const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);   // `--flag` typeset as a dash
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    const m = n.textContent.match(/(?:^|[\\s(\\[])[\\u2013\\u2014][a-z][\\w-]*/);
+    if (m) bad.push(`a flag rendered with a dash: ${m[0].trim()}`);
+  }
+  for (const img of article.querySelectorAll('img')) {   // squeezed below the size it was drawn at
+    const w = img.getBoundingClientRect().width;
+    if (img.naturalWidth && w < img.naturalWidth - 1)
+      bad.push(`image shown ${Math.round(w)} px wide, drawn ${img.naturalWidth}: ${img.src.split('/').pop()}`);
+  }
+  for (const pre of article.querySelectorAll('.cell_input pre')) {   // blank lines in a cell of imports
+    const lines = pre.textContent.replace(/\\n+$/, '').split('\\n');
+    if (lines.some(l => /^(import|from) /.test(l)) && lines.every(l => !l.trim() || /^(import |from |    |\\))/.test(l))
+        && lines.some(l => !l.trim()))
+      bad.push(`blank lines in a cell of imports: ${lines[0]}`);
+  }
+  return bad;
+}"""
+
 MATHJAX_DONE = """() => (window.MathJax && MathJax.startup && MathJax.startup.promise)
   ? MathJax.startup.promise.then(() => document.querySelectorAll('mjx-container').length) : -1"""
 
@@ -237,8 +282,11 @@ def test_page(browser, base_url, name, capsys):
         problems += [f'image not loaded: {u}' for u in page.evaluate(BROKEN_IMAGES)]
         problems += [f'nbdev directive on the page: {l!r}' for l in text.splitlines() if l.strip().startswith('#|')]
         problems += [f'broken internal link: {h}' for h in check_links(page, base_url)]
-        problems += [f'link to the nbdev site left in: {h}' for h in
-                     page.eval_on_selector_all('a[href]', 'els => els.map(a => a.href)') if h.startswith(doc_host)]
+        hrefs = page.eval_on_selector_all('a[href]', 'els => els.map(a => a.href)')
+        problems += [f'link to the nbdev site left in: {h}' for h in hrefs if h.startswith(doc_host)]
+        problems += [f'link to the repository host of settings.ini: {h}' for h in hrefs if h.startswith(git_url)]
+        if name in pages:
+            problems += page.evaluate(LAYOUT)
         assert not problems, '\n'.join(problems)
         if name in pages:
             shots.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,7 @@ case "${1:-parity}" in
     esac; done ;;
   scaling)  # time and memory against T at the gpu1 shape (FLA tunes once: its keys do not hold T) -> gpu1_scaling.json,
     # saved after each length, so a run cut off by the limit keeps what it measured
-    LOG=scaling.log step "${LIMIT:-560}" python3 -m myfla_gla.bench --preset gpu1 --scaling --max-s 3 --budget 3 \
+    LOG=scaling.log step "${LIMIT:-560}" python3 -m myfla_gla.bench --preset gpu1 --scaling --naive --max-s 3 --budget 3 \
       --json "$OUT/gpu1_scaling.json" --plot "$OUT/gpu1_scaling.png" ;;
   install) ;;   # the wheels only (above)
   notebooks)  # NOTEBOOKS (default: all but the index and the differences) side by side, one process each, taking
