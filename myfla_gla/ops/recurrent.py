@@ -239,6 +239,7 @@ def fused_recurrent_gla(
     cu_seqlens: torch.Tensor | None = None,     # [N+1] int32/int64 boundaries of packed sequences (B must be 1)
     *,
     checkpoint_every: int = 64,                 # (extra) tokens between the states the backward recomputes from
+    cp_context=None,                            # (extra) context parallel: this rank's shard (`myfla_gla.ops.cp`)
     **kwargs,                                   # `transpose_state_layout` (deprecated); others ignored
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # o [B, T, H, V] in q's dtype; final state (float32) or None
     "Gated linear attention, one token at a time, as FLA's `fused_recurrent_gla`; memory-bounded backward."
@@ -248,6 +249,10 @@ def fused_recurrent_gla(
         warnings.warn("`transpose_state_layout` is deprecated and renamed to `state_v_first`.",
                       DeprecationWarning, stacklevel=2)
         state_v_first = kwargs.pop('transpose_state_layout')
+    if cp_context is not None:
+        from .cp import fused_recurrent_gla_cp
+        return fused_recurrent_gla_cp(q, k, v, gk, gv, scale, cp_context, initial_state, output_final_state, reverse,
+                                      checkpoint_every=checkpoint_every)
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"`q` must be a [B, T, H, K] tensor, got {getattr(q, 'shape', type(q))}")
     B, T, H, K = q.shape
