@@ -99,6 +99,14 @@ def _model_case(rank, world, cu):
     return errs
 
 
+def _training_case():
+    "Chapter 13's `train` (the code torchrun runs there): three steps of DDP, FSDP2 and CP give the single-process losses."
+    from myfla_gla.distributed import train
+    ref = torch.tensor(train('single', steps=3, batch_size=4, seq_len=40))
+    return {s: (torch.tensor(train(s, steps=3, batch_size=4, seq_len=40)) - ref).abs().max().item() / ref.mean().item()
+            for s in ('ddp', 'fsdp', 'cp')}
+
+
 def _bad_inputs(rank, world):
     "Bad input gives the same clear error on every rank (no rank left waiting)."
     cu = torch.tensor([0, 10, 16])
@@ -131,6 +139,7 @@ def _run_2(rank, world):
     out['conv_bf16'] = _conv_case(rank, world, [0, 3, 13, 16], 4, torch.bfloat16), torch.bfloat16
     out['layer'] = _layer_case(rank, world, [0, 30, 96, 140], 'chunk'), torch.float64
     out['model'] = _model_case(rank, world, [0, 7, 40, 48]), torch.float64
+    out['training'] = _training_case(), torch.float32
     return out, _bad_inputs(rank, world)
 
 

@@ -206,7 +206,7 @@ def _forward(
 
     cp_context = kwargs.get('cp_context')  # context parallel (beyond FLA): this rank's shard [1, T/W, hidden_size]
     if cp_context is not None:
-        from ..ops.cp import cp_layer_cu_seqlens
+        from myfla_gla.ops.cp import cp_layer_cu_seqlens
         kwargs['cu_seqlens'] = cp_layer_cu_seqlens(cp_context, hidden_states, attention_mask, past_key_values, use_cache)
     last_state = get_layer_cache(self, past_key_values)
     h, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get('cu_seqlens'), attention_mask, q_len)

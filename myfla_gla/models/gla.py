@@ -860,7 +860,7 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
         return_dict = return_dict if return_dict is not None else _return_dict(self.config)
         next_labels = None
         if kwargs.get('cp_context') is not None and labels is not None:  # context parallel: a rank's share of the loss
-            from ..ops.cp import cp_next_token_labels
+            from myfla_gla.ops.cp import cp_next_token_labels
             next_labels, total = cp_next_token_labels(labels, kwargs['cp_context'],
                                                       getattr(self.criterion, 'ignore_index', -100))
             num_items_in_batch = total if num_items_in_batch is None else num_items_in_batch

@@ -65,7 +65,7 @@ def causal_conv1d(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:   # y [B, T, D] in x's dtype; final state [N, D, W] in x's dtype
     "Causal depthwise convolution over every sequence, continuing `initial_state`; FLA's `causal_conv1d`."
     if cp_context is not None:
-        from ..ops.cp import causal_conv1d_cp
+        from myfla_gla.ops.cp import causal_conv1d_cp
         return causal_conv1d_cp(x, weight, bias, residual, activation, cp_context, initial_state, output_final_state)
     N = _check_conv_args(x, weight, residual, initial_state, cu_seqlens)
     B, T, D = x.shape

@@ -397,7 +397,7 @@ def chunk_gla(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:   # o [B, T, H, V] in v's dtype; final state [N, H, K, V] float32
     "Gated linear attention, chunkwise parallel: all chunk states in one tensor, the intra parts in batched products."
     if cp_context is not None:
-        from .cp import chunk_gla_cp
+        from myfla_gla.ops.cp import chunk_gla_cp
         return chunk_gla_cp(q, k, v, g, scale, cp_context, initial_state, output_final_state)
     return _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                         cu_seqlens_cpu, False)
@@ -418,7 +418,7 @@ def fused_chunk_gla(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     "`chunk_gla` that walks the chunks in order with one state: less memory, the same results."
     if cp_context is not None:
-        from .cp import chunk_gla_cp
+        from myfla_gla.ops.cp import chunk_gla_cp
         return chunk_gla_cp(q, k, v, g, scale, cp_context, initial_state, output_final_state, fused=True)
     return _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                         kwargs.get('cu_seqlens_cpu'), True)

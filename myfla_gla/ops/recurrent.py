@@ -250,7 +250,7 @@ def fused_recurrent_gla(
                       DeprecationWarning, stacklevel=2)
         state_v_first = kwargs.pop('transpose_state_layout')
     if cp_context is not None:
-        from .cp import fused_recurrent_gla_cp
+        from myfla_gla.ops.cp import fused_recurrent_gla_cp
         return fused_recurrent_gla_cp(q, k, v, gk, gv, scale, cp_context, initial_state, output_final_state, reverse,
                                       checkpoint_every=checkpoint_every)
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
