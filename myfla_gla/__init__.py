@@ -9,3 +9,4 @@ from .modules.norms import *
 from .cache import *
 from .layers.gla import *
 from .models.gla import *
+from .ops.cp import *

@@ -132,7 +132,7 @@ def _method(name: str | None = None):
     return attach
 
 @_method()
-def _short_convs(self, h, last_state, use_cache, cu_seqlens):
+def _short_convs(self, h, last_state, use_cache, cu_seqlens, cp_context=None):
     "q, k, v through projection and short convolution; the new conv caches (None unless `use_cache`)."
     caches = (None, None, None)
     if last_state is not None and last_state.get('conv_state') is not None:
@@ -143,7 +143,8 @@ def _short_convs(self, h, last_state, use_cache, cu_seqlens):
         if cache is not None and not use_cache:
             # a single-token step writes into its cache: leave the stored one as it was (FLA changes it, spec 10.8)
             cache = cache.clone()
-        y, final = conv(x=proj(h), cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens)
+        y, final = conv(x=proj(h), cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens,
+                        cp_context=cp_context)
         out.append(y)
         finals.append(final)
     return (*out, tuple(finals) if use_cache else None)
@@ -163,14 +164,14 @@ def _split_heads(self, q, k, v, gk):
 
 # %% ../../nbs/06_layer.ipynb #270b90b2
 @_method()
-def _attend(self, mode, q, k, v, gk, recurrent_state, use_cache, cu_seqlens):
+def _attend(self, mode, q, k, v, gk, recurrent_state, use_cache, cu_seqlens, cp_context=None):
     "The GLA op for `mode`; states in FLA's cache layout `[N, H, V, K]`."
     if mode == 'fused_recurrent':
         return fused_recurrent_gla(q=q, k=k, v=v, gk=gk, initial_state=recurrent_state, output_final_state=use_cache,
-                                   state_v_first=True, cu_seqlens=cu_seqlens)
+                                   state_v_first=True, cu_seqlens=cu_seqlens, cp_context=cp_context)
     op = chunk_gla if mode == 'chunk' else fused_chunk_gla   # FLA 0.6.0's fused_chunk_gla only raises (spec 10.6)
     return op(q=q, k=k, v=v, g=gk, initial_state=recurrent_state, output_final_state=use_cache,
-              state_v_first=True, cu_seqlens=cu_seqlens)
+              state_v_first=True, cu_seqlens=cu_seqlens, cp_context=cp_context)
 
 # %% ../../nbs/06_layer.ipynb #48fc3f65
 @_method()
@@ -219,6 +220,10 @@ def _forward(
     mode = 'fused_recurrent' if q_len <= 64 else self.mode
     use_cache = bool(use_cache)
 
+    cp_context = kwargs.get('cp_context')  # context parallel (beyond FLA): this rank's shard [1, T/W, hidden_size]
+    if cp_context is not None:
+        from myfla_gla.ops.cp import cp_layer_cu_seqlens
+        kwargs['cu_seqlens'] = cp_layer_cu_seqlens(cp_context, hidden_states, attention_mask, past_key_values, use_cache)
     last_state = get_layer_cache(self, past_key_values)
     if last_state is not None:
         check_conv_state(last_state, self.use_short_conv, self.layer_idx, past_key_values.get_seq_length(self.layer_idx))
@@ -226,7 +231,7 @@ def _forward(
 
     conv_state = None
     if self.use_short_conv:
-        q, k, v, conv_state = self._short_convs(h, last_state, use_cache, cu_seqlens)
+        q, k, v, conv_state = self._short_convs(h, last_state, use_cache, cu_seqlens, cp_context)
     else:
         q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
     q, k, v, gk = self._split_heads(q, k, v, self.gk_proj(h))
@@ -238,7 +243,7 @@ def _forward(
         q, k = map(self.feature_map_fn, (q, k))
 
     recurrent_state = last_state['recurrent_state'] if last_state is not None else None
-    o, recurrent_state = self._attend(mode, q, k, v, gk, recurrent_state, use_cache, cu_seqlens)
+    o, recurrent_state = self._attend(mode, q, k, v, gk, recurrent_state, use_cache, cu_seqlens, cp_context)
     # with use_cache=False both are None, and None leaves the stored states alone (FLA wipes the conv caches)
     update_layer_cache(self, past_key_values, recurrent_state=recurrent_state, conv_state=conv_state, offset=q_len)
 

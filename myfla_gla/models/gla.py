@@ -937,7 +937,7 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
     def get_input_embeddings(self):
         return self.model.embeddings
 
-    def _logits_and_loss(self, hidden_states, labels, logits_to_keep=0, num_items_in_batch=None):
+    def _logits_and_loss(self, hidden_states, labels, logits_to_keep=0, num_items_in_batch=None, next_labels=None):
         "The head on the positions asked for (all of them with labels), and the shifted next-token loss."
         if labels is not None or logits_to_keep is None:
             selected = hidden_states
@@ -957,7 +957,8 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
             criterion = copy.copy(criterion)
             criterion.reduction = 'sum'
         labels = labels.to(hidden_states.device)
-        labels = torch.cat((labels[..., 1:], torch.full_like(labels[:, :1], criterion.ignore_index)), 1)
+        last = torch.full_like(labels[:, :1], criterion.ignore_index) if next_labels is None else next_labels
+        labels = torch.cat((labels[..., 1:], last), 1)
         acc = torch.promote_types(logits.dtype, torch.float32)  # float32 at least, float64 stays
         loss = criterion(logits.to(acc).reshape(labels.numel(), -1), labels.reshape(-1))
         if self.config.use_l2warp:
@@ -1001,11 +1002,17 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
         if 'num_logits_to_keep' in kwargs:  # the deprecated name
             logits_to_keep = kwargs.pop('num_logits_to_keep')
         return_dict = return_dict if return_dict is not None else _return_dict(self.config)
+        next_labels = None
+        if kwargs.get('cp_context') is not None and labels is not None:  # context parallel: a rank's share of the loss
+            from myfla_gla.ops.cp import cp_next_token_labels
+            next_labels, total = cp_next_token_labels(labels, kwargs['cp_context'],
+                                                      getattr(self.criterion, 'ignore_index', -100))
+            num_items_in_batch = total if num_items_in_batch is None else num_items_in_batch
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                              past_key_values=past_key_values, use_cache=use_cache, output_attentions=output_attentions,
                              output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
         hidden_states = outputs[0]
-        loss, logits = self._logits_and_loss(hidden_states, labels, logits_to_keep, num_items_in_batch)
+        loss, logits = self._logits_and_loss(hidden_states, labels, logits_to_keep, num_items_in_batch, next_labels)
         if not return_dict:
             output = (logits,) + tuple(outputs[1:])
             return (loss,) + output if loss is not None else output

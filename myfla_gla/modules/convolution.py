@@ -62,11 +62,13 @@ def causal_conv1d(
     cu_seqlens: torch.Tensor | None = None,      # [N+1] packed sequence boundaries
     cu_seqlens_cpu: torch.Tensor | None = None,  # accepted for FLA compatibility; unused
     chunk_indices: torch.Tensor | None = None,   # accepted for FLA compatibility; unused
+    cp_context=None,                             # context parallel: `x` is this rank's shard (`myfla_gla.ops.cp`)
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:   # y [B, T, D] in x's dtype; final state [N, D, W] in x's dtype
     "Causal depthwise convolution over every sequence, continuing `initial_state`; FLA's `causal_conv1d`."
-    if kwargs.get('cp_context') is not None:
-        raise NotImplementedError("context parallelism (`cp_context`) is not supported")
+    if cp_context is not None:
+        from myfla_gla.ops.cp import causal_conv1d_cp
+        return causal_conv1d_cp(x, weight, bias, residual, activation, cp_context, initial_state, output_final_state)
     N = _check_conv_args(x, weight, residual, initial_state, cu_seqlens)
     B, T, D = x.shape
     W, acc = weight.shape[1], _acc(x.dtype)
@@ -172,6 +174,7 @@ class ShortConvolution(nn.Conv1d):
         output_final_state: bool = False,
         cu_seqlens: torch.Tensor | None = None,     # [N+1]
         chunk_indices: torch.Tensor | None = None,  # accepted for compatibility; unused
+        cp_context=None,                            # context parallel: `x` is this rank's shard (`myfla_gla.ops.cp`)
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # y [B, T, D]; the new cache [N, D, W] or None
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
@@ -186,10 +189,10 @@ class ShortConvolution(nn.Conv1d):
         N = _check_conv_args(x, self.weight[:, 0], residual, cache, cu_seqlens, state_name='cache')
         T = x.shape[1]
         one_token_each = T == 1 if cu_seqlens is None else T == N > 0 and bool((torch.diff(cu_seqlens) == 1).all())
-        if one_token_each and not torch.is_grad_enabled():
+        if one_token_each and not torch.is_grad_enabled() and cp_context is None:
             return self.step(x, residual, cache, output_final_state, cu_seqlens)
         return causal_conv1d(x, self.weight[:, 0], self.bias, residual, cache, output_final_state,
-                             self.activation, cu_seqlens=cu_seqlens)
+                             self.activation, cu_seqlens=cu_seqlens, cp_context=cp_context)
 
     def step(
         self,

@@ -387,8 +387,12 @@ def chunk_gla(
     state_v_first: bool = False,                 # states are [V, K] per head (the layer's cache layout)
     cu_seqlens: torch.LongTensor | None = None,  # [N + 1] boundaries of packed sequences (then B must be 1)
     cu_seqlens_cpu: torch.LongTensor | None = None,  # the same on the host: no synchronisation
+    cp_context=None,                             # context parallel: q, k, v, g are this rank's shard (`ops.cp`)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:   # o [B, T, H, V] in v's dtype; final state [N, H, K, V] float32
     "Gated linear attention, chunkwise parallel: all chunk states in one tensor, the intra parts in batched products."
+    if cp_context is not None:
+        from myfla_gla.ops.cp import chunk_gla_cp
+        return chunk_gla_cp(q, k, v, g, scale, cp_context, initial_state, output_final_state)
     return _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                         cu_seqlens_cpu, False)
 
@@ -403,9 +407,13 @@ def fused_chunk_gla(
     output_final_state: bool = False,
     state_v_first: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
+    cp_context=None,                             # context parallel: q, k, v, g are this rank's shard (`ops.cp`)
     **kwargs,                                    # `cu_seqlens_cpu` is read; anything else is ignored
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     "`chunk_gla` that walks the chunks in order with one state: less memory, the same results."
     check_no_head_first('fused_chunk_gla', kwargs)
+    if cp_context is not None:
+        from myfla_gla.ops.cp import chunk_gla_cp
+        return chunk_gla_cp(q, k, v, g, scale, cp_context, initial_state, output_final_state, fused=True)
     return _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                         kwargs.get('cu_seqlens_cpu'), True)

@@ -246,6 +246,7 @@ def fused_recurrent_gla(
     cu_seqlens: torch.Tensor | None = None,     # [N+1] int32/int64 boundaries of packed sequences (B must be 1)
     *,
     checkpoint_every: int = 64,                 # (extra) tokens between the states the backward recomputes from
+    cp_context=None,                            # (extra) context parallel: this rank's shard (`myfla_gla.ops.cp`)
     **kwargs,                                   # `transpose_state_layout` (deprecated); others ignored
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # o [B, T, H, V] in q's dtype; final state (float32) or None
     "Gated linear attention, one token at a time, as FLA's `fused_recurrent_gla`; memory-bounded backward."
@@ -257,6 +258,10 @@ def fused_recurrent_gla(
         state_v_first = kwargs.pop('transpose_state_layout')
     check_no_head_first('fused_recurrent_gla', kwargs)
     B, T, H, K, V = check_gla_inputs(q, k, v, gk, gv, cu_seqlens=cu_seqlens, g_name='gk', g_optional=True)
+    if cp_context is not None:
+        from myfla_gla.ops.cp import fused_recurrent_gla_cp
+        return fused_recurrent_gla_cp(q, k, v, gk, gv, scale, cp_context, initial_state, output_final_state, reverse,
+                                      checkpoint_every=checkpoint_every)
     n = check_cu_seqlens(cu_seqlens, B, initial_state)
     N = B if n is None else n
     _check_shapes(q, k, v, gk, gv, initial_state, N, state_v_first)
