@@ -9,4 +9,4 @@ from .modules.norms import *
 from .cache import *
 from .layers.gla import *
 from .models.gla import *
-from .ops.cp import *
+from .ops.cp import FLACPContext, build_cp_context

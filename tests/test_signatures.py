@@ -27,9 +27,7 @@ PATHS = ['', 'layers', 'layers.gla', 'layers.utils', 'ops', 'ops.gla', 'ops.gla.
 
 
 # Accepted gaps, each in the differences table (nbs/99_differences.ipynb): the parameter reaches `**kwargs`
-ACCEPTED = {
-    ('fla.modules.causal_conv1d.causal_conv1d', 'cp_context'),  # context parallelism is not ported
-}
+ACCEPTED: set[tuple[str, str]] = set()
 
 
 def _same_default(a, b) -> bool:
