@@ -5,6 +5,7 @@
 # %% ../../nbs/04_chunk.ipynb #77de4e5f
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -21,9 +22,35 @@ def _halves(x, m):
     return x[..., 0, :, :], x[..., 1, :, :]
 
 
+def _flushing():
+    "Whether this thread flushes denormal floats to zero (PyTorch has no getter: a probe)."
+    return bool(torch.tensor([1e-39]).mul_(1.)[0] == 0)
+
+
+@contextlib.contextmanager
+def _flush_denormals(device):
+    """Denormal floats flushed to zero on this thread for the block's duration, where that covers all the op's
+    work: on a CPU computing with one thread (PyTorch's flag is per thread, and its other threads keep theirs).
+    The previous mode is restored after."""
+    if device.type != 'cpu' or torch.compiler.is_compiling() or torch.get_num_threads() != 1 or _flushing():
+        yield
+        return
+    if not torch.set_flush_denormal(True):   # not supported on this CPU
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def _floor(x):
-    "Smallest decay factor kept where denormal floats are slow (CPUs and others); `None` on CUDA."
+    """Smallest decay factor kept where denormal floats are slow (CPUs and others); `None` on CUDA, and on a CPU
+    thread that flushes denormals to zero (and computes alone, see `_flush_denormals`)."""
     if x.device.type == 'cuda':
+        return None
+    if (x.device.type == 'cpu' and not torch.compiler.is_compiling() and torch.get_num_threads() == 1
+            and _flushing()):
         return None
     return math.exp(-40.) if x.dtype != torch.float64 else math.exp(-350.)
 
@@ -335,8 +362,9 @@ class ChunkGLAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, scale, initial_state, fused, varlen):
         acc = torch.promote_types(q.dtype, torch.float32)
         grid = varlen if varlen is not None else _Fixed(q.shape[0], q.shape[1], _chunk_size(q.shape[1]))
-        o, ht, A = (_fused_fwd if fused else _chunk_fwd)(*(grid.to_chunks(x, acc) for x in (q, k, v, g)),
-                                                         initial_state, grid)
+        with _flush_denormals(q.device):
+            o, ht, A = (_fused_fwd if fused else _chunk_fwd)(*(grid.to_chunks(x, acc) for x in (q, k, v, g)),
+                                                             initial_state, grid)
         ctx.save_for_backward(q, k, v, g, initial_state, A)
         ctx.scale, ctx.fused, ctx.grid = scale, fused, grid
         ctx.set_materialize_grads(False)
@@ -348,7 +376,8 @@ class ChunkGLAFunction(torch.autograd.Function):
         grid, acc = ctx.grid, torch.promote_types(q.dtype, torch.float32)
         qc, kc, vc, gc = (grid.to_chunks(x, acc) for x in (q, k, v, g))
         doc = torch.zeros_like(vc) if do is None else grid.to_chunks(do, acc, ctx.scale)
-        dq, dk, dv, dg, dh0 = (_fused_bwd if ctx.fused else _chunk_bwd)(qc, kc, vc, gc, h0, doc, dht, grid, A)
+        with _flush_denormals(q.device):
+            dq, dk, dv, dg, dh0 = (_fused_bwd if ctx.fused else _chunk_bwd)(qc, kc, vc, gc, h0, doc, dht, grid, A)
         return (grid.from_chunks(dq, q.dtype), grid.from_chunks(dk, k.dtype), grid.from_chunks(dv, v.dtype),
                 grid.from_chunks(dg, g.dtype), None, None if h0 is None else dh0.to(h0.dtype), None, None)
 
