@@ -84,6 +84,13 @@ def _blocks(A, m):
     return A.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
 
 
+_BROADCAST_ROWS = {'cuda': 0}   # levels of at most this many rows as broadcast products, per device type
+
+
+def _broadcast_rows(x):
+    return _BROADCAST_ROWS.get(x.device.type, 0)
+
+
 def _intra_attention(q, k, g):
     "Intra-chunk attention `A[t, s]` (zero for s > t, unscaled) `[..., C, C]`, and the chunk decays exp(b), exp(b_last - b)."
     A = q.new_zeros(q.shape[:-1] + (q.shape[-2],))
@@ -91,11 +98,15 @@ def _intra_attention(q, k, g):
     FP, FE = _token_decays(g)
     half = q.shape[:-2] + (q.shape[-2] // 2, q.shape[-1])
     qt, kt = q.new_empty(half), q.new_empty(half)           # scaled queries / keys, reused by every level
+    rows = _broadcast_rows(q)
     for m, fk, fq in _levels(FP, FE):
         (k0, _), (_, q1) = _halves(k, m), _halves(q, m)
         qm = torch.mul(q1, fq, out=qt.view(fq.shape))
         km = k0 if m == 1 else torch.mul(k0, fk, out=kt.view(fk.shape))   # level 1: E == 1
-        _blocks(A, m).copy_(qm @ km.transpose(-1, -2))
+        if m <= rows:
+            _blocks(A, m).copy_((qm.unsqueeze(-2) * km.unsqueeze(-3)).sum(-1))
+        else:
+            _blocks(A, m).copy_(qm @ km.transpose(-1, -2))
     return A, FP, FE
 
 # %% ../../nbs/04_chunk.ipynb #6eab0a2d
@@ -237,14 +248,18 @@ def _start_state(h0, q, v, grid):
     return grid.sort(h0.to(q.dtype))
 
 
+_KEEP_STATES = False   # keep the forward's chunk states for the backward
+
+
 def _chunk_fwd(q, k, v, g, h0, grid):
-    "Forward in chunk layout: `o` (unscaled), the final state, and the intra-chunk attention (kept for backward)."
+    """Forward in chunk layout: `o` (unscaled), the final state, the intra-chunk attention and the chunk states
+    (the last two for backward)."""
     A, eb, ekb = _intra_attention(q, k, g)
     o = A @ v
     ea = eb[..., -1, :].clone()                             # each chunk's total decay
     states, ht = _walk(ekb.mul_(k).transpose(-1, -2) @ v, ea, _start_state(h0, q, v, grid), grid)
     o.view(-1, *o.shape[-2:]).baddbmm_(eb.mul_(q).view(-1, *q.shape[-2:]), states.view(-1, *states.shape[-2:]))
-    return o, grid.unsort(ht), A
+    return o, grid.unsort(ht), A, states
 
 # %% ../../nbs/04_chunk.ipynb #7985423e
 def _intra_bwd(q, k, g, dA):
@@ -253,16 +268,22 @@ def _intra_bwd(q, k, g, dA):
     FP, FE = _token_decays(g)
     half = q.shape[:-2] + (q.shape[-2] // 2, q.shape[-1])
     qt, kt, tmp = q.new_empty(half), q.new_empty(half), q.new_empty(half)
+    rows = _broadcast_rows(q)
     for m, fk, fq in _levels(FP, FE):
         (k0, _), (_, q1), (dk0, _), (_, dq1) = _halves(k, m), _halves(q, m), _halves(dk, m), _halves(dq, m)
         qm, t = torch.mul(q1, fq, out=qt.view(fq.shape)), tmp.view(fq.shape)
         km = k0 if m == 1 else torch.mul(k0, fk, out=kt.view(fk.shape))
         dAm = _blocks(dA, m)
-        dq1.addcmul_(torch.matmul(dAm, km, out=t), fq)
-        if m == 1:
-            dk0.add_(torch.matmul(dAm.transpose(-1, -2), qm, out=t))
+        if m <= rows:
+            dq1.addcmul_(torch.sum(dAm.unsqueeze(-1) * km.unsqueeze(-3), -2, out=t), fq)
+            dkm = torch.sum(dAm.transpose(-1, -2).unsqueeze(-1) * qm.unsqueeze(-3), -2, out=t)
         else:
-            dk0.addcmul_(torch.matmul(dAm.transpose(-1, -2), qm, out=t), fk)
+            dq1.addcmul_(torch.matmul(dAm, km, out=t), fq)
+            dkm = torch.matmul(dAm.transpose(-1, -2), qm, out=t)
+        if m == 1:
+            dk0.add_(dkm)
+        else:
+            dk0.addcmul_(dkm, fk)
     return dq, dk, FP, FE
 
 
@@ -288,16 +309,18 @@ def _finish_grads(q, k, v, do, dq, dk, dki):
     dk.add_(dki).addcmul_(q, vdo)
 
 
-def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A):
-    "Backward in chunk layout (`do` already scaled): dq, dk, dv, dg, dh0."
+def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
+    "Backward in chunk layout (`do` already scaled): dq, dk, dv, dg, dh0. `states`: the forward's, if it kept them."
     dq, dk, dv, eb, ekb = _intra_grads(q, k, v, g, do, A)
     ea = eb[..., -1, :]
     ke = k * ekb
-    states, ht = _walk(ke.transpose(-1, -2) @ v, ea, _start_state(h0, q, v, grid), grid)
+    kept = states is not None
+    if not kept:
+        states = _walk(ke.transpose(-1, -2) @ v, ea, _start_state(h0, q, v, grid), grid)[0]
     dq.addcmul_(do @ states.transpose(-1, -2), eb)
-    G = q.new_zeros(ht.shape) if dht is None else grid.sort(dht.to(q.dtype))
+    G = q.new_zeros((grid.N,) + states.shape[-3:]) if dht is None else grid.sort(dht.to(q.dtype))
     Gn, G = _walk((q * eb).transpose(-1, -2) @ do, ea, G, grid, reverse=True)
-    c4 = states.mul_(Gn).sum(-1).mul_(ea)
+    c4 = (states * Gn if kept else states.mul_(Gn)).sum(-1).mul_(ea)   # a kept tensor stays as saved
     del states
     dki = (v @ Gn.transpose(-1, -2)).mul_(ekb)
     dv += ke @ Gn
@@ -316,10 +339,10 @@ def _fused_fwd(q, k, v, g, h0, grid):
         grid.put(o, j, grid.take(o, j) + grid.take(qe, j) @ Sj)
         new = torch.addcmul(grid.take(ke, j).transpose(-1, -2) @ grid.take(v, j), grid.take(ea, j)[..., None], Sj)
         S = _advance(grid, S, j, new)
-    return o, grid.unsort(S), A
+    return o, grid.unsort(S), A, None
 
 
-def _fused_bwd(q, k, v, g, h0, do, dht, grid, A):
+def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     dq, dk, dv, eb, ekb = _intra_grads(q, k, v, g, do, A)
     ea = eb[..., -1, :]
     qe, ke = q * eb, k * ekb
@@ -363,21 +386,22 @@ class ChunkGLAFunction(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)
         grid = varlen if varlen is not None else _Fixed(q.shape[0], q.shape[1], _chunk_size(q.shape[1]))
         with _flush_denormals(q.device):
-            o, ht, A = (_fused_fwd if fused else _chunk_fwd)(*(grid.to_chunks(x, acc) for x in (q, k, v, g)),
-                                                             initial_state, grid)
-        ctx.save_for_backward(q, k, v, g, initial_state, A)
+            o, ht, A, states = (_fused_fwd if fused else _chunk_fwd)(
+                *(grid.to_chunks(x, acc) for x in (q, k, v, g)), initial_state, grid)
+        ctx.save_for_backward(q, k, v, g, initial_state, A, states if _KEEP_STATES else None)
         ctx.scale, ctx.fused, ctx.grid = scale, fused, grid
         ctx.set_materialize_grads(False)
         return grid.from_chunks(o, v.dtype, scale), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0, A = ctx.saved_tensors
+        q, k, v, g, h0, A, states = ctx.saved_tensors
         grid, acc = ctx.grid, torch.promote_types(q.dtype, torch.float32)
         qc, kc, vc, gc = (grid.to_chunks(x, acc) for x in (q, k, v, g))
         doc = torch.zeros_like(vc) if do is None else grid.to_chunks(do, acc, ctx.scale)
         with _flush_denormals(q.device):
-            dq, dk, dv, dg, dh0 = (_fused_bwd if ctx.fused else _chunk_bwd)(qc, kc, vc, gc, h0, doc, dht, grid, A)
+            dq, dk, dv, dg, dh0 = (_fused_bwd if ctx.fused else _chunk_bwd)(qc, kc, vc, gc, h0, doc, dht, grid, A,
+                                                                              states)
         return (grid.from_chunks(dq, q.dtype), grid.from_chunks(dk, k.dtype), grid.from_chunks(dv, v.dtype),
                 grid.from_chunks(dg, g.dtype), None, None if h0 is None else dh0.to(h0.dtype), None, None)
 
