@@ -12,7 +12,7 @@ from test_chunk import check
 @pytest.mark.parametrize('rows, keep', [(1, False), (4, True), (64, True)])
 def test_variants(monkeypatch, rows, keep):
     monkeypatch.setitem(chunk._BROADCAST_ROWS, 'cpu', rows)
-    monkeypatch.setattr(chunk, '_KEEP_STATES', keep)
+    monkeypatch.setitem(chunk._KEEP_STATES, 'cpu', keep)
     check(2, 100, 2, 16, 8, torch.float64, ratio=1e-11, fns=(chunk_gla,))
     check(1, 130, 2, 8, 8, torch.float64, cu=[0, 37, 37, 130], ratio=1e-11, fns=(chunk_gla,))
     check(1, 300, 2, 16, 16, torch.float32, normalizer=0.02, fns=(chunk_gla,))
@@ -20,7 +20,7 @@ def test_variants(monkeypatch, rows, keep):
 
 def test_kept_states_twice(monkeypatch):
     "A kept state tensor is not changed by the backward: a second backward through the same graph agrees."
-    monkeypatch.setattr(chunk, '_KEEP_STATES', True)
+    monkeypatch.setitem(chunk._KEEP_STATES, 'cpu', True)
     q, k, v, g = (x.requires_grad_() for x in random_gla_inputs(1, 70, 2, 8, 8, dtype=torch.float64))
     o = chunk_gla(q, k, v, g)[0]
     first = torch.autograd.grad(o.sum(), (q, k, v, g), retain_graph=True)

@@ -1,12 +1,13 @@
 """The speed leads of the chunk chapter's design notes, at the gpu1 shape (bf16), in one process on one card:
 
-    python tests/gpu/chunk_leads.py [eager] [fla] [compile] [--json PATH]
+    python tests/gpu/chunk_leads.py [eager] [fla] [compile] [--eager NAMES] [--compiled NAMES] [--json PATH]
 
 `eager` times `chunk_gla`'s forward and forward+backward (`myfla_gla.bench.time_fn`: median of 20 calls, CUDA events),
 peak memory and error against the float64 recurrence for each switchable variant of `myfla_gla.ops.chunk`: the
 smallest levels as broadcast products (`_BROADCAST_ROWS`), the forward's chunk states kept for the backward
 (`_KEEP_STATES`). `fla` adds FLA's Triton `chunk_gla` (autotuned by its first calls, then timed the same way);
-`compile` the `torch.compile`d op for the variants in `COMPILED`. Also prints the floor (`myfla_gla.floor`)."""
+`compile` the `torch.compile`d op for the variants in `COMPILED`; `--eager`/`--compiled` select variants by name (comma-
+separated). 'default' is the module's own setting. Also prints the floor (`myfla_gla.floor`)."""
 import json
 import sys
 
@@ -21,16 +22,22 @@ q, k, v, g = inp.q, inp.k, inp.v, inp.g
 do = torch.randn_like(v)
 results = []
 
-EAGER = {'dyadic levels': dict(rows=0), 'broadcast m<=1': dict(rows=1), 'broadcast m<=2': dict(rows=2),
-         'broadcast m<=4': dict(rows=4), 'broadcast m<=8': dict(rows=8), 'kept states': dict(keep=True),
+EAGER = {'dyadic levels': dict(rows=0, keep=False), 'broadcast m<=1': dict(rows=1, keep=False),
+         'broadcast m<=2': dict(rows=2, keep=False), 'broadcast m<=4': dict(rows=4, keep=False),
+         'broadcast m<=8': dict(rows=8, keep=False), 'kept states': dict(rows=0, keep=True),
          'broadcast m<=2, kept states': dict(rows=2, keep=True), 'broadcast m<=4, kept states': dict(rows=4, keep=True),
-         'dyadic levels (again)': dict(rows=0)}
-COMPILED = {'dyadic levels': dict(rows=0), 'broadcast m<=4, kept states': dict(rows=4, keep=True),
-            'broadcast m<=2': dict(rows=2)}
+         'dyadic levels (again)': dict(rows=0, keep=False), 'default': {}}
+COMPILED = {'dyadic levels': dict(rows=0, keep=False), 'broadcast m<=4, kept states': dict(rows=4, keep=True),
+            'default': {}}
+DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'])
+if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
+    COMPILED = {k: COMPILED[k] for k in sys.argv[sys.argv.index('--compiled') + 1].split(',')}
+if '--eager' in sys.argv:
+    EAGER = {k: EAGER[k] for k in sys.argv[sys.argv.index('--eager') + 1].split(',')}
 
 
-def variant(rows=0, keep=False):
-    chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES = rows, keep
+def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep']):
+    chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'] = rows, keep
 
 
 def run(name, op):
@@ -64,7 +71,13 @@ if 'compile' in sys.argv:
     for name, kw in COMPILED.items():
         torch._dynamo.reset()
         variant(**kw)
-        run(name + ' (compiled)', torch.compile(chunk_gla))
+        compiled = torch.compile(chunk_gla)
+        run(name + ' (compiled)', compiled)
+        got = torch.autograd.grad(compiled(q, k, v, g)[0], (q, k, v, g), do)
+        variant(rows=0, keep=False)
+        want = torch.autograd.grad(chunk_gla(q, k, v, g)[0], (q, k, v, g), do)
+        print('  gradients against eager dyadic levels, largest relative RMS difference:',
+              f"{max(bench.get_err_ratio(w.double(), x.double()) for w, x in zip(want, got)):.1e}", flush=True)
     variant()
 if '--json' in sys.argv:
     with open(sys.argv[sys.argv.index('--json') + 1], 'w') as f:
