@@ -14,7 +14,7 @@ from .ops.recurrent import reference_recurrent_gla
 
 # %% auto #0
 __all__ = ['DEFAULT_RATIO', 'get_abs_err', 'get_err_ratio', 'assert_close', 'compare', 'random_gla_inputs', 'op_inputs', 'run_op',
-           'reference_op', 'compare_op', 'check_devices', 'check_dtypes', 'fla_available']
+           'reference_op', 'run_reference', 'compare_op', 'check_devices', 'check_dtypes', 'fla_available']
 
 # %% ../nbs/00b_testing.ipynb #7c20d0ed
 def get_abs_err(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -135,6 +135,10 @@ def reference_op(q, k, v, g=None, gv=None, **kw):
     "The float64 reference under the chunk ops' gate name `g`: `reference_recurrent_gla` (outputs in float64)."
     return reference_recurrent_gla(q, k, v, g, gv, **kw)
 
+def run_reference(inputs: dict, **kw) -> dict:
+    "`run_op` of the float64 reference on the inputs upcast to float64 (exactly): outputs and gradients in float64."
+    return run_op(reference_op, {n: None if x is None else x.double() for n, x in inputs.items()}, 'g', **kw)
+
 def compare_op(
     op,                                # the op under test
     inputs: dict,                      # from `op_inputs`
@@ -143,8 +147,7 @@ def compare_op(
     **kw,                              # passed to both the op and the reference
 ) -> tuple[dict, dict]:                # relative RMS error by name, and the op's results
     "Every output and gradient of `op` against the float64 reference; AssertionError naming every tensor out of bounds."
-    ref = run_op(reference_op, {n: None if x is None else x.double() for n, x in inputs.items()}, 'g', **kw)
-    got = run_op(op, inputs, gate, **kw)
+    ref, got = run_reference(inputs, **kw), run_op(op, inputs, gate, **kw)
     def bound(x):
         if ratio is None:
             return DEFAULT_RATIO[inputs['q'].dtype]
