@@ -69,7 +69,6 @@ def memo(key, fn):
 # %% ../nbs/07_selfcheck.ipynb #234550ac
 GATE_ARG = {'naive_recurrent_gla': 'gk', 'fused_recurrent_gla': 'gk', 'chunk_gla': 'g', 'fused_chunk_gla': 'g'}
 
-
 # %% ../nbs/07_selfcheck.ipynb #8c9a9398
 def check_op(name: str, device, dtype, varlen=False, normalizer=1., T=100, bound=None):
     "One op, forward and backward, against the float64 recurrence: (pairs, ms, bound, note)."

@@ -15,7 +15,8 @@ __all__ = ['ACT2FN', 'get_unpad_data', 'index_first_axis', 'index_put_first_axis
            'prepare_cu_seqlens_from_lens', 'prepare_cu_seqlens_from_mask', 'prepare_position_ids',
            'prepare_sequence_ids', 'prepare_token_indices', 'prepare_chunk_indices', 'prepare_chunk_offsets',
            'prepare_split_cu_seqlens', 'check_cu_seqlens', 'sigmoid', 'logsigmoid', 'swish', 'sqrelu', 'gelu',
-           'bias_gelu', 'identity']
+           'bias_gelu', 'identity', 'get_abs_err', 'get_err_ratio', 'assert_close', 'DEFAULT_RATIO',
+           'random_gla_inputs', 'check_devices', 'check_dtypes', 'fla_available']
 
 # %% ../nbs/00_utils.ipynb #13540363
 def _check_mask(attention_mask: torch.Tensor):
@@ -281,12 +282,12 @@ ACT2FN = _ActTable(relu=F.relu, sigmoid=sigmoid, logsigmoid=logsigmoid, silu=swi
                    sqrelu=sqrelu, gelu=gelu, bias_gelu=bias_gelu, identity=identity)
 
 # %% ../nbs/00_utils.ipynb #b3f9d6e2
-_TESTING_NAMES = ('get_abs_err', 'get_err_ratio', 'assert_close', 'DEFAULT_RATIO', 'random_gla_inputs',
-                  'check_devices', 'check_dtypes', 'fla_available')
+_all_ = ['get_abs_err', 'get_err_ratio', 'assert_close', 'DEFAULT_RATIO', 'random_gla_inputs',
+         'check_devices', 'check_dtypes', 'fla_available']   # (so `from myfla_gla.utils import *` still has them)
 
 def __getattr__(name):
     "The check helpers of `myfla_gla.testing`, importable from `myfla_gla.utils` too."
-    if name in _TESTING_NAMES:
+    if name in _all_:
         from myfla_gla import testing
         return getattr(testing, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
