@@ -66,10 +66,9 @@ def memo(key, fn):
         _memo[key] = fn()
     return _memo[key]
 
-# %% ../nbs/07_selfcheck.ipynb #234550ac
+# %% ../nbs/07_selfcheck.ipynb #8c9a9398
 GATE_ARG = {'naive_recurrent_gla': 'gk', 'fused_recurrent_gla': 'gk', 'chunk_gla': 'g', 'fused_chunk_gla': 'g'}
 
-# %% ../nbs/07_selfcheck.ipynb #8c9a9398
 def check_op(name: str, device, dtype, varlen=False, normalizer=1., T=100, bound=None):
     "One op, forward and backward, against the float64 recurrence: (pairs, ms, bound, note)."
     op = piece(name)
