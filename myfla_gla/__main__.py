@@ -16,15 +16,14 @@ import torch.nn.functional as F
 
 import myfla_gla
 from .ops.recurrent import naive_recurrent_gla as reference_gla
-from .utils import (DEFAULT_RATIO, assert_close, check_devices, check_dtypes, fla_available, get_err_ratio,
-                             random_gla_inputs)
+from .testing import (DEFAULT_RATIO, check_devices, check_dtypes, compare, fla_available, get_err_ratio,
+                               op_inputs, reference_op, run_op, run_reference)
 
 # %% auto #0
 __all__ = ['GATE_ARG', 'LAYER_CONFIG', 'LAYER_RATIO', 'FLA_RATIO', 'FLA_LAYER_RATIO', 'OPS', 'MODULES', 'MODES', 'CheckResult',
-           'compare', 'piece', 'memo', 'reference_op', 'run_op', 'op_inputs', 'check_op', 'check_module', 'check_layer',
-           'check_decoding', 'check_padding', 'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check',
-           'format_row', 'format_header', 'selfcheck', 'positive_int', 'available_device', 'make_parser', 'parse_args',
-           'main']
+           'piece', 'memo', 'check_op', 'check_module', 'check_layer', 'check_decoding', 'check_padding',
+           'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check', 'format_row', 'format_header',
+           'selfcheck', 'positive_int', 'available_device', 'make_parser', 'parse_args', 'main']
 
 # %% ../nbs/07_selfcheck.ipynb #5887a571
 @dataclass
@@ -39,30 +38,6 @@ class CheckResult:
     worst: str = ''             # the tensor that gave `err`
     ms: float | None = None     # time of the code under test, first call (one-off costs included)
     note: str = ''
-
-# %% ../nbs/07_selfcheck.ipynb #7016504a
-def compare(
-    pairs: dict[str, tuple],  # name: (reference, result) or (reference, result, bound of this pair)
-    bound: float,
-) -> tuple[bool, float, str, str]:  # ok, worst error, worst name, failure messages
-    "Relative RMS errors of every pair (via `assert_close`): whether all are within their bounds, and the worst."
-    ok, worst, worst_name, msgs = True, 0., '', []
-    for name, (ref, x, *b) in pairs.items():
-        bound_ = b[0] if b else bound
-        if x is None:
-            ok, err = False, math.inf
-            msgs.append(f'{name}: missing (None)')
-        else:
-            try:
-                err, _ = assert_close(name, ref, x, bound_)
-            except AssertionError as e:
-                ok = False
-                msgs.append(str(e))
-                err = get_err_ratio(ref, x) if tuple(ref.shape) == tuple(x.shape) else math.inf
-                err = math.inf if math.isnan(err) else err
-        if err >= worst:
-            worst, worst_name = err, name
-    return ok, worst, worst_name, '; '.join(msgs)
 
 # %% ../nbs/07_selfcheck.ipynb #16c9fe13
 def piece(name: str):
@@ -82,7 +57,6 @@ def _timed(device, fn):
     return out, 1e3 * (time.perf_counter() - t)
 
 _name = lambda dtype: str(dtype).replace('torch.', '')
-_state_dtype = lambda dtype: torch.float64 if dtype == torch.float64 else torch.float32  # FLA: float32 states
 
 _memo = {}
 
@@ -92,41 +66,8 @@ def memo(key, fn):
         _memo[key] = fn()
     return _memo[key]
 
-# %% ../nbs/07_selfcheck.ipynb #234550ac
-GATE_ARG = {'naive_recurrent_gla': 'gk', 'fused_recurrent_gla': 'gk', 'chunk_gla': 'g', 'fused_chunk_gla': 'g'}
-
-def reference_op(q, k, v, gk, initial_state=None, output_final_state=False, cu_seqlens=None):
-    "`naive_recurrent_gla` in float64; packed input one sequence at a time."
-    args = [t.double() for t in (q, k, v, gk)]
-    h0 = None if initial_state is None else initial_state.double()
-    if cu_seqlens is None:
-        return reference_gla(*args, h0, output_final_state)
-    os, hs = [], []
-    for n, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
-        o, h = reference_gla(*(t[:, s:e] for t in args), None if h0 is None else h0[n:n + 1], True)
-        os.append(o)
-        hs.append(h)
-    return torch.cat(os, 1), (torch.cat(hs) if output_final_state else None)
-
-def run_op(op, gate: str, inputs: dict, cu_seqlens=None) -> dict:
-    "Forward and backward of one op with `inputs` (q, k, v, g, h0, do, dht): outputs and gradients by name."
-    leaves = [inputs[n].detach().clone().requires_grad_() for n in ('q', 'k', 'v', 'g', 'h0')]
-    kw = {} if cu_seqlens is None else {'cu_seqlens': cu_seqlens}
-    o, ht = op(q=leaves[0], k=leaves[1], v=leaves[2], **{gate: leaves[3]}, initial_state=leaves[4],
-               output_final_state=True, **kw)
-    if ht is None:
-        raise AssertionError('output_final_state=True gave no final state')
-    grads = torch.autograd.grad((o, ht), leaves, (inputs['do'].to(o.dtype), inputs['dht'].to(ht.dtype)))
-    return dict(o=o, ht=ht, **{f'd{n}': g_ for n, g_ in zip(('q', 'k', 'v', 'g', 'h0'), grads)})
-
 # %% ../nbs/07_selfcheck.ipynb #8c9a9398
-def op_inputs(device, dtype, B=2, T=100, H=2, K=32, V=48, normalizer=1., cu_seqlens=None, seed=0) -> dict:
-    "q, k, v, g as in FLA's tests, an initial state, and the output gradients, all rounded to their dtypes."
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v, g = random_gla_inputs(B, T, H, K, V, normalizer, dtype=dtype, device=device, generator=gen)
-    N, sd = (B if cu_seqlens is None else len(cu_seqlens) - 1), _state_dtype(dtype)
-    rand = lambda *s, dt: torch.rand(*s, generator=gen, dtype=torch.float64).to(device=device, dtype=dt)
-    return dict(q=q, k=k, v=v, g=g, h0=rand(N, H, K, V, dt=sd), do=rand(B, T, H, V, dt=dtype), dht=rand(N, H, K, V, dt=sd))
+GATE_ARG = {'naive_recurrent_gla': 'gk', 'fused_recurrent_gla': 'gk', 'chunk_gla': 'g', 'fused_chunk_gla': 'g'}
 
 def check_op(name: str, device, dtype, varlen=False, normalizer=1., T=100, bound=None):
     "One op, forward and backward, against the float64 recurrence: (pairs, ms, bound, note)."
@@ -134,9 +75,10 @@ def check_op(name: str, device, dtype, varlen=False, normalizer=1., T=100, bound
     if op is None:
         return None
     cu = torch.tensor([0, 37, 37, T], device=device) if varlen else None  # includes a zero-length sequence
+    kw = {} if cu is None else {'cu_seqlens': cu}   # (naive_recurrent_gla takes no cu_seqlens)
     inputs = op_inputs(device, dtype, B=1 if varlen else 2, T=T, normalizer=normalizer, cu_seqlens=cu)
-    ref = memo(('op', str(device), dtype, T, normalizer, varlen), lambda: run_op(reference_op, 'gk', inputs, cu))
-    out, ms = _timed(device, lambda: run_op(op, GATE_ARG[name], inputs, cu))
+    ref = memo(('op', str(device), dtype, T, normalizer, varlen), lambda: run_reference(inputs, **kw))
+    out, ms = _timed(device, lambda: run_op(op, inputs, GATE_ARG[name], **kw))
     return {n: (ref[n], out[n]) for n in ref}, ms, bound or DEFAULT_RATIO[dtype], ''
 
 # %% ../nbs/07_selfcheck.ipynb #da281608
@@ -293,9 +235,9 @@ def check_fla_op(name, device, dtype, T=100):
         return None
     inputs = op_inputs(device, dtype, T=T)
     inputs['h0'] = inputs['h0'].float()  # FLA's chunk_gla asserts a float32 initial state
-    ref = memo(('fla op', str(device), dtype, T), lambda: run_op(reference_op, 'gk', inputs))
-    mine = run_op(ours, GATE_ARG[name], inputs)
-    theirs, ms = _timed(device, lambda: run_op(_fla(name), GATE_ARG[name], inputs))
+    ref = memo(('fla op', str(device), dtype, T), lambda: run_reference(inputs))
+    mine = run_op(ours, inputs, GATE_ARG[name])
+    theirs, ms = _timed(device, lambda: run_op(_fla(name), inputs, GATE_ARG[name]))
     pairs, note = _against_fla(ref, mine, theirs, lambda n: FLA_RATIO[dtype])
     return pairs, ms, FLA_RATIO[dtype], note
 

@@ -5,59 +5,25 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from myfla_gla import (DEFAULT_RATIO, assert_close, chunk_gla, fused_chunk_gla, get_err_ratio, naive_recurrent_gla,
-                       random_gla_inputs)
+from myfla_gla import assert_close, chunk_gla, fused_chunk_gla, naive_recurrent_gla, random_gla_inputs
+from myfla_gla.testing import compare_op, op_inputs, run_op, run_reference
 
 NAMES = ['o', 'ht', 'dq', 'dk', 'dv', 'dg', 'dh0']
-
-
-def reference(q, k, v, g, h0, cu, scale):
-    "Float64 recurrence, one packed sequence at a time."
-    q, k, v, g = (x.double() for x in (q, k, v, g))
-    q = q * scale * q.shape[-1] ** 0.5
-    h0 = None if h0 is None else h0.double()
-    if cu is None:
-        return naive_recurrent_gla(q, k, v, g, h0, output_final_state=True)
-    outs = [naive_recurrent_gla(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], None if h0 is None else h0[n:n + 1],
-                                output_final_state=True) for n, (s, e) in enumerate(zip(cu[:-1], cu[1:]))]
-    return torch.cat([o for o, _ in outs], 1), torch.cat([h for _, h in outs])
-
-
-def run(fn, q, k, v, g, h0, do, dht, **kw):
-    "[o, ht, dq, dk, dv, dg, dh0] for the loss sum(o * do) + sum(ht * dht) (dht None: no gradient through ht)."
-    xs = [None if x is None else x.detach().clone().requires_grad_() for x in (q, k, v, g, h0)]
-    o, ht = fn(*xs[:4], initial_state=xs[4], output_final_state=True, **kw)
-    loss = (o * do).sum() + (0 if dht is None else (ht * dht).sum())
-    wrt = [x for x in xs if x is not None]
-    grads = list(torch.autograd.grad(loss, wrt, allow_unused=True)) if loss.requires_grad else [None] * len(wrt)
-    grads = [torch.zeros_like(x) if d is None else d for x, d in zip(wrt, grads)]   # (an empty input has no graph)
-    return [o, ht] + grads
 
 
 def check(B, T, H, K, V, dtype=torch.float32, normalizer=1., cu=None, h0=True, dht=True, clamp_min=None,
           scale=None, fns=(chunk_gla, fused_chunk_gla), ratio=None, state_v_first=False):
     "Every output and gradient of each fn against the float64 recurrence on the same (rounded) inputs."
-    q, k, v, g = random_gla_inputs(B, T, H, K, V, gate_logit_normalizer=normalizer, dtype=dtype)
+    x = op_inputs('cpu', dtype, B, T, H, K, V, normalizer, cu_seqlens=cu, seed=None, h0=h0, dht=dht)
     if clamp_min is not None:
-        g = g.clamp_min(clamp_min)
-    N, sdt = (B if cu is None else len(cu) - 1), torch.promote_types(dtype, torch.float32)
-    s0 = torch.rand(N, H, K, V, dtype=sdt) if h0 else None
-    do = torch.rand(B, T, H, V, dtype=dtype)
-    ds = torch.rand(N, H, K, V, dtype=sdt) if dht else None
-    sc = K ** -0.5 if scale is None else scale
-    ref = run(lambda *a, initial_state, output_final_state: reference(*a, initial_state, cu, sc),
-              q, k, v, g, s0, do.double(), None if ds is None else ds.double())
-    cut = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    t = (lambda x: None if x is None else x.transpose(-1, -2)) if state_v_first else (lambda x: x)
-    errs = {}
+        x['g'] = x['g'].clamp_min(clamp_min)
+    kw = dict(scale=scale, state_v_first=state_v_first, cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int32))
+    ref, errs = run_reference(x, **kw), {}
     for fn in fns:
-        res = run(fn, q, k, v, g, t(s0), do, t(ds), scale=scale, cu_seqlens=cut, state_v_first=state_v_first)
-        res[1] = t(res[1])
-        if h0:
-            res[-1] = t(res[-1])
-        assert res[0].dtype == v.dtype and res[1].dtype == sdt and res[0].shape == (B, T, H, V)
-        errs[fn.__name__] = [assert_close(f'{fn.__name__} {name}', r, x, ratio or DEFAULT_RATIO[dtype])[0]
-                             for name, r, x in zip(NAMES, ref, res)]
+        e, res = compare_op(fn, x, 'g', ratio, reference=ref, **kw)
+        assert res['o'].dtype == dtype and res['o'].shape == (B, T, H, V)
+        assert res['ht'].dtype == torch.promote_types(dtype, torch.float32)
+        errs[fn.__name__] = list(e.values())
     return errs
 
 
@@ -100,8 +66,7 @@ def test_lengths_around_chunk_boundaries(T):
 
 def test_strong_gates_T1024():
     "gate_logit_normalizer 0.02 (about -25 a token): float32 still within 1e-5 of float64, gradients included."
-    errs = check(1, 1024, 2, 32, 32, torch.float32, normalizer=0.02)
-    assert max(max(e) for e in errs.values()) < 1e-5
+    check(1, 1024, 2, 32, 32, torch.float32, normalizer=0.02)
 
 
 def test_clamp_min_gates():
@@ -113,39 +78,35 @@ def test_clamp_min_gates():
 def test_strong_gates_T4096():
     """T=4096 at normalizer 0.02, float32: the forward pass against the float64 recurrence, gradients against the
     float64 chunk form (which the other tests hold to the recurrence within 1e-12)."""
-    q, k, v, g = random_gla_inputs(1, 4096, 1, 32, gate_logit_normalizer=0.02)
-    h0 = torch.rand(1, 1, 32, 32)
-    o_ref, h_ref = naive_recurrent_gla(*(x.double() for x in (q, k, v, g)), h0.double(), output_final_state=True)
-    do, dht = torch.rand_like(o_ref), torch.rand_like(h_ref)
-    ref = run(chunk_gla, *(x.double() for x in (q, k, v, g, h0)), do, dht)
-    assert_close('o64', o_ref, ref[0], 1e-12), assert_close('ht64', h_ref, ref[1], 1e-12)
+    x = op_inputs('cpu', torch.float32, 1, 4096, 1, 32, 32, 0.02, seed=None)
+    x64 = {n: None if t is None else t.double() for n, t in x.items()}
+    o_ref, h_ref = naive_recurrent_gla(x64['q'], x64['k'], x64['v'], x64['g'], x64['h0'], output_final_state=True)
+    ref = run_op(chunk_gla, x64)
+    assert_close('o64', o_ref, ref['o'], 1e-12), assert_close('ht64', h_ref, ref['ht'], 1e-12)
     for fn in (chunk_gla, fused_chunk_gla):
-        res = run(fn, q, k, v, g, h0, do.float(), dht.float())
-        for name, r, x in zip(NAMES, ref, res):
-            assert_close(f'{fn.__name__} {name}', r, x, 1e-5)
+        compare_op(fn, x, 'g', 1e-5, reference=ref)
 
 
 def test_extreme_gates_stay_finite():
     "Gates of -1000 and of exactly 0, large inputs: no NaN or inf anywhere."
-    q, k, v, g = random_gla_inputs(2, 150, 2, 8)
-    g = torch.where(torch.rand_like(g) < 0.5, torch.full_like(g, -1000.), torch.zeros_like(g))
+    x = op_inputs('cpu', torch.float32, 2, 150, 2, 8, 8, seed=None, h0=False)
+    x['g'] = torch.where(torch.rand_like(x['g']) < 0.5, torch.full_like(x['g'], -1000.), torch.zeros_like(x['g']))
+    for n in ('q', 'k', 'v'):
+        x[n] = x[n] * 30
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        res = run(chunk_gla, *(x.to(dtype) * s for x, s in zip((q, k, v, g), (30, 30, 30, 1))), None,
-                  torch.rand(2, 150, 2, 8, dtype=dtype), torch.rand(2, 2, 8, 8))
-        assert all(torch.isfinite(x).all() for x in res)
+        res = run_op(chunk_gla, {n: t if n == 'dht' else t.to(dtype) for n, t in x.items() if t is not None})
+        assert all(torch.isfinite(t).all() for t in res.values())
     check(2, 150, 2, 8, 8, torch.float64, normalizer=0.001, ratio=1e-12)
 
 
 def test_fused_matches_chunk():
     "Same inputs, same numbers to float32 rounding; also with an initial state and packed sequences."
     for cu in (None, [0, 0, 70, 200, 200]):
-        B = 2 if cu is None else 1
-        q, k, v, g = random_gla_inputs(B, 200, 2, 16, 8)
-        h0 = torch.rand(B if cu is None else 4, 2, 16, 8)
+        x = op_inputs('cpu', torch.float32, 2 if cu is None else 1, 200, 2, 16, 8, cu_seqlens=cu, seed=None)
         kw = dict(cu_seqlens=None if cu is None else torch.tensor(cu))
-        do, dht = torch.rand(B, 200, 2, 8), torch.rand_like(h0)
-        for a, b_ in zip(run(chunk_gla, q, k, v, g, h0, do, dht, **kw), run(fused_chunk_gla, q, k, v, g, h0, do, dht, **kw)):
-            assert_close('fused vs chunk', a, b_, 1e-6)
+        a, b_ = run_op(chunk_gla, x, **kw), run_op(fused_chunk_gla, x, **kw)
+        for n in a:
+            assert_close(f'fused vs chunk {n}', a[n], b_[n], 1e-6)
 
 
 def test_no_initial_state_no_final_state_gradient():
@@ -246,13 +207,13 @@ def test_property_varlen(lens, K, gate, h0, dtype):
 @pytest.mark.parametrize('cu', [None, [0, 0, 70, 200, 201]])
 def test_compiled_walk_stacks_the_states(cu, monkeypatch):
     "The walk's path under torch.compile (entered states stacked, not written in place) gives the eager numbers."
-    q, k, v, g = random_gla_inputs(1, 201, 2, 8)
-    h0, do = torch.rand(1 if cu is None else 4, 2, 8, 8), torch.rand(1, 201, 2, 8)
+    x = op_inputs('cpu', torch.float32, 1, 201, 2, 8, 8, cu_seqlens=cu, seed=None)
     kw = dict(cu_seqlens=None if cu is None else torch.tensor(cu))
-    eager = run(chunk_gla, q, k, v, g, h0, do, h0, **kw)
+    eager = run_op(chunk_gla, x, **kw)
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
-    for name, a, b in zip(NAMES, eager, run(chunk_gla, q, k, v, g, h0, do, h0, **kw)):
-        assert torch.equal(a, b), name
+    compiled = run_op(chunk_gla, x, **kw)
+    for name in NAMES:
+        assert torch.equal(eager[name], compiled[name]), name
 
 
 @pytest.mark.compile

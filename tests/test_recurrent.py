@@ -9,44 +9,20 @@ from hypothesis import given, settings, strategies as st
 
 from myfla_gla import (DEFAULT_RATIO, assert_close, fused_recurrent_gla, naive_recurrent_gla, random_gla_inputs,
                        reference_recurrent_gla)
-
-NAMES = ('o', 'ht', 'dq', 'dk', 'dv', 'dgk', 'dgv', 'dh0')
-
-
-def run(op, inputs, do, dht, **kw):
-    "Outputs and gradients with FLA's test loss sum(o * do) + sum(ht * dht); inputs cloned into fresh leaves."
-    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
-    q, k, v, gk, gv, h0 = leaves
-    o, ht = op(q, k, v, gk, gv, initial_state=h0, output_final_state=True, **kw)
-    ((o * do.to(o.dtype)).sum() + (ht * dht.to(ht.dtype)).sum()).backward()
-    return dict(zip(NAMES, [o, ht] + [None if x is None else x.grad for x in leaves[:6]]))
+from myfla_gla.testing import compare_op, op_inputs, run_op
 
 
-def make(B, T, H, K, V=None, norm=1., dtype=torch.float32, use_gk=True, use_gv=False, h0=True, N=None,
-         state_v_first=False):
-    "FLA's test inputs: q, k, v ~ U[0,1), log gates logsigmoid(U)/norm, h0 ~ U[0,1) in float32 (float64 for float64)."
-    V = V or K
-    N = N or B
-    q, k, v, gk = random_gla_inputs(B, T, H, K, V, gate_logit_normalizer=norm, dtype=dtype)
-    gv = random_gla_inputs(B, T, H, V, gate_logit_normalizer=norm, dtype=dtype)[3] if use_gv else None
-    shape = (N, H, V, K) if state_v_first else (N, H, K, V)
-    sdtype = torch.promote_types(dtype, torch.float32)
-    h = torch.rand(shape, dtype=sdtype) if h0 else None
-    do, dht = torch.randn(B, T, H, V, dtype=dtype), torch.randn(shape, dtype=sdtype)
-    return (q, k, v, gk if use_gk else None, gv, h), do, dht
+def make(B, T, H, K, V=None, norm=1., dtype=torch.float32, use_gk=True, use_gv=False, h0=True, cu=None):
+    "FLA's test inputs (`op_inputs`), without the key gate when `use_gk` is False."
+    x = op_inputs('cpu', dtype, B, T, H, K, V or K, norm, cu_seqlens=cu, seed=None, gv=use_gv, h0=h0)
+    if not use_gk:
+        x['g'] = None
+    return x
 
 
-def compare(inputs, do, dht, ratio=None, **kw):
-    "Every output and gradient of fused_recurrent_gla vs autograd through the float64 reference."
-    ref = run(reference_recurrent_gla, [None if x is None else x.double() for x in inputs], do.double(),
-              dht.double(), **kw)
-    got = run(fused_recurrent_gla, inputs, do, dht, **kw)
-    for n in NAMES:
-        if ref[n] is None:
-            assert got[n] is None or not got[n].any(), n   # (an empty input's gradient may be empty or absent)
-            continue
-        assert_close(n, ref[n], got[n], ratio or DEFAULT_RATIO[got[n].dtype])
-    return got
+def compare(x, **kw):
+    "Every output and gradient of fused_recurrent_gla vs the float64 reference, each at the bound of its own dtype."
+    return compare_op(fused_recurrent_gla, x, 'gk', DEFAULT_RATIO, **kw)[1]
 
 
 # --- FLA's matrices (tests/ops/test_gla.py) at CPU-sized T -------------------------------------------------------
@@ -63,28 +39,25 @@ def compare(inputs, do, dht, ratio=None, **kw):
     (2, 70, 2, 64, 1, torch.bfloat16),
 ])
 def test_fused_recurrent(B, T, H, D, norm, dtype):
-    inputs, do, dht = make(B, T, H, D, norm=norm, dtype=dtype)
-    got = compare(inputs, do, dht)
+    got = compare(make(B, T, H, D, norm=norm, dtype=dtype))
     assert got['o'].dtype == dtype and got['ht'].dtype == torch.float32 and got['dh0'].dtype == torch.float32
-    assert all(got[n].dtype == dtype for n in ('dq', 'dk', 'dv', 'dgk'))
+    assert all(got[n].dtype == dtype for n in ('dq', 'dk', 'dv', 'dg'))
 
 
 @pytest.mark.parametrize('B, T, H, D, dtype', [(2, 256, 2, 64, torch.float32), (2, 100, 2, 128, torch.float16)])
 def test_fused_recurrent_state_v_first(B, T, H, D, dtype):
-    inputs, do, dht = make(B, T, H, D, dtype=dtype)
-    kv = run(fused_recurrent_gla, inputs, do, dht)
+    x = make(B, T, H, D, dtype=dtype)
+    kv = run_op(fused_recurrent_gla, x, 'gk')
+    vk = run_op(fused_recurrent_gla, x, 'gk', state_v_first=True)   # states go in and come back transposed
+    for n in kv:
+        assert_close(n, kv[n].double(), vk[n], 1e-6 if dtype == torch.float32 else 1e-3)
+    compare(x, state_v_first=True)
     t = lambda x: x.transpose(-1, -2).contiguous()
-    vk = run(fused_recurrent_gla, inputs[:5] + (t(inputs[5]),), do, t(dht), state_v_first=True)
-    for n in NAMES:
-        if kv[n] is not None:
-            a, b = kv[n], (t(vk[n]) if n in ('ht', 'dh0') else vk[n])
-            assert_close(n, a.double(), b, 1e-6 if dtype == torch.float32 else 1e-3)
-    compare(inputs[:5] + (t(inputs[5]),), do, t(dht), state_v_first=True)
-    q, k, v, gk = inputs[:4]
+    q, k, v, gk = x['q'], x['k'], x['v'], x['g']
     with pytest.warns(DeprecationWarning):
-        o, ht = fused_recurrent_gla(q, k, v, gk, initial_state=t(inputs[5]), output_final_state=True,
+        o, ht = fused_recurrent_gla(q, k, v, gk, initial_state=t(x['h0']), output_final_state=True,
                                     transpose_state_layout=True)
-    assert torch.equal(ht, vk['ht'].detach())
+    assert torch.equal(t(ht), vk['ht'].detach())
     with pytest.raises(ValueError, match='transpose_state_layout'):
         fused_recurrent_gla(q, k, v, gk, state_v_first=True, transpose_state_layout=True)
     with pytest.raises(ValueError, match='transpose_state_layout'):  # as FLA: any value together with True
@@ -101,21 +74,20 @@ def test_fused_recurrent_state_v_first(B, T, H, D, dtype):
 ])
 @pytest.mark.parametrize('cu_dtype', [torch.int32, torch.int64])
 def test_fused_recurrent_varlen(H, D, cu, dtype, cu_dtype):
-    inputs, do, dht = make(1, cu[-1], H, D, dtype=dtype, N=len(cu) - 1)
-    got = compare(inputs, do, dht, cu_seqlens=torch.tensor(cu, dtype=cu_dtype))
+    x = make(1, cu[-1], H, D, dtype=dtype, cu=cu)
+    got = compare(x, cu_seqlens=torch.tensor(cu, dtype=cu_dtype))
     for n, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
         if s == e:  # an empty sequence passes its state, and the gradient of its final state, through unchanged
-            assert torch.equal(got['ht'][n], inputs[5][n])
-            assert torch.equal(got['dh0'][n], dht[n])
+            assert torch.equal(got['ht'][n], x['h0'][n])
+            assert torch.equal(got['dh0'][n], x['dht'][n])
 
 
 def test_varlen_equals_batch():
-    inputs, do, dht = make(3, 50, 2, 16, use_gv=True)
-    flat = lambda x: None if x is None else x.reshape(1, -1, *x.shape[2:])
-    a = run(fused_recurrent_gla, inputs, do, dht, reverse=True)
-    b = run(fused_recurrent_gla, [flat(x) for x in inputs[:5]] + [inputs[5]], flat(do), dht, reverse=True,
-            cu_seqlens=torch.tensor([0, 50, 100, 150]))
-    for n in NAMES:
+    x = make(3, 50, 2, 16, use_gv=True)
+    packed = {n: t if n in ('h0', 'dht') else t.reshape(1, -1, *t.shape[2:]) for n, t in x.items()}
+    a = run_op(fused_recurrent_gla, x, 'gk', reverse=True)
+    b = run_op(fused_recurrent_gla, packed, 'gk', reverse=True, cu_seqlens=torch.tensor([0, 50, 100, 150]))
+    for n in a:
         x = b[n] if n in ('ht', 'dh0') else b[n].reshape(a[n].shape)
         assert_close(n, a[n], x, 1e-6)
 
@@ -144,16 +116,15 @@ def test_varlen_equals_batch():
 def test_options(opts, dtype):
     opts = dict(opts)
     shape = dict(B=2, T=opts.pop('T', 77), H=2, K=opts.pop('K', 32), V=opts.pop('V', None))
-    kw = {n: opts.pop(n) for n in ('scale', 'reverse') if n in opts}
-    inputs, do, dht = make(**shape, dtype=dtype, **opts)
-    compare(inputs, do, dht, state_v_first=opts.get('state_v_first', False), **kw)
+    kw = {n: opts.pop(n) for n in ('scale', 'reverse', 'state_v_first') if n in opts}
+    compare(make(**shape, dtype=dtype, **opts), **kw)
 
 
 @pytest.mark.parametrize('T', [0, 1, 2, 5])
 def test_short_and_empty(T):
-    inputs, do, dht = make(2, T, 2, 8, use_gv=True, dtype=torch.float64)
-    compare(inputs, do, dht)
-    q, k, v, gk, gv, h0 = inputs
+    x = make(2, T, 2, 8, use_gv=True, dtype=torch.float64)
+    compare(x)
+    q, k, v, gk, gv, h0 = (x[n] for n in ('q', 'k', 'v', 'g', 'gv', 'h0'))
     o, ht = fused_recurrent_gla(q, k, v, gk, gv, output_final_state=True)
     assert o.shape == (2, T, 2, 8) and ht.shape == (2, 2, 8, 8)
     if T == 0:
@@ -162,11 +133,11 @@ def test_short_and_empty(T):
 
 
 def test_checkpoint_interval_does_not_change_results():
-    inputs, do, dht = make(2, 40, 2, 8, use_gv=True, dtype=torch.float64)
-    ref = run(fused_recurrent_gla, inputs, do, dht, reverse=True)
+    x = make(2, 40, 2, 8, use_gv=True, dtype=torch.float64)
+    ref = run_op(fused_recurrent_gla, x, 'gk', reverse=True)
     for every in (1, 3, 39, 40, 1000):
-        got = run(fused_recurrent_gla, inputs, do, dht, reverse=True, checkpoint_every=every)
-        for n in NAMES:
+        got = run_op(fused_recurrent_gla, x, 'gk', reverse=True, checkpoint_every=every)
+        for n in ref:
             assert_close(n, ref[n], got[n], 1e-14)
 
 

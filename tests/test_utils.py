@@ -91,3 +91,15 @@ def test_activations_keep_dtype_and_reject_unknown():
         assert_close(name, ref, y, 1e-3)
     with pytest.raises(KeyError, match='tanh'):
         ACT2FN['tanh']
+
+
+def test_check_helpers_have_one_definition():
+    "The check helpers live in `myfla_gla.testing`; the top level and `myfla_gla.utils` give the same objects."
+    import myfla_gla
+    from myfla_gla import testing, utils
+    for name in ('get_abs_err', 'get_err_ratio', 'assert_close', 'DEFAULT_RATIO', 'random_gla_inputs',
+                 'check_devices', 'check_dtypes', 'fla_available'):
+        assert getattr(myfla_gla, name) is getattr(testing, name) is getattr(utils, name), name
+        assert name in utils.__all__ and name not in vars(utils), name
+    with pytest.raises(AttributeError, match='no_such_name'):
+        utils.no_such_name

@@ -15,52 +15,28 @@ pytest.importorskip('fla')
 
 from fla.ops.gla import chunk_gla as fla_chunk_gla  # noqa: E402
 
-from myfla_gla import (DEFAULT_RATIO, assert_close, chunk_gla, fused_chunk_gla, get_err_ratio,  # noqa: E402
-                       naive_recurrent_gla, random_gla_inputs)
+from myfla_gla import DEFAULT_RATIO, assert_close, chunk_gla, fused_chunk_gla, get_err_ratio  # noqa: E402
+from myfla_gla import random_gla_inputs  # noqa: E402
+from myfla_gla.testing import compare_op, op_inputs, run_op, run_reference  # noqa: E402
 
 NAMES = ['o', 'ht', 'dq', 'dk', 'dv', 'dg', 'dh0']
 
 
-def reference(q, k, v, g, h0, cu):
-    q, k, v, g, h0 = (x.double() for x in (q, k, v, g, h0))
-    if cu is None:
-        return naive_recurrent_gla(q, k, v, g, h0, output_final_state=True)
-    cu = cu.tolist()
-    outs = [naive_recurrent_gla(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], h0[n:n + 1], output_final_state=True)
-            for n, (s, e) in enumerate(zip(cu[:-1], cu[1:]))]
-    return torch.cat([o for o, _ in outs], 1), torch.cat([h for _, h in outs])
-
-
-def run(fn, q, k, v, g, h0, do, dht, **kw):
-    xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, h0)]
-    o, ht = fn(*xs[:4], initial_state=xs[4], output_final_state=True, **kw)
-    return [o, ht] + list(torch.autograd.grad((o * do).sum() + (ht * dht).sum(), xs))
-
-
 def compare(B, T, H, D, dtype, normalizer=1., cu=None, state_v_first=False):
-    torch.manual_seed(0)
-    q, k, v, g = random_gla_inputs(B, T, H, D, gate_logit_normalizer=normalizer, dtype=dtype, device='cuda')
-    N = B if cu is None else len(cu) - 1
-    h0, dht = torch.rand(N, H, D, D, device='cuda'), torch.rand(N, H, D, D, device='cuda')
-    do = torch.rand(B, T, H, D, device='cuda', dtype=dtype)
-    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32, device='cuda')
-    ref = run(lambda *a, initial_state, output_final_state: reference(*a, initial_state, cu),
-              q, k, v, g, h0, do.double(), dht.double())
-    t = (lambda x: x.transpose(-1, -2).contiguous()) if state_v_first else (lambda x: x)
-    kw = dict(cu_seqlens=cu, state_v_first=state_v_first) if state_v_first else dict(cu_seqlens=cu)
-    fla = run(fla_chunk_gla, q, k, v, g, t(h0), do, t(dht), **kw)
-    fla[1], fla[6] = t(fla[1]), t(fla[6])
+    x = op_inputs('cuda', dtype, B, T, H, D, D, normalizer, cu_seqlens=cu)
+    kw = dict(cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int32, device='cuda'))
+    if state_v_first:
+        kw['state_v_first'] = True
+    ref, fla = run_reference(x, **kw), run_op(fla_chunk_gla, x, **kw)
     for fn in (chunk_gla, fused_chunk_gla):
-        ours = run(fn, q, k, v, g, t(h0), do, t(dht), **kw)
-        ours[1], ours[6] = t(ours[1]), t(ours[6])
-        for name, r, a, b in zip(NAMES, ref, ours, fla):
+        errs, ours = compare_op(fn, x, reference=ref, **kw)   # against float64 at DEFAULT_RATIO
+        for name, a in ours.items():
+            b, err = fla[name], errs[name]
             assert a.dtype == b.dtype, name
-            err = get_err_ratio(r, a)
-            assert_close(f'{fn.__name__} {name} vs float64', r, a, DEFAULT_RATIO[dtype])
             if not torch.isfinite(b).all():     # not ours to fix; reported, not failed
                 print(f'{fn.__name__} {name}: ours {err:.1e}; FLA has NaN/inf')
                 continue
-            err_fla = get_err_ratio(r, b)
+            err_fla = get_err_ratio(ref[name], b)
             print(f'{fn.__name__} {name}: ours {err:.1e}  FLA {err_fla:.1e}  ours vs FLA {get_err_ratio(b, a):.1e}')
             assert err <= err_fla + 5e-4, f'{name}: ours {err:.2e} is worse than FLA {err_fla:.2e}'
             # FLA's float32 uses TF32 (~1e-3; ours is held to 1e-5 above). Where FLA itself is off the float64

@@ -9,51 +9,25 @@ if not torch.cuda.is_available():
     pytest.skip('needs a CUDA device', allow_module_level=True)
 fla_gla = pytest.importorskip('fla.ops.gla')
 
-from myfla_gla import DEFAULT_RATIO, assert_close, fused_recurrent_gla, get_err_ratio, random_gla_inputs, \
-    reference_recurrent_gla  # noqa: E402
+from myfla_gla import DEFAULT_RATIO, fused_recurrent_gla, get_err_ratio  # noqa: E402
+from myfla_gla.testing import compare_op, op_inputs, run_op, run_reference  # noqa: E402
 
-NAMES = ('o', 'ht', 'dq', 'dk', 'dv', 'dgk', 'dgv', 'dh0')
 device = 'cuda'
 
 
-def run(op, inputs, do, dht, **kw):
-    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
-    q, k, v, gk, gv, h0 = leaves
-    o, ht = op(q, k, v, gk, gv, initial_state=h0, output_final_state=True, **kw)
-    ((o * do.to(o.dtype)).sum() + (ht * dht.to(ht.dtype)).sum()).backward()
-    return dict(zip(NAMES, [o, ht] + [None if x is None else x.grad for x in leaves]))
+def make(B, T, H, K, V=None, norm=1., dtype=torch.float32, use_gv=False, cu=None):
+    "FLA's test inputs, drawn by the CPU generator (same numbers on every machine) and moved to CUDA."
+    return op_inputs(device, dtype, B, T, H, K, V or K, norm, cu_seqlens=cu, gv=use_gv)
 
 
-def make(B, T, H, K, V=None, norm=1., dtype=torch.float32, use_gv=False, N=None, state_v_first=False):
-    "FLA's test inputs, generated on the CPU (same numbers on every machine) and moved to CUDA."
-    V, N = V or K, N or B
-    q, k, v, gk = random_gla_inputs(B, T, H, K, V, gate_logit_normalizer=norm, dtype=dtype, device=device)
-    gv = random_gla_inputs(B, T, H, V, gate_logit_normalizer=norm, dtype=dtype, device=device)[3] if use_gv else None
-    shape = (N, H, V, K) if state_v_first else (N, H, K, V)
-    h0 = torch.rand(shape, device=device)
-    return (q, k, v, gk, gv, h0), torch.randn(B, T, H, V, dtype=dtype, device=device), torch.randn(shape, device=device)
-
-
-def check(inputs, do, dht, with_reference=True, **kw):
-    "Ours vs FLA at 0.005 (FLA's test bound); ours vs the float64 reference at DEFAULT_RATIO; print all errors."
-    got = run(fused_recurrent_gla, inputs, do, dht, **kw)
-    tri = run(fla_gla.fused_recurrent_gla, inputs, do, dht, **kw)
-    ref = None
-    if with_reference:
-        ref = run(reference_recurrent_gla, [None if x is None else x.double() for x in inputs], do.double(),
-                  dht.double(), **kw)
-    line = []
-    for n in NAMES:
-        if got[n] is None:
-            assert tri[n] is None, n
-            continue
-        assert_close(f'{n} vs FLA', tri[n], got[n], 0.005)
-        msg = f'{n}: vs FLA {get_err_ratio(tri[n], got[n]):.1e}'
-        if ref is not None:
-            assert_close(f'{n} vs reference', ref[n], got[n], DEFAULT_RATIO[got[n].dtype])
-            msg += f', ours {get_err_ratio(ref[n], got[n]):.1e}, FLA {get_err_ratio(ref[n], tri[n]):.1e}'
-        line.append(msg)
-    print(' | '.join(line))
+def check(x, **kw):
+    "Ours vs the float64 reference at DEFAULT_RATIO; ours vs FLA at 0.005 (FLA's test bound); print all errors."
+    ref = run_reference(x, **kw)
+    errs, got = compare_op(fused_recurrent_gla, x, 'gk', DEFAULT_RATIO, reference=ref, **kw)
+    tri = run_op(fla_gla.fused_recurrent_gla, x, 'gk', **kw)
+    vs_fla, _ = compare_op(fused_recurrent_gla, x, 'gk', 0.005, reference=tri, **kw)
+    print(' | '.join(f'{n}: vs FLA {vs_fla[n]:.1e}, ours {errs[n]:.1e}, FLA {get_err_ratio(ref[n], tri[n]):.1e}'
+                     for n in errs))
 
 
 @pytest.mark.parametrize('B, T, H, D, norm, dtype', [
@@ -67,12 +41,12 @@ def check(inputs, do, dht, with_reference=True, **kw):
     (2, 1024, 8, 128, 10, torch.float16),
 ])
 def test_fused_recurrent(B, T, H, D, norm, dtype):
-    check(*make(B, T, H, D, norm=norm, dtype=dtype))
+    check(make(B, T, H, D, norm=norm, dtype=dtype))
 
 
 @pytest.mark.parametrize('B, T, H, D, dtype', [(2, 256, 4, 64, torch.float32), (2, 1024, 4, 128, torch.float16)])
 def test_fused_recurrent_state_v_first(B, T, H, D, dtype):
-    check(*make(B, T, H, D, dtype=dtype, state_v_first=True), state_v_first=True)
+    check(make(B, T, H, D, dtype=dtype), state_v_first=True)
 
 
 @pytest.mark.parametrize('H, D, cu, dtype', [
@@ -84,25 +58,24 @@ def test_fused_recurrent_state_v_first(B, T, H, D, dtype):
     (4, 64, [0, 0, 16, 16, 40], torch.float32),
 ])
 def test_fused_recurrent_varlen(H, D, cu, dtype):
-    inputs, do, dht = make(1, cu[-1], H, D, dtype=dtype, N=len(cu) - 1)
-    check(inputs, do, dht, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device))
+    check(make(1, cu[-1], H, D, dtype=dtype, cu=cu), cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device))
 
 
 @pytest.mark.parametrize('opts, kw', [
     (dict(use_gv=True), {}),
     (dict(use_gv=True, norm=0.1), dict(reverse=True)),
     (dict(), dict(reverse=True, scale=0.3)),
-    (dict(use_gv=True, state_v_first=True), dict(state_v_first=True, reverse=True)),
+    (dict(use_gv=True), dict(state_v_first=True, reverse=True)),
     (dict(dtype=torch.bfloat16), {}),
     (dict(T=1, use_gv=True), {}),
 ])
 def test_beyond_fla_tests(opts, kw):
     opts = dict(opts)
     T = opts.pop('T', 300)
-    check(*make(2, T, 4, 64, V=32, **opts), **kw)
+    check(make(2, T, 4, 64, V=32, **opts), **kw)
 
 
 def test_varlen_reverse_gv():
     cu = [0, 7, 7, 300, 500]
-    inputs, do, dht = make(1, cu[-1], 4, 32, use_gv=True, N=len(cu) - 1)
-    check(inputs, do, dht, reverse=True, cu_seqlens=torch.tensor(cu, dtype=torch.int64, device=device))
+    check(make(1, cu[-1], 4, 32, use_gv=True, cu=cu), reverse=True,
+          cu_seqlens=torch.tensor(cu, dtype=torch.int64, device=device))
