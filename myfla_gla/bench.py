@@ -702,6 +702,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('-q', '--quiet', action='store_true', help='no progress bar and no rows as measured')
     return p
 
+
+# %% ../nbs/08_bench.ipynb #86c03025
 def parse_args(argv=None) -> argparse.Namespace:
     return make_parser().parse_args(argv)
 
@@ -719,6 +721,8 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
                        backward=not a.no_backward, memory=not a.no_memory, error=not a.no_error, impls=impls,
                        naive_max_T=a.naive_max_T, naive_bwd=a.naive_bwd, normalizer=a.normalizer)
 
+
+# %% ../nbs/08_bench.ipynb #be841abb
 def save_record(record: dict, path):
     "Write `record` to `path` atomically: a temporary file in the same folder, renamed over `path`."
     p = Path(path)
@@ -745,6 +749,8 @@ def _unwritable(path) -> str | None:
         return e.strerror or str(e)
     return None
 
+
+# %% ../nbs/08_bench.ipynb #836e75c8
 def _print_results(a, record):
     if a.scaling:
         for name, rows in record['results'].items():
@@ -799,6 +805,7 @@ def main(argv=None) -> int:
     bad = [r for rows in ([record['results']] if not a.scaling else record['results'].values()) for r in rows
            if r['status'] == 'error']
     return 1 if bad else 0
+
 
 # %% ../nbs/08_bench.ipynb #003a81d5
 if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'myfla_gla.bench':
