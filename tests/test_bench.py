@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -182,25 +181,6 @@ def test_fla_naive_is_loaded_by_path(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)
     row, = bench.run_bench(cfg, progress=False)['results']
     assert row['status'] == 'n/a' and 'not installed' in row['note']
-
-
-def test_merge_bench_joins_records_of_one_shape():
-    sys.path.insert(0, str(root / 'tests' / 'gpu'))
-    try:
-        from merge_bench import merge
-    finally:
-        sys.path.remove(str(root / 'tests' / 'gpu'))
-    cfg = bench.BenchConfig(B=1, T=32, H=2, K=8, V=8, repeats=1, warmup=0, memory=False, error=False)
-    a = bench.run_bench(replace(cfg, impls=['chunk_gla']), progress=False)
-    b = bench.run_bench(replace(cfg, impls=['fused_chunk_gla']), progress=False)
-    rec = merge([a, b], note='two processes')
-    assert [r['name'] for r in rec['results']] == ['chunk_gla', 'fused_chunk_gla']
-    assert rec['config']['impls'] == ['chunk_gla', 'fused_chunk_gla'] and rec['meta']['note'] == 'two processes'
-    assert rec['meta']['seconds'] == a['meta']['seconds'] + b['meta']['seconds']
-    assert 'fused_chunk_gla' in bench.format_table(rec)
-    other = bench.run_bench(replace(cfg, impls=['chunk_gla'], T=64), progress=False)
-    with pytest.raises(ValueError, match='different shapes'):
-        merge([a, other])
 
 
 def test_bench_rounds_keep_the_best():
@@ -409,74 +389,3 @@ def test_progress_bar():
     p.close()
     assert f.getvalue() == ''
 
-
-# ---------------------------------------------------------------- GPU parity report
-
-def _report_module():
-    spec = importlib.util.spec_from_file_location('parity_report', root / 'tests' / 'gpu' / 'parity_report.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _restore_assert_close_afterwards(monkeypatch):
-    "The report's Recorder replaces `assert_close` in every loaded myfla_gla module: have pytest undo that."
-    for name, mod in list(sys.modules.items()):
-        if mod is not None and (name == 'myfla_gla' or name.startswith('myfla_gla.')) and hasattr(mod, 'assert_close'):
-            monkeypatch.setattr(mod, 'assert_close', mod.assert_close)
-
-
-def test_parity_report_records_assert_close(monkeypatch):
-    pr = _report_module()
-    _restore_assert_close_afterwards(monkeypatch)
-    rec = pr.Recorder()
-    rec.install()
-    r = torch.randn(50, dtype=torch.float64)
-    rec.start('t1')
-    myfla_gla.assert_close('o', r, r * (1 + 1e-4), 1e-3)
-    myfla_gla.utils.assert_close('dq', r, r * (1 + 5e-4), 1e-3)
-    rec.finish('t1', 'passed')
-    rec.start('t2')
-    with pytest.raises(AssertionError):
-        myfla_gla.assert_close('dk', r, r * 1.01, 1e-3)
-    rec.finish('t2', 'failed', 'dk: relative RMS error')
-    rec.start('t3')
-    rec.finish('t3', 'skipped', 'no CUDA')
-    text, counts = pr.table(rec)
-    lines = text.splitlines()
-    assert dict(counts) == {'passed': 1, 'failed': 1, 'skipped': 1}
-    t1 = next(l for l in lines if l.endswith('t1'))
-    assert t1.split()[:6] == ['PASSED', '2', '5.00e-04', '1e-03', '0.50', 'dq']
-    assert next(l for l in lines if ' t2 ' in l + ' ').split()[:5] == ['FAILED', '1', '1.00e-02', '1e-03', '10.00']
-    assert 'largest margin 10.00 (dk in t2)' in text
-
-
-def test_parity_report_runs_without_gpu(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip('would run the real report on a GPU machine')
-    out = tmp_path / 'report.txt'
-    p = subprocess.run([sys.executable, str(root / 'tests' / 'gpu' / 'parity_report.py'), '--out', str(out)],
-                       env=env, cwd=root, capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout + p.stderr
-    text = out.read_text()
-    assert 'no CUDA device' in text and 'SKIPPED' in text and 'FAILED' not in text
-
-
-def test_parity_report_selfcheck_rows(monkeypatch):
-    "The report's self-check rows (CUDA in the real report; the CPU stands in here), not mixed into test rows."
-    import myfla_gla.__main__ as sc
-    pr = _report_module()
-    _restore_assert_close_afterwards(monkeypatch)
-    real = sc.selfcheck
-    monkeypatch.setattr(sc, 'selfcheck', lambda devices, fla: real(devices=['cpu'], dtypes=[torch.float32],
-                                                                   only=['chunk_gla fwd'], fla=False, T=70))
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    rec = pr.Recorder()
-    rec.install()
-    rec.start('t1')
-    myfla_gla.assert_close('o', torch.ones(3), torch.ones(3), 1e-3)
-    rec.finish('t1', 'passed')
-    pr.run_selfcheck(rec)
-    text, counts = pr.table(rec)
-    assert counts['passed'] == 3 and len(rec.records['t1']) == 1
-    assert 'self-check cpu chunk_gla fwd+bwd float32' in text and 'self-check cpu fused_chunk_gla fwd+bwd float32' in text

@@ -1,7 +1,6 @@
 """Opt-in (`MYFLA_FLA_FIRST_CONFIG=1`): FLA's Triton autotuners take the first kernel configuration that runs instead
 of timing them all. A parity run on a fresh GPU machine otherwise spends minutes per new shape compiling and timing
-configurations (measured on an H100: 103 s for FLA's first chunk_gla forward at T=63, K=V=64), and the numbers do
-not depend on the configuration. Never set for benchmarks, which must time FLA's tuned kernels."""
+configurations, and the numbers do not depend on the configuration. Never set for benchmarks, which must time FLA's tuned kernels."""
 import math
 import os
 

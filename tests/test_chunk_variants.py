@@ -1,0 +1,41 @@
+"""chunk_gla's switchable internals on CPU, against the float64 recurrence: the smallest levels as broadcast products
+(`_BROADCAST_ROWS`), the forward's chunk states kept for the backward (`_KEEP_STATES`), and the decay floors when
+denormals are not flushed (several threads) and when they are (one thread)."""
+import pytest
+import torch
+
+import myfla_gla.ops.chunk as chunk
+from myfla_gla import chunk_gla, random_gla_inputs
+from test_chunk import check
+
+
+@pytest.mark.parametrize('rows, keep', [(1, False), (4, True), (64, True)])
+def test_variants(monkeypatch, rows, keep):
+    monkeypatch.setitem(chunk._BROADCAST_ROWS, 'cpu', rows)
+    monkeypatch.setitem(chunk._KEEP_STATES, 'cpu', keep)
+    check(2, 100, 2, 16, 8, torch.float64, ratio=1e-11, fns=(chunk_gla,))
+    check(1, 130, 2, 8, 8, torch.float64, cu=[0, 37, 37, 130], ratio=1e-11, fns=(chunk_gla,))
+    check(1, 300, 2, 16, 16, torch.float32, normalizer=0.02, fns=(chunk_gla,))
+
+
+def test_kept_states_twice(monkeypatch):
+    "A kept state tensor is not changed by the backward: a second backward through the same graph agrees."
+    monkeypatch.setitem(chunk._KEEP_STATES, 'cpu', True)
+    q, k, v, g = (x.requires_grad_() for x in random_gla_inputs(1, 70, 2, 8, 8, dtype=torch.float64))
+    o = chunk_gla(q, k, v, g)[0]
+    first = torch.autograd.grad(o.sum(), (q, k, v, g), retain_graph=True)
+    second = torch.autograd.grad(o.sum(), (q, k, v, g))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+def test_denormals(threads):
+    "Strong gates in float32 with one thread (denormals flushed for the op) and two (decay factors floored)."
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check(1, 200, 2, 16, 16, torch.float32, normalizer=0.02, fns=(chunk_gla,))
+        assert torch.tensor([1e-39]).mul_(1.)[0] != 0, 'the mode before the op is restored'
+    finally:
+        torch.set_num_threads(before)
