@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import myfla_gla
 from .__main__ import available_device, positive_int
