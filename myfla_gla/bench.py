@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils import benchmark
+from tqdm import tqdm
 
 import myfla_gla
 from .__main__ import available_device, positive_int
@@ -104,11 +106,9 @@ def time_fn(fn: Callable, device, repeats: int = 10, warmup: int = 2, budget: fl
             end.record()
         torch.cuda.synchronize()
         times = [s.elapsed_time(e) for s, e in events]
-    else:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
+    else:  # torch's Timer: the garbage collector off while timing, this process's thread count
+        timer = benchmark.Timer('fn()', globals={'fn': fn}, num_threads=torch.get_num_threads())
+        times = [1e3 * timer.timeit(1).median for _ in range(repeats)]
     return dict(median_ms=statistics.median(times), min_ms=min(times), repeats=repeats, first_s=first)
 
 # %% ../nbs/08_bench.ipynb #5813e089
@@ -124,14 +124,17 @@ class _quiet_stderr:
         os.close(self.saved)
 
 def _cpu_peak_bytes(fn) -> int:
-    "Peak of the running sum of the CPU allocator's allocations and frees during `fn()` (profiler memory events)."
+    "Peak of the running sum of the CPU allocator's allocations and frees during `fn()` (the profiler's memory events)."
     from torch.profiler import ProfilerActivity, profile
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == '[memory]' and str(e.device_type()).endswith('CPU'))
+    with tempfile.TemporaryDirectory() as d:   # the events as the profiler exports them (Chrome trace format)
+        prof.export_chrome_trace(str(Path(d, 'trace.json')))
+        trace = json.loads(Path(d, 'trace.json').read_text())
+    events = sorted((e['ts'], e['args'].get('Ev Idx', 0), e['args']['Bytes']) for e in trace['traceEvents']
+                    if e.get('name') == '[memory]' and e['args'].get('Device Type') == 0)   # 0: the CPU
     cur = peak = 0
-    for _, n in events:
+    for *_, n in events:
         cur += n
         peak = max(peak, cur)
     return peak
@@ -156,7 +159,7 @@ def peak_memory(fn: Callable, device) -> int:
 
 # %% ../nbs/08_bench.ipynb #2d90742f
 class NotAvailable(Exception):
-    "This implementation cannot run here (a missing piece, no CUDA, no FLA, or a size limit)."
+    "This implementation cannot run here (no CUDA, no FLA, or a size limit)."
 
 @dataclass
 class Case:
@@ -165,12 +168,6 @@ class Case:
     leaves: list[torch.Tensor]            # what the backward differentiates
     ref: Callable[[], torch.Tensor] | None = None  # float64 output to compare against (None: no error)
     fwd_only: bool = False                # no backward (slow references)
-
-def _piece(name):
-    obj = getattr(myfla_gla, name, None)
-    if obj is None:
-        raise NotAvailable(f'not in this version of myfla_gla')
-    return obj
 
 def _need_fla(cfg):
     if not (str(cfg.device).startswith('cuda') and fla_available()):
@@ -202,7 +199,7 @@ class Inputs:
     def layer(self):
         "Our layer in chunk mode (its weights are those every layer case uses) and the input."
         if self._layer is None:
-            GLA = _piece('GatedLinearAttention')
+            GLA = myfla_gla.GatedLinearAttention
             torch.manual_seed(self.cfg.seed)
             layer = GLA(mode='chunk', layer_idx=0, **self.layer_config).to(self.cfg.device, self.cfg.torch_dtype)
             gen = torch.Generator().manual_seed(self.cfg.seed + 1)
@@ -214,7 +211,7 @@ class Inputs:
         "The float64 output of the layer in recurrent mode, same weights."
         if 'layer' not in self._ref:
             layer, x = self.layer()
-            ref = _piece('GatedLinearAttention')(mode='fused_recurrent', layer_idx=0, **self.layer_config)
+            ref = myfla_gla.GatedLinearAttention(mode='fused_recurrent', layer_idx=0, **self.layer_config)
             ref = ref.to(self.cfg.device, torch.float64)
             ref.load_state_dict(layer.state_dict())
             with torch.no_grad():
@@ -238,7 +235,7 @@ def _naive(inp, op=None):
     c = inp.cfg
     if c.T > c.naive_max_T:
         raise NotAvailable(f'T > --naive-max-T {c.naive_max_T}')
-    return replace(_op_case(op or _piece('naive_recurrent_gla'), inp, gate='gk'), fwd_only=not c.naive_bwd)
+    return replace(_op_case(op or myfla_gla.naive_recurrent_gla, inp, gate='gk'), fwd_only=not c.naive_bwd)
 
 def _fla_naive(inp):
     """FLA's own pure-PyTorch `naive_recurrent_gla`, the baseline of the CPU targets. Its file imports only torch, so
@@ -275,10 +272,10 @@ def _sdpa(inp):
 
 # %% ../nbs/08_bench.ipynb #e215a60a
 IMPLS: dict[str, tuple[str, Callable[[Inputs], Case]]] = {  # name: (group, case maker)
-    'chunk_gla': ('myfla_gla', lambda i: _op_case(_piece('chunk_gla'), i)),
-    'chunk_gla (compiled)': ('myfla_gla', lambda i: _op_case(_compiled(_piece('chunk_gla')), i)),
-    'fused_chunk_gla': ('myfla_gla', lambda i: _op_case(_piece('fused_chunk_gla'), i)),
-    'fused_recurrent_gla': ('myfla_gla', lambda i: _op_case(_piece('fused_recurrent_gla'), i, gate='gk')),
+    'chunk_gla': ('myfla_gla', lambda i: _op_case(myfla_gla.chunk_gla, i)),
+    'chunk_gla (compiled)': ('myfla_gla', lambda i: _op_case(_compiled(myfla_gla.chunk_gla), i)),
+    'fused_chunk_gla': ('myfla_gla', lambda i: _op_case(myfla_gla.fused_chunk_gla, i)),
+    'fused_recurrent_gla': ('myfla_gla', lambda i: _op_case(myfla_gla.fused_recurrent_gla, i, gate='gk')),
     'naive_recurrent_gla': ('myfla_gla', _naive),
     'FLA naive_recurrent_gla': ('FLA', _fla_naive),
     'GatedLinearAttention (chunk)': ('myfla_gla', _layer_case),
@@ -357,7 +354,7 @@ def measure(name: str, inp: Inputs, progress=None, timing_only: bool = False) ->
     if hasattr(os, 'getloadavg'):   # the 1-minute load as the row ends, this run's own threads included
         row['load'] = round(os.getloadavg()[0], 2)
     if progress:
-        progress.n += max(0, STEPS - len(used))  # phases not run
+        progress.update(max(0, STEPS - len(used)))  # phases not run
     return row
 
 STEPS = 5  # phases of `measure`, for the progress bar
@@ -393,31 +390,21 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 # %% ../nbs/08_bench.ipynb #32028c3f
-class Progress:
-    "A minimal progress bar on stderr: redrawn in place on a terminal, one line a step otherwise."
-    def __init__(self, total: int, file=None, enabled: bool = True, width: int = 24):
-        self.total, self.n, self.file, self.enabled, self.width = total, 0, file or sys.stderr, enabled, width
-        self.t0, self.tty = time.perf_counter(), hasattr(self.file, 'isatty') and self.file.isatty()
+class Progress(tqdm):
+    "tqdm's bar (on stderr) advanced one phase at a time, with the phase as its description."
+    def __init__(self, total: int, file=None, enabled: bool = True):
+        super().__init__(total=total, file=file or sys.stderr, disable=not enabled, unit='step', dynamic_ncols=True)
 
     def step(self, desc: str):
-        self.n += 1
-        if not self.enabled:
-            return
-        done = int(self.width * min(self.n, self.total) / max(self.total, 1))
-        line = f'[{"#" * done}{"." * (self.width - done)}] {self.n}/{self.total} {time.perf_counter() - self.t0:5.0f}s {desc}'
-        if self.tty:
-            print('\r' + line[:118].ljust(118), end='', file=self.file, flush=True)
-        else:
-            print(line, file=self.file, flush=True)
+        "One phase done; `desc` says which."
+        self.set_description_str(desc, refresh=False)
+        self.update()
 
-    def write(self, line: str):
+    def print(self, line: str):
         "A line that stays (a measured row), printed above the bar."
-        if self.enabled:
-            print(('\r' + line.ljust(118)) if self.tty else line, file=self.file, flush=True)
+        if not self.disable:
+            self.write(line, file=self.fp)
 
-    def close(self):
-        if self.enabled and self.tty:
-            print(file=self.file, flush=True)
 
 # %% ../nbs/08_bench.ipynb #a30d9130
 def run_bench(cfg: BenchConfig, progress: bool = True, command: str | None = None, checkpoint=None) -> dict:
@@ -438,7 +425,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, command: str | None = Non
     bar = Progress(STEPS * len(names) * cfg.rounds, enabled=progress)
     for n in names:
         rows.append(measure(n, inp, bar))
-        bar.write(row_line(rows[-1], info))
+        bar.print(row_line(rows[-1], info))
         if checkpoint:
             checkpoint(record())
     for _ in range(cfg.rounds - 1):  # later rounds time again; each column keeps its best round
@@ -584,7 +571,7 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
             if r['status'] == 'n/a' and results[n]:
                 continue   # only the first n/a row is kept, to say why
             results[n].append(r)
-            bar.write(f'T={T} ' + row_line(r, info))
+            bar.print(f'T={T} ' + row_line(r, info))
             slowest = max((x for x in (r['fwd_ms'], r['fwd_bwd_ms']) if x is not None), default=0) / 1e3
             if r['status'] != 'ok' or slowest > max_s:
                 stopped.add(n)
@@ -715,6 +702,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('-q', '--quiet', action='store_true', help='no progress bar and no rows as measured')
     return p
 
+
+# %% ../nbs/08_bench.ipynb #86c03025
 def parse_args(argv=None) -> argparse.Namespace:
     return make_parser().parse_args(argv)
 
@@ -732,6 +721,8 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
                        backward=not a.no_backward, memory=not a.no_memory, error=not a.no_error, impls=impls,
                        naive_max_T=a.naive_max_T, naive_bwd=a.naive_bwd, normalizer=a.normalizer)
 
+
+# %% ../nbs/08_bench.ipynb #be841abb
 def save_record(record: dict, path):
     "Write `record` to `path` atomically: a temporary file in the same folder, renamed over `path`."
     p = Path(path)
@@ -758,6 +749,8 @@ def _unwritable(path) -> str | None:
         return e.strerror or str(e)
     return None
 
+
+# %% ../nbs/08_bench.ipynb #836e75c8
 def _print_results(a, record):
     if a.scaling:
         for name, rows in record['results'].items():
@@ -812,6 +805,7 @@ def main(argv=None) -> int:
     bad = [r for rows in ([record['results']] if not a.scaling else record['results'].values()) for r in rows
            if r['status'] == 'error']
     return 1 if bad else 0
+
 
 # %% ../nbs/08_bench.ipynb #003a81d5
 if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'myfla_gla.bench':

@@ -5,7 +5,6 @@
 # %% ../nbs/05_cache.ipynb #d43e28fe
 from __future__ import annotations
 
-import inspect
 from dataclasses import fields, is_dataclass
 from typing import Any
 
@@ -18,46 +17,7 @@ __all__ = ['FLACache', 'FLALayer', 'Cache', 'check_cache', 'check_conv_state', '
            'update_layer_cache']
 
 # %% ../nbs/05_cache.ipynb #c8a61376
-try:
-    from transformers.cache_utils import Cache as _HFCache, CacheLayerMixin as _HFCacheLayer
-    if 'layer_class_to_replicate' not in inspect.signature(_HFCache.__init__).parameters:
-        raise ImportError('transformers is too old for layer-class caches')
-except ImportError:
-    _HFCache = _HFCacheLayer = None
-
-
-class _LayerBase:
-    "Stand-in for transformers' `CacheLayerMixin` when transformers is not installed."
-    is_compileable = False
-    is_croppable = False
-    supports_early_init = True
-
-    def __init__(self):
-        self.is_initialized = False
-
-
-class _CacheBase:
-    "Stand-in for transformers' `Cache` when transformers is not installed: a list of layers grown on demand."
-    def __init__(self, layer_class_to_replicate=None, **kwargs):
-        self.layers, self.layer_class_to_replicate, self.offloading = [], layer_class_to_replicate, False
-
-    def __len__(self):
-        return len(self.layers)
-
-    def __repr__(self):
-        return f"{type(self).__name__}(layers={self.layers})"
-
-    @property
-    def is_initialized(self) -> bool:
-        return len(self.layers) > 0 and all(layer.is_initialized for layer in self.layers)
-
-    @property
-    def is_sliding(self) -> list[bool]:
-        return [layer.is_sliding for layer in self.layers]
-
-    @property
-    def is_croppable(self) -> bool:
-        return all(layer.is_croppable for layer in self.layers)
+from ._plain import _CacheBase, _HFCache, _HFCacheLayer, _LayerBase
 
 # %% ../nbs/05_cache.ipynb #fa1eb22b
 _STATE_KEYS = ('recurrent_state', 'attn_state', 'conv_state', 'ffn_state')

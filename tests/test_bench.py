@@ -371,12 +371,21 @@ def test_cuda_peak_memory_collects_garbage_first(monkeypatch):
         gc.enable()
 
 
-def test_progress_lines():
+def test_progress_bar():
     import io
     f = io.StringIO()
-    p = bench.Progress(2, file=f)
+    p = bench.Progress(3, file=f)
     p.step('a')
+    p.print('row a')
     p.step('b')
+    p.update(1)                   # a phase not run
     p.close()
-    lines = f.getvalue().splitlines()
-    assert len(lines) == 2 and lines[1].startswith('[' + '#' * 24 + '] 2/2') and lines[1].endswith(' b')
+    out = f.getvalue()
+    assert 'row a\n' in out and '3/3' in out and out.rstrip().split('\r')[-1].startswith('b:')
+    f = io.StringIO()
+    p = bench.Progress(2, file=f, enabled=False)
+    p.step('a')
+    p.print('row a')
+    p.close()
+    assert f.getvalue() == ''
+

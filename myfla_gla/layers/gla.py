@@ -29,6 +29,46 @@ def _check(cond: bool, msg: str):
     if not cond:
         raise InputError(msg)
 
+# %% ../../nbs/06_layer.ipynb #30a609a6
+def _split_heads(q, k, v, gk, head_k_dim: int, head_v_dim: int, num_kv_groups: int = 1):
+    "`[..., width]` -> `[..., H, head_dim]`; key/value/gate heads repeated consecutively for their groups (GQA)."
+    q = rearrange(q, '... (h d) -> ... h d', d=head_k_dim)
+    if num_kv_groups > 1:
+        k, gk = (repeat(x, '... (h d) -> ... (h g) d', g=num_kv_groups, d=head_k_dim) for x in (k, gk))
+        v = repeat(v, '... (h d) -> ... (h g) d', g=num_kv_groups, d=head_v_dim)
+    else:
+        k, gk = (rearrange(x, '... (h d) -> ... h d', d=head_k_dim) for x in (k, gk))
+        v = rearrange(v, '... (h d) -> ... h d', d=head_v_dim)
+    return q, k, v, gk
+
+
+# %% ../../nbs/06_layer.ipynb #270b90b2
+def _gla_op(mode, q, k, v, gk, initial_state, output_final_state, cu_seqlens, cp_context=None):
+    "The GLA op for `mode` on `[B, T, H, K]` inputs; states in FLA's cache layout `[N, H, V, K]`."
+    if mode == 'fused_recurrent':
+        return fused_recurrent_gla(q=q, k=k, v=v, gk=gk, initial_state=initial_state, output_final_state=output_final_state,
+                                   state_v_first=True, cu_seqlens=cu_seqlens, cp_context=cp_context)
+    op = chunk_gla if mode == 'chunk' else fused_chunk_gla   # FLA 0.6.0's fused_chunk_gla only raises (spec 10.6)
+    return op(q=q, k=k, v=v, g=gk, initial_state=initial_state, output_final_state=output_final_state,
+              state_v_first=True, cu_seqlens=cu_seqlens, cp_context=cp_context)
+
+
+# %% ../../nbs/06_layer.ipynb #1ce679df
+def _check_layer_inputs(hidden_states, hidden_size: int, attention_mask=None, cu_seqlens=None):
+    "Clear errors for inputs FLA would reject obscurely (or, for a [B, T, T] mask, with an AssertionError)."
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise AssertionError(
+            "Expected attention_mask as a 0-1 matrix with shape [batch_size, seq_len] for padding purposes "
+            f"(0 indicating padding), got shape {tuple(attention_mask.shape)}. "
+            "Arbitrary attention masks of shape [batch_size, seq_len, seq_len] are not allowed.")
+    check_tensor('hidden_states', hidden_states, floating=True)
+    if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_size:
+        raise ValueError(f"`hidden_states` must be [batch_size, seq_len, hidden_size={hidden_size}], "
+                         f"got shape {tuple(hidden_states.shape)}")
+    if cu_seqlens is not None:
+        check_tensor('cu_seqlens', cu_seqlens, device=hidden_states.device, device_of='hidden_states')
+
+
 # %% ../../nbs/06_layer.ipynb #1e84d7d3
 class GatedLinearAttention(nn.Module):
     "Gated Linear Attention (Yang et al., 2023, arXiv:2312.06635): FLA 0.6.0's layer in pure PyTorch."
@@ -121,131 +161,77 @@ class GatedLinearAttention(nn.Module):
             self.gate_fn = ACT2FN[gate_fn]
         self.gate_logit_normalizer = gate_logit_normalizer
 
-# %% ../../nbs/06_layer.ipynb #819e8a99
-def _method(name: str | None = None):
-    "Attach the decorated function to `GatedLinearAttention` as method `name` (default: its own name)."
-    def attach(f):
-        f.__name__ = name or f.__name__
-        f.__qualname__ = f'GatedLinearAttention.{f.__name__}'
-        setattr(GatedLinearAttention, f.__name__, f)
-        return f
-    return attach
+    def _short_convs(self, h, last_state, use_cache, cu_seqlens, cp_context=None):
+        "q, k, v through projection and short convolution; the new conv caches (None unless `use_cache`)."
+        caches = (None, None, None)
+        if last_state is not None and last_state.get('conv_state') is not None:
+            caches = last_state['conv_state']
+        out, finals = [], []
+        for proj, conv, cache in zip((self.q_proj, self.k_proj, self.v_proj),
+                                     (self.q_conv1d, self.k_conv1d, self.v_conv1d), caches):
+            if cache is not None and not use_cache:
+                # a single-token step writes into its cache: leave the stored one as it was (FLA changes it, spec 10.8)
+                cache = cache.clone()
+            y, final = conv(x=proj(h), cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens,
+                            cp_context=cp_context)
+            out.append(y)
+            finals.append(final)
+        return (*out, tuple(finals) if use_cache else None)
 
-@_method()
-def _short_convs(self, h, last_state, use_cache, cu_seqlens, cp_context=None):
-    "q, k, v through projection and short convolution; the new conv caches (None unless `use_cache`)."
-    caches = (None, None, None)
-    if last_state is not None and last_state.get('conv_state') is not None:
-        caches = last_state['conv_state']
-    out, finals = [], []
-    for proj, conv, cache in zip((self.q_proj, self.k_proj, self.v_proj),
-                                 (self.q_conv1d, self.k_conv1d, self.v_conv1d), caches):
-        if cache is not None and not use_cache:
-            # a single-token step writes into its cache: leave the stored one as it was (FLA changes it, spec 10.8)
-            cache = cache.clone()
-        y, final = conv(x=proj(h), cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens,
-                        cp_context=cp_context)
-        out.append(y)
-        finals.append(final)
-    return (*out, tuple(finals) if use_cache else None)
+    def _gate_and_norm(self, o, h):
+        "Per-head RMSNorm of `o` `[..., H, V]`, times the output gate; heads flattened."
+        if self.use_output_gate:
+            g = self.g_proj(h)
+            if self.fuse_norm_and_gate:
+                o = self.g_norm_swish_gate(o, rearrange(g, '... (h d) -> ... h d', d=self.head_v_dim))
+                return rearrange(o, '... h d -> ... (h d)')
+            return rearrange(self.g_norm(o), '... h d -> ... (h d)') * self.gate_fn(g)
+        return rearrange(self.g_norm(o), '... h d -> ... (h d)')
 
-# %% ../../nbs/06_layer.ipynb #30a609a6
-@_method()
-def _split_heads(self, q, k, v, gk):
-    "`[..., width]` -> `[..., H, head_dim]`; key/value/gate heads repeated consecutively for their groups (GQA)."
-    q = rearrange(q, '... (h d) -> ... h d', d=self.head_k_dim)
-    if self.num_kv_groups > 1:
-        k, gk = (repeat(x, '... (h d) -> ... (h g) d', g=self.num_kv_groups, d=self.head_k_dim) for x in (k, gk))
-        v = repeat(v, '... (h d) -> ... (h g) d', g=self.num_kv_groups, d=self.head_v_dim)
-    else:
-        k, gk = (rearrange(x, '... (h d) -> ... h d', d=self.head_k_dim) for x in (k, gk))
-        v = rearrange(v, '... (h d) -> ... h d', d=self.head_v_dim)
-    return q, k, v, gk
+    def forward(
+        self,
+        hidden_states: torch.Tensor,                   # [B, T, hidden_size]; [1, total, hidden_size] with `cu_seqlens`
+        attention_mask: torch.Tensor | None = None,    # [B, >= T] padding mask, 1 = token (its last T columns are used)
+        past_key_values: Cache | None = None,          # read, and written when `use_cache`
+        use_cache: bool | None = False,                # return the final states (stored in `past_key_values` if given)
+        output_attentions: bool | None = False,        # ignored (there is no attention matrix)
+        **kwargs,                                      # `cu_seqlens` [N+1]: packed input; wins over `attention_mask`
+    ) -> tuple[torch.Tensor, None, Cache | None]:      # output [B, T, hidden_size], None, past_key_values
+        "FLA's GLA forward: pack, project, convolve, gate, attend (recurrent for T <= 64), norm, gate, project, unpack."
+        _check_layer_inputs(hidden_states, self.hidden_size, attention_mask, kwargs.get('cu_seqlens'))
+        if past_key_values is not None:
+            check_cache(past_key_values)   # a legacy tuple could be read, but not written
+        batch_size, q_len, _ = hidden_states.shape
+        mode = 'fused_recurrent' if q_len <= 64 else self.mode
+        use_cache = bool(use_cache)
 
-# %% ../../nbs/06_layer.ipynb #270b90b2
-@_method()
-def _attend(self, mode, q, k, v, gk, recurrent_state, use_cache, cu_seqlens, cp_context=None):
-    "The GLA op for `mode`; states in FLA's cache layout `[N, H, V, K]`."
-    if mode == 'fused_recurrent':
-        return fused_recurrent_gla(q=q, k=k, v=v, gk=gk, initial_state=recurrent_state, output_final_state=use_cache,
-                                   state_v_first=True, cu_seqlens=cu_seqlens, cp_context=cp_context)
-    op = chunk_gla if mode == 'chunk' else fused_chunk_gla   # FLA 0.6.0's fused_chunk_gla only raises (spec 10.6)
-    return op(q=q, k=k, v=v, g=gk, initial_state=recurrent_state, output_final_state=use_cache,
-              state_v_first=True, cu_seqlens=cu_seqlens, cp_context=cp_context)
+        cp_context = kwargs.get('cp_context')  # context parallel (beyond FLA): this rank's shard [1, T/W, hidden_size]
+        if cp_context is not None:
+            from myfla_gla.ops.cp import cp_layer_cu_seqlens
+            kwargs['cu_seqlens'] = cp_layer_cu_seqlens(cp_context, hidden_states, attention_mask, past_key_values, use_cache)
+        last_state = get_layer_cache(self, past_key_values)
+        if last_state is not None:
+            check_conv_state(last_state, self.use_short_conv, self.layer_idx, past_key_values.get_seq_length(self.layer_idx))
+        h, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get('cu_seqlens'), attention_mask, q_len)
 
-# %% ../../nbs/06_layer.ipynb #48fc3f65
-@_method()
-def _gate_and_norm(self, o, h):
-    "Per-head RMSNorm of `o` `[..., H, V]`, times the output gate; heads flattened."
-    if self.use_output_gate:
-        g = self.g_proj(h)
-        if self.fuse_norm_and_gate:
-            o = self.g_norm_swish_gate(o, rearrange(g, '... (h d) -> ... h d', d=self.head_v_dim))
-            return rearrange(o, '... h d -> ... (h d)')
-        return rearrange(self.g_norm(o), '... h d -> ... (h d)') * self.gate_fn(g)
-    return rearrange(self.g_norm(o), '... h d -> ... (h d)')
+        conv_state = None
+        if self.use_short_conv:
+            q, k, v, conv_state = self._short_convs(h, last_state, use_cache, cu_seqlens, cp_context)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q, k, v, gk = _split_heads(q, k, v, self.gk_proj(h), self.head_k_dim, self.head_v_dim, self.num_kv_groups)
 
-# %% ../../nbs/06_layer.ipynb #1ce679df
-@_method()
-def _check_inputs(self, hidden_states, attention_mask, cu_seqlens=None):
-    "Clear errors for inputs FLA would reject obscurely (or, for a [B, T, T] mask, with an AssertionError)."
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise AssertionError(
-            "Expected attention_mask as a 0-1 matrix with shape [batch_size, seq_len] for padding purposes "
-            f"(0 indicating padding), got shape {tuple(attention_mask.shape)}. "
-            "Arbitrary attention masks of shape [batch_size, seq_len, seq_len] are not allowed.")
-    check_tensor('hidden_states', hidden_states, floating=True)
-    if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-        raise ValueError(f"`hidden_states` must be [batch_size, seq_len, hidden_size={self.hidden_size}], "
-                         f"got shape {tuple(hidden_states.shape)}")
-    if cu_seqlens is not None:
-        check_tensor('cu_seqlens', cu_seqlens, device=hidden_states.device, device_of='hidden_states')
+        gk = F.logsigmoid(gk) / self.gate_logit_normalizer
+        if self.clamp_min is not None:
+            gk = torch.clamp_min(gk, self.clamp_min)
+        if self.feature_map_fn is not None:
+            q, k = map(self.feature_map_fn, (q, k))
 
-# %% ../../nbs/06_layer.ipynb #e1141a28
-@_method('forward')
-def _forward(
-    self: GatedLinearAttention,
-    hidden_states: torch.Tensor,                   # [B, T, hidden_size]; [1, total, hidden_size] with `cu_seqlens`
-    attention_mask: torch.Tensor | None = None,    # [B, >= T] padding mask, 1 = token (its last T columns are used)
-    past_key_values: Cache | None = None,          # read, and written when `use_cache`
-    use_cache: bool | None = False,                # return the final states (stored in `past_key_values` if given)
-    output_attentions: bool | None = False,        # ignored (there is no attention matrix)
-    **kwargs,                                      # `cu_seqlens` [N+1]: packed input; wins over `attention_mask`
-) -> tuple[torch.Tensor, None, Cache | None]:      # output [B, T, hidden_size], None, past_key_values
-    "FLA's GLA forward: pack, project, convolve, gate, attend (recurrent for T <= 64), norm, gate, project, unpack."
-    self._check_inputs(hidden_states, attention_mask, kwargs.get('cu_seqlens'))
-    if past_key_values is not None:
-        check_cache(past_key_values)   # a legacy tuple could be read, but not written
-    batch_size, q_len, _ = hidden_states.shape
-    mode = 'fused_recurrent' if q_len <= 64 else self.mode
-    use_cache = bool(use_cache)
+        recurrent_state = last_state['recurrent_state'] if last_state is not None else None
+        o, recurrent_state = _gla_op(mode, q, k, v, gk, recurrent_state, use_cache, cu_seqlens, cp_context)
+        # with use_cache=False both are None, and None leaves the stored states alone (FLA wipes the conv caches)
+        update_layer_cache(self, past_key_values, recurrent_state=recurrent_state, conv_state=conv_state, offset=q_len)
 
-    cp_context = kwargs.get('cp_context')  # context parallel (beyond FLA): this rank's shard [1, T/W, hidden_size]
-    if cp_context is not None:
-        from myfla_gla.ops.cp import cp_layer_cu_seqlens
-        kwargs['cu_seqlens'] = cp_layer_cu_seqlens(cp_context, hidden_states, attention_mask, past_key_values, use_cache)
-    last_state = get_layer_cache(self, past_key_values)
-    if last_state is not None:
-        check_conv_state(last_state, self.use_short_conv, self.layer_idx, past_key_values.get_seq_length(self.layer_idx))
-    h, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get('cu_seqlens'), attention_mask, q_len)
+        o = self.o_proj(self._gate_and_norm(o, h))
+        return repad_hidden_states(o, indices, batch_size, q_len), None, past_key_values
 
-    conv_state = None
-    if self.use_short_conv:
-        q, k, v, conv_state = self._short_convs(h, last_state, use_cache, cu_seqlens, cp_context)
-    else:
-        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-    q, k, v, gk = self._split_heads(q, k, v, self.gk_proj(h))
-
-    gk = F.logsigmoid(gk) / self.gate_logit_normalizer
-    if self.clamp_min is not None:
-        gk = torch.clamp_min(gk, self.clamp_min)
-    if self.feature_map_fn is not None:
-        q, k = map(self.feature_map_fn, (q, k))
-
-    recurrent_state = last_state['recurrent_state'] if last_state is not None else None
-    o, recurrent_state = self._attend(mode, q, k, v, gk, recurrent_state, use_cache, cu_seqlens, cp_context)
-    # with use_cache=False both are None, and None leaves the stored states alone (FLA wipes the conv caches)
-    update_layer_cache(self, past_key_values, recurrent_state=recurrent_state, conv_state=conv_state, offset=q_len)
-
-    o = self.o_proj(self._gate_and_norm(o, h))
-    return repad_hidden_states(o, indices, batch_size, q_len), None, past_key_values

@@ -18,133 +18,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._plain import (
+    TRANSFORMERS_AVAILABLE, _BaseOutput, _BlockBase, _CACHE_FIELD, _CausalLMOutput, _ConfigBase, _GenerationBases,
+    _ModelBase, _PlainPreTrainedModel, _TRANSFORMERS_V5, _WEIGHT_FILES, load_state_dict_from_folder)
 from ..cache import Cache
 from ..checks import InputError, check_int, check_positive
 from ..layers.gla import GatedLinearAttention
 from ..modules.norms import RMSNorm
 
+_all_ = ['load_state_dict_from_folder']   # defined with the stand-ins that load checkpoints, part of this module's API
+
 # %% auto #0
-__all__ = ['load_state_dict_from_folder', 'checkpoint_shapes', 'check_checkpoint', 'normalize_hybrid_attention_config',
-           'get_hybrid_attention_spec', 'GLAConfig', 'swiglu', 'powglu', 'GatedMLP', 'attnres', 'GLABlock',
-           'GLAPreTrainedModel', 'GLAModel', 'l2_warp', 'simple_generate', 'GLAForCausalLM', 'register_auto_classes']
-
-# %% ../../nbs/10_models.ipynb #aed36229
-try:
-    import transformers
-    from transformers import GenerationMixin as _HFGenerationMixin
-    from transformers import PreTrainedModel as _HFPreTrainedModel
-    from transformers import PretrainedConfig as _HFPretrainedConfig
-    from transformers.modeling_outputs import BaseModelOutputWithPast as _HFBaseOutput
-    from transformers.modeling_outputs import CausalLMOutputWithPast as _HFCausalLMOutput
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer as _HFCheckpointingLayer
-    except ImportError:
-        _HFCheckpointingLayer = nn.Module
-    TRANSFORMERS_AVAILABLE = True
-except Exception:  # not installed, or an install that fails to import: fall back to the plain classes
-    TRANSFORMERS_AVAILABLE = False
-
-# %% ../../nbs/10_models.ipynb #9a941299
-class _PlainOutput(dict):
-    "A minimal `ModelOutput`: fields by name (`out.logits`), by key (`out['logits']`) or by position (`out[0]`, non-None fields only)."
-    _fields: tuple = ()
-
-    def __init__(self, **kwargs):
-        unknown = set(kwargs) - set(self._fields)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected fields {sorted(unknown)}")
-        super().__init__((f, kwargs[f]) for f in self._fields if kwargs.get(f) is not None)
-
-    def __getattr__(self, name):
-        if name in self._fields:
-            return self.get(name)
-        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
-
-    def __getitem__(self, key):
-        return self.to_tuple()[key] if isinstance(key, (int, slice)) else super().__getitem__(key)
-
-    def to_tuple(self) -> tuple:
-        return tuple(self.values())
-
-class _PlainBaseOutput(_PlainOutput):
-    _fields = ('last_hidden_state', 'past_key_values', 'hidden_states', 'attentions')
-
-class _PlainCausalLMOutput(_PlainOutput):
-    _fields = ('loss', 'logits', 'past_key_values', 'hidden_states', 'attentions')
-
-# %% ../../nbs/10_models.ipynb #e7484658
-class _PlainConfig:
-    "Stand-in for `transformers.PretrainedConfig`: attributes, `to_dict`, and `config.json` in a local folder."
-    model_type: str = ''
-
-    def __init__(self, pad_token_id=None, bos_token_id=None, eos_token_id=None, tie_word_embeddings=True,
-                 output_hidden_states=False, output_attentions=False, return_dict=True, **kwargs):
-        self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
-        self.tie_word_embeddings = tie_word_embeddings
-        self.output_hidden_states, self.output_attentions, self.return_dict = output_hidden_states, output_attentions, return_dict
-        for k, v in kwargs.items():
-            setattr(self, k, v)
-
-    @property
-    def use_return_dict(self) -> bool:
-        return self.return_dict
-
-    def to_dict(self) -> dict:
-        d = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith('_')}
-        d['model_type'] = self.model_type
-        return d
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + '\n'
-
-    def save_pretrained(self, save_directory, **kwargs):
-        os.makedirs(save_directory, exist_ok=True)
-        Path(save_directory, 'config.json').write_text(self.to_json_string())
-
-    @classmethod
-    def from_dict(cls, config_dict: dict, **kwargs):
-        d = {**config_dict, **kwargs}
-        model_type = d.pop('model_type', cls.model_type)
-        if model_type != cls.model_type:
-            warnings.warn(f"Loading a config of model_type {model_type!r} into {cls.__name__} ({cls.model_type!r})")
-        return cls(**d)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        path = Path(pretrained_model_name_or_path)
-        path = path / 'config.json' if path.is_dir() else path
-        if not path.is_file():
-            raise OSError(f"No config.json at {pretrained_model_name_or_path!r}: without transformers only local folders load")
-        return cls.from_dict(json.loads(path.read_text()), **kwargs)
-
-    def __eq__(self, other):
-        return isinstance(other, _PlainConfig) and self.to_dict() == other.to_dict()
-
-    def __repr__(self):
-        return f"{type(self).__name__} {self.to_json_string()}"
-
-# %% ../../nbs/10_models.ipynb #d34d1d3b
-_WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
-
-def _load_file(path: Path) -> dict:
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-def load_state_dict_from_folder(folder) -> dict:
-    "The state dict stored in a local checkpoint folder (single file or sharded, safetensors or PyTorch)."
-    folder = Path(folder)
-    for name in _WEIGHT_FILES:
-        path = folder / name
-        if path.is_file():
-            break
-    else:
-        raise OSError(f"No weights in {str(folder)!r}: expected one of {list(_WEIGHT_FILES)}")
-    if path.name.endswith('.index.json'):
-        shards = sorted(set(json.loads(path.read_text())['weight_map'].values()))
-        return {k: v for shard in shards for k, v in _load_file(folder / shard).items()}
-    return _load_file(path)
+__all__ = ['checkpoint_shapes', 'check_checkpoint', 'normalize_hybrid_attention_config', 'get_hybrid_attention_spec', 'GLAConfig',
+           'swiglu', 'powglu', 'GatedMLP', 'attnres', 'GLABlock', 'GLAPreTrainedModel', 'GLAModel', 'l2_warp',
+           'simple_generate', 'GLAForCausalLM', 'register_auto_classes', 'load_state_dict_from_folder']
 
 # %% ../../nbs/10_models.ipynb #d6e7a476
 def _is_model_file(name: str) -> bool:
@@ -215,92 +102,6 @@ def check_checkpoint(model_class, folder, config=None, **overrides):
         raise KeyError(f"{where[extra[0]]!r} has weights {model_class.__name__} does not have: {extra[:5]}"
                        + (f" and {len(extra) - 5} more" if len(extra) > 5 else ''))
     return config
-
-# %% ../../nbs/10_models.ipynb #a9b050c2
-class _PlainPreTrainedModel(nn.Module):
-    "Stand-in for `transformers.PreTrainedModel`: `post_init` weight initialisation, tying, local save/load."
-    config_class = None
-    base_model_prefix = ''
-    _tied_weights_keys = None
-
-    def __init__(self, config, *inputs, **kwargs):
-        super().__init__()
-        if self.config_class is not None and not isinstance(config, self.config_class):
-            raise TypeError(f"`config` must be a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
-
-    def post_init(self):
-        "Initialise every module not yet initialised (a sub-model's own `post_init` already did its part), then tie."
-        for module in self.modules():
-            if not getattr(module, '_is_initialized', False):
-                self._init_weights(module)
-                module._is_initialized = True
-        self.tie_weights()
-
-    def tie_weights(self):
-        out, inp = getattr(self, 'get_output_embeddings', lambda: None)(), self.get_input_embeddings()
-        if out is not None and getattr(self.config, 'tie_word_embeddings', False):
-            out.weight = inp.weight
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(p for p in self.parameters() if p.is_floating_point()).dtype
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs):
-        "Write `config.json` and the weights (safetensors when available) to a local folder."
-        self.config.save_pretrained(save_directory)
-        sd = self.state_dict()
-        if getattr(self.config, 'tie_word_embeddings', False):
-            sd.pop('lm_head.weight', None)
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            safe_serialization = False
-        if safe_serialization:
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(Path(save_directory, 'model.safetensors')),
-                      metadata={'format': 'pt'})
-        else:
-            torch.save(sd, Path(save_directory, 'pytorch_model.bin'))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None, torch_dtype=None,
-                        device=None, **kwargs):
-        "Build from `config.json` and load the weights (`strict`, up to tied weights); `dtype='auto'` keeps the stored one."
-        folder = Path(pretrained_model_name_or_path)
-        if not folder.is_dir():
-            raise OSError(f"{str(folder)!r} is not a local folder: without transformers only local checkpoints load")
-        config = config if config is not None else cls.config_class.from_pretrained(folder, **kwargs)
-        model = cls(config, *model_args)
-        missing, unexpected = model.load_state_dict(load_state_dict_from_folder(folder), strict=False)
-        tied = {'lm_head.weight'} if getattr(config, 'tie_word_embeddings', False) else set()
-        if set(missing) - tied or unexpected:
-            raise RuntimeError(f"Checkpoint does not match {cls.__name__}: missing {sorted(set(missing) - tied)}, "
-                               f"unexpected {sorted(unexpected)}")
-        model.tie_weights()
-        dtype = dtype if dtype is not None else torch_dtype
-        if dtype == 'auto':
-            dtype = getattr(config, 'dtype', None) or getattr(config, 'torch_dtype', None)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        return model.to(device=device, dtype=dtype).eval()
-
-# %% ../../nbs/10_models.ipynb #1047ae14
-if TRANSFORMERS_AVAILABLE:
-    _ConfigBase, _ModelBase, _BlockBase = _HFPretrainedConfig, _HFPreTrainedModel, _HFCheckpointingLayer
-    _BaseOutput, _CausalLMOutput = _HFBaseOutput, _HFCausalLMOutput
-    _CACHE_FIELD = 'cache' if 'cache' in getattr(_HFCausalLMOutput, '__dataclass_fields__', {}) else 'past_key_values'
-    _TRANSFORMERS_V5 = int(transformers.__version__.split('.')[0]) >= 5
-else:
-    _ConfigBase, _ModelBase, _BlockBase = _PlainConfig, _PlainPreTrainedModel, nn.Module
-    _BaseOutput, _CausalLMOutput = _PlainBaseOutput, _PlainCausalLMOutput
-    _CACHE_FIELD, _TRANSFORMERS_V5 = 'past_key_values', False
 
 # %% ../../nbs/10_models.ipynb #bcbd878a
 def _check_positive_int(value, field, context):
@@ -866,7 +667,7 @@ def _seen_tokens(cache) -> int:
     except Exception:
         return 0
 
-class _GLAGenerationMixin(*((_HFGenerationMixin,) if TRANSFORMERS_AVAILABLE else ())):
+class _GLAGenerationMixin(*_GenerationBases):
     "transformers' `generate` when transformers is installed (with FLA's input preparation), else `simple_generate`."
 
     @classmethod
