@@ -32,7 +32,7 @@ from tqdm import tqdm
 import myfla_gla
 from .__main__ import available_device, positive_int
 from .ops.recurrent import naive_recurrent_gla as reference_gla
-from .utils import fla_available, get_err_ratio, random_gla_inputs
+from .testing import fla_available, get_err_ratio, random_gla_inputs
 
 # %% auto #0
 __all__ = ['PRESETS', 'IMPLS', 'MiB', 'STEPS', 'SCALING_IMPLS', 'OPT_IN', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable',

@@ -17,7 +17,7 @@ from myfla_gla.models.gla import GLAConfig, GLAForCausalLM
 from myfla_gla.modules.convolution import causal_conv1d
 from myfla_gla.modules.norms import rms_norm_gated
 from myfla_gla.ops.recurrent import reference_recurrent_gla
-from myfla_gla.utils import assert_close, random_gla_inputs
+from myfla_gla.testing import assert_close, random_gla_inputs
 
 F64 = torch.float64
 CHUNK_OPS = {'chunk_gla': chunk_gla, 'fused_chunk_gla': fused_chunk_gla}

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from myfla_gla import (GatedLinearAttention, GLAConfig, GLAForCausalLM, ShortConvolution, causal_conv1d,
                        chunk_gla)
 from myfla_gla.ops.cp import build_cp_context, cp_check_op, run_on_ranks
-from myfla_gla.utils import DEFAULT_RATIO, get_err_ratio
+from myfla_gla.testing import DEFAULT_RATIO, get_err_ratio
 
 TIMEOUT = 90
 
@@ -188,7 +188,7 @@ def test_cp_group_of_one(tmp_path):
         ctx = build_cp_context(cu, None, conv1d_kernel_size=4)
         assert ctx.is_first_rank and ctx.is_last_rank and ctx.pre_num_ranks == 0 and ctx.post_num_ranks == 0
         assert ctx.cu_seqlens.tolist() == [0, 5, 40] and ctx.num_seqs == 2
-        from myfla_gla.utils import random_gla_inputs
+        from myfla_gla.testing import random_gla_inputs
         q, k, v, g = random_gla_inputs(1, 40, 2, 8, generator=torch.Generator().manual_seed(0))
         o_ref, _ = chunk_gla(q, k, v, g, cu_seqlens=cu)
         o, _ = chunk_gla(q, k, v, g, cp_context=ctx)

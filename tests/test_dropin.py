@@ -31,7 +31,7 @@ from myfla_gla.ops.gla.naive import naive_recurrent_gla  # noqa: E402
 from myfla_gla.ops.utils import prepare_chunk_indices, prepare_position_ids  # noqa: E402
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 
-from myfla_gla.utils import get_err_ratio  # noqa: E402
+from myfla_gla.testing import get_err_ratio  # noqa: E402
 
 # torch caches the set of factory functions that `with torch.device(...)` redirects on first use: build it now,
 # before conftest's NaN-filling `torch.empty` stand-in is patched in (else `meta` models would allocate)

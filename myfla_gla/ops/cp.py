@@ -15,7 +15,7 @@ from ..layers.gla import GatedLinearAttention
 from ..modules.convolution import causal_conv1d
 from .chunk import chunk_gla, fused_chunk_gla
 from .recurrent import fused_recurrent_gla
-from ..utils import get_err_ratio, random_gla_inputs
+from ..testing import get_err_ratio, random_gla_inputs
 
 # %% auto #0
 __all__ = ['COMM_BYTES', 'FLACPContext', 'build_cp_context', 'reset_comm_bytes', 'gla_cp', 'chunk_gla_cp',
