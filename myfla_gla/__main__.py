@@ -32,7 +32,7 @@ class CheckResult:
     device: str
     check: str
     dtype: str = ''
-    status: str = 'PASS'   # PASS, FAIL, N/A (a piece not in the package), SKIP (cannot run here)
+    status: str = 'PASS'   # PASS, FAIL, SKIP (cannot run here)
     err: float | None = None    # the worst relative RMS error of the compared tensors
     bound: float | None = None  # the bound it must stay under
     worst: str = ''             # the tensor that gave `err`
@@ -41,8 +41,8 @@ class CheckResult:
 
 # %% ../nbs/07_selfcheck.ipynb #16c9fe13
 def piece(name: str):
-    "The public piece `name` of myfla_gla, or None while it does not exist."
-    return getattr(myfla_gla, name, None)
+    "The public piece `name` of myfla_gla, looked up when a check runs (so that a test can swap in another)."
+    return getattr(myfla_gla, name)
 
 def _sync(device):
     if str(device).startswith('cuda'):
@@ -72,8 +72,6 @@ GATE_ARG = {'naive_recurrent_gla': 'gk', 'fused_recurrent_gla': 'gk', 'chunk_gla
 def check_op(name: str, device, dtype, varlen=False, normalizer=1., T=100, bound=None):
     "One op, forward and backward, against the float64 recurrence: (pairs, ms, bound, note)."
     op = piece(name)
-    if op is None:
-        return None
     cu = torch.tensor([0, 37, 37, T], device=device) if varlen else None  # includes a zero-length sequence
     kw = {} if cu is None else {'cu_seqlens': cu}   # (naive_recurrent_gla takes no cu_seqlens)
     inputs = op_inputs(device, dtype, B=1 if varlen else 2, T=T, normalizer=normalizer, cu_seqlens=cu)
@@ -94,8 +92,6 @@ def _randomize_(module, gen):
 def check_module(name: str, device, dtype, B=2, T=50, D=96, W=4):
     "`ShortConvolution`, `RMSNorm` or `FusedRMSNormGated` against its float64 formula: (pairs, ms, bound, note)."
     cls = piece(name)
-    if cls is None:
-        return None
     gen = torch.Generator().manual_seed(0)
     if name == 'ShortConvolution':
         mod = cls(D, W, bias=True, activation='silu')
@@ -155,8 +151,6 @@ def _layer_inputs(device, dtype, B=2, T=100, seed=0):
 
 def check_layer(mode, device, dtype, T=100):
     "The layer in `mode`: output, input and parameter gradients against float64: (pairs, ms, bound, note)."
-    if piece('GatedLinearAttention') is None:
-        return None
     layer, ref = _layers(mode, device, dtype)
     x, dy = _layer_inputs(device, dtype, T=T)
     want = memo(('layer', str(device), dtype, T), lambda: _layer_fwd_bwd(ref, x.double(), dy.double()))
@@ -168,8 +162,6 @@ def check_layer(mode, device, dtype, T=100):
 def check_decoding(device, dtype=torch.float32, T=100, steps=8):
     "Prefill with a `Cache`, then one token at a time, against the float64 full sequence: (pairs, ms, bound, note)."
     Cache = piece('Cache')
-    if piece('GatedLinearAttention') is None or Cache is None:
-        return None
     layer, ref = _layers('chunk', device, dtype)
     x, _ = _layer_inputs(device, dtype, T=T)
     want = ref(x.double())[0]
@@ -187,8 +179,6 @@ def check_decoding(device, dtype=torch.float32, T=100, steps=8):
 @torch.no_grad()
 def check_padding(device, dtype=torch.float32, T=100):
     "Left and right padding against each row alone in float64, zeros at padding: (pairs, ms, bound, note)."
-    if piece('GatedLinearAttention') is None:
-        return None
     layer, ref = _layers('chunk', device, dtype)
     x, _ = _layer_inputs(device, dtype, T=T)
     mask = torch.ones(2, T, dtype=torch.long, device=device)
@@ -231,8 +221,6 @@ def _worst(pairs):
 def check_fla_op(name, device, dtype, T=100):
     "Ours against FLA's Triton op (outputs, states, gradients): (pairs, ms, bound, note)."
     ours = piece(name)
-    if ours is None:
-        return None
     inputs = op_inputs(device, dtype, T=T)
     inputs['h0'] = inputs['h0'].float()  # FLA's chunk_gla asserts a float32 initial state
     ref = memo(('fla op', str(device), dtype, T), lambda: run_reference(inputs))
@@ -244,8 +232,6 @@ def check_fla_op(name, device, dtype, T=100):
 def check_fla_layer(device, dtype, T=100):
     "Ours with FLA's layer's `state_dict` loaded, against FLA's layer: (pairs, ms, bound, note)."
     GLA = piece('GatedLinearAttention')
-    if GLA is None:
-        return None
     torch.manual_seed(0)
     theirs_layer = _fla('GatedLinearAttention')(mode='chunk', layer_idx=0, **LAYER_CONFIG).to(device=device, dtype=dtype)
     mine_layer = GLA(mode='chunk', layer_idx=0, **LAYER_CONFIG).to(device=device, dtype=dtype)
@@ -265,21 +251,16 @@ MODULES = ('ShortConvolution', 'RMSNorm', 'FusedRMSNormGated')
 MODES = ('chunk', 'fused_recurrent', 'fused_chunk')
 
 def plan(devices=None, dtypes=None, fla: bool = True, T: int = 100) -> list:
-    "Every check as `(device, check name, dtype, thunk)`; one `N/A` row a device for a piece not in the package."
+    "Every check as `(device, check name, dtype, thunk)`."
     out = []
-    def add(dev, needs, rows):  # rows: (check name, dtype, thunk)
-        missing = [n for n in needs if piece(n) is None]
-        if missing:
-            names = list(dict.fromkeys(name for name, _, _ in rows))
-            out.append((dev, names[0] + (' ...' if len(names) > 1 else ''), '', lambda: None))
-        else:
-            out.extend((dev, *r) for r in rows)
+    def add(dev, rows):  # rows: (check name, dtype, thunk)
+        out.extend((dev, *r) for r in rows)
     for dev in devices or check_devices():
         dts = [d for d in check_dtypes(dev) if dtypes is None or d in dtypes]
         f32 = [torch.float32] if torch.float32 in dts else []
-        add(dev, ['GatedLinearAttention'], [('build GatedLinearAttention', '', lambda dev=dev: check_build(dev))])
+        add(dev, [('build GatedLinearAttention', '', lambda dev=dev: check_build(dev))])
         for m in MODULES:
-            add(dev, [m], [(m, dt, lambda m=m, dev=dev, dt=dt: check_module(m, dev, dt)) for dt in dts])
+            add(dev, [(m, dt, lambda m=m, dev=dev, dt=dt: check_module(m, dev, dt)) for dt in dts])
         for op in OPS:
             rows = [(f'{op} fwd+bwd', dt, lambda op=op, dev=dev, dt=dt: check_op(op, dev, dt, T=T)) for dt in dts]
             rows += [(f'{op} strong decay', dt, lambda op=op, dev=dev, dt=dt: check_op(op, dev, dt, normalizer=0.05, T=T))
@@ -287,28 +268,26 @@ def plan(devices=None, dtypes=None, fla: bool = True, T: int = 100) -> list:
             if op != 'naive_recurrent_gla':
                 rows += [(f'{op} cu_seqlens', dt, lambda op=op, dev=dev, dt=dt: check_op(op, dev, dt, varlen=True, T=T))
                          for dt in f32]
-            add(dev, [op], rows)
+            add(dev, rows)
         for mode in MODES:
-            add(dev, ['GatedLinearAttention'], [(f'layer mode={mode} fwd+bwd', dt,
+            add(dev, [(f'layer mode={mode} fwd+bwd', dt,
                 lambda mode=mode, dev=dev, dt=dt: check_layer(mode, dev, dt, T=T)) for dt in dts])
-        add(dev, ['GatedLinearAttention', 'Cache'], [('layer decoding with Cache', dt,
+        add(dev, [('layer decoding with Cache', dt,
             lambda dev=dev, dt=dt: check_decoding(dev, dt, T=T)) for dt in f32])
-        add(dev, ['GatedLinearAttention'], [('layer attention_mask padding', dt,
+        add(dev, [('layer attention_mask padding', dt,
             lambda dev=dev, dt=dt: check_padding(dev, dt, T=T)) for dt in f32])
         if str(dev).startswith('cuda') and fla:
             fdts = [d for d in dts if d in FLA_RATIO]
             for op in ('chunk_gla', 'fused_recurrent_gla'):
-                add(dev, [op], [(f'{op} vs FLA', dt, lambda op=op, dev=dev, dt=dt: check_fla_op(op, dev, dt, T=T))
+                add(dev, [(f'{op} vs FLA', dt, lambda op=op, dev=dev, dt=dt: check_fla_op(op, dev, dt, T=T))
                                 for dt in fdts])
-            add(dev, ['GatedLinearAttention'], [('layer vs FLA (state_dict loaded)', dt,
+            add(dev, [('layer vs FLA (state_dict loaded)', dt,
                 lambda dev=dev, dt=dt: check_fla_layer(dev, dt, T=T)) for dt in fdts])
     return out
 
 def check_build(device):
     "Build the layer the other checks use and count its parameters."
     GLA = piece('GatedLinearAttention')
-    if GLA is None:
-        return None
     layer, ms = _timed(device, lambda: GLA(**LAYER_CONFIG).to(device))
     n = sum(p.numel() for p in layer.parameters())
     return {}, ms, None, f"{n:,} parameters, {', '.join(f'{k}={v}' for k, v in LAYER_CONFIG.items())}"
@@ -322,9 +301,6 @@ def run_check(device, check, dtype, thunk) -> CheckResult:
     except Exception as e:  # the code under test failed: that is a result, not a crash
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
         row.status, row.note = 'FAIL', f'{type(e).__name__}: {msg}'[:200]
-        return row
-    if res is None:
-        row.status, row.note = 'N/A', 'not in this version of myfla_gla'
         return row
     pairs, row.ms, row.bound, row.note = res
     if pairs:
@@ -433,8 +409,8 @@ def main(argv=None) -> int:
     if a.quiet and failed:
         print(format_header())
         print('\n'.join(map(format_row, failed)))
-    counts = {s: sum(r.status == s for r in rows) for s in ('PASS', 'FAIL', 'N/A', 'SKIP')}
-    print(f"{len(rows)} checks: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['N/A']} not available "
+    counts = {s: sum(r.status == s for r in rows) for s in ('PASS', 'FAIL', 'SKIP')}
+    print(f"{len(rows)} checks: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped "
           f"({time.perf_counter() - t:.1f} s)")
     if not rows:
         print('no check matched', file=sys.stderr)

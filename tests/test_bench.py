@@ -55,10 +55,11 @@ def test_selfcheck_fails_on_an_exception(monkeypatch):
     assert row.status == 'FAIL' and 'RuntimeError: boom' in row.note
 
 
-def test_selfcheck_marks_missing_pieces(monkeypatch):
+def test_selfcheck_fails_on_a_missing_piece(monkeypatch):
+    "A piece gone from the package is a failure naming it, not a row that passes quietly."
     monkeypatch.delattr(myfla_gla, 'fused_chunk_gla', raising=False)
-    rows = selfcheck(devices=['cpu'], dtypes=[torch.float32], only=['fused_chunk_gla'], T=20)
-    assert len(rows) == 1 and rows[0].status == 'N/A'
+    rows = selfcheck(devices=['cpu'], dtypes=[torch.float32], only=['fused_chunk_gla fwd+bwd'], T=20)
+    assert len(rows) == 1 and rows[0].status == 'FAIL' and 'fused_chunk_gla' in rows[0].note, rows
 
 
 def test_fla_comparisons_with_a_stand_in(monkeypatch):
