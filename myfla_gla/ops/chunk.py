@@ -57,24 +57,26 @@ def _floor(x):
 
 
 def _token_decays(g):
-    "Per token: `exp(g)` (floored, see `_floor`) and ones: the prefix and suffix decays of level 1."
+    "Level 1's `decay_q` and `decay_k` `[..., C, K]`: per token `exp(g)` (floored, see `_floor`), and ones."
     lo = _floor(g)
     return (g.exp() if lo is None else g.clamp_min(math.log(lo)).exp_()), torch.ones_like(g)
 
 
-def _levels(FP, FE):
-    """For m = 1, 2, ..., C/2 yields `(m, FE on key halves, FP on query halves)` (views), where within every
-    block of m rows FP = exp(inclusive prefix sum of g) and FE = exp(exclusive suffix sum of g). Each level is
-    made from the previous one in place; at the end FP = exp(b) and FE = exp(b_last - b) over the whole chunk."""
-    lo, C, m = _floor(FP), FP.shape[-2], 1
+def _levels(decay_q, decay_k):
+    """The decay factors level by level, built in place in `decay_q`, `decay_k` `[..., C, K]`. For m = 1, 2, ..., C/2
+    yields `(m, decay_k0, decay_q1)`: views `[..., C/2m, m, K]` of `decay_k` on the key (first) halves and of `decay_q`
+    on the query (second) halves of the blocks of 2m rows, where within each half `decay_q` = exp(inclusive prefix sum
+    of g) and `decay_k` = exp(exclusive suffix sum of g). At the end `decay_q` = exp(b) and `decay_k` = exp(b_last - b)
+    over the whole chunk."""
+    lo, C, m = _floor(decay_q), decay_q.shape[-2], 1
     while m < C:
-        (Pk, Pq), (Ek, _) = _halves(FP, m), _halves(FE, m)
-        yield m, Ek, Pq
-        Ek *= Pq[..., -1:, :]    # key half: its suffix now runs on through the query half
-        Pq *= Pk[..., -1:, :]    # query half: its prefix now starts at the key half's start
+        (decay_q0, decay_q1), (decay_k0, _) = _halves(decay_q, m), _halves(decay_k, m)   # [..., C/2m, m, K] each
+        yield m, decay_k0, decay_q1
+        decay_k0 *= decay_q1[..., -1:, :]   # key half: its suffix now runs on through the query half
+        decay_q1 *= decay_q0[..., -1:, :]   # query half: its prefix now starts at the key half's start
         if lo is not None:
-            Ek.clamp_min_(lo)
-            Pq.clamp_min_(lo)
+            decay_k0.clamp_min_(lo)
+            decay_q1.clamp_min_(lo)
         m *= 2
 
 # %% ../../nbs/04_chunk.ipynb #85ad1fa2
@@ -91,24 +93,26 @@ _BROADCAST_ROWS = {'cuda': 2}   # levels of at most this many rows as broadcast 
 def _broadcast_rows(x):
     return _BROADCAST_ROWS.get(x.device.type, 0)
 
-
+# %% ../../nbs/04_chunk.ipynb #3548fa05
 def _intra_attention(q, k, g):
-    "Intra-chunk attention `A[t, s]` (zero for s > t, unscaled) `[..., C, C]`, and the chunk decays exp(b), exp(b_last - b)."
-    A = q.new_zeros(q.shape[:-1] + (q.shape[-2],))
-    A.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1))     # s == t
-    FP, FE = _token_decays(g)
-    half = q.shape[:-2] + (q.shape[-2] // 2, q.shape[-1])
-    qt, kt = q.new_empty(half), q.new_empty(half)           # scaled queries / keys, reused by every level
+    """Stage 1, diagonal blocks: the intra-chunk attention `A[t, s]` `[..., C, C]` (zero for s > t, unscaled) from q, k,
+    g `[..., C, K]`, and the chunk's decay factors `decay_q` = exp(b), `decay_k` = exp(b_last - b) `[..., C, K]`.
+    `intra_attention_plain` with buffers reused."""
+    A = q.new_zeros(q.shape[:-1] + (q.shape[-2],))                   # [..., C, C]
+    A.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1))               # s == t: no decay
+    decay_q, decay_k = _token_decays(g)                               # [..., C, K] each, level 1
+    half = q.shape[:-2] + (q.shape[-2] // 2, q.shape[-1])             # [..., C/2, K]
+    q_buf, k_buf = q.new_empty(half), q.new_empty(half)               # decayed query / key halves, for every level
     rows = _broadcast_rows(q)
-    for m, fk, fq in _levels(FP, FE):
-        (k0, _), (_, q1) = _halves(k, m), _halves(q, m)
-        qm = torch.mul(q1, fq, out=qt.view(fq.shape))
-        km = k0 if m == 1 else torch.mul(k0, fk, out=kt.view(fk.shape))   # level 1: E == 1
+    for m, decay_k0, decay_q1 in _levels(decay_q, decay_k):
+        (k0, _), (_, q1) = _halves(k, m), _halves(q, m)                # [..., C/2m, m, K] key / query halves
+        q1_decayed = torch.mul(q1, decay_q1, out=q_buf.view(decay_q1.shape))                     # [..., C/2m, m, K]
+        k0_decayed = k0 if m == 1 else torch.mul(k0, decay_k0, out=k_buf.view(decay_k0.shape))   # level 1: decay 1
         if m <= rows:
-            _blocks(A, m).copy_((qm.unsqueeze(-2) * km.unsqueeze(-3)).sum(-1))
+            _blocks(A, m).copy_((q1_decayed.unsqueeze(-2) * k0_decayed.unsqueeze(-3)).sum(-1))   # [..., C/2m, m, m]
         else:
-            _blocks(A, m).copy_(qm @ km.transpose(-1, -2))
-    return A, FP, FE
+            _blocks(A, m).copy_(q1_decayed @ k0_decayed.transpose(-1, -2))                       # [..., C/2m, m, m]
+    return A, decay_q, decay_k
 
 # %% ../../nbs/04_chunk.ipynb #6eab0a2d
 def _chunk_size(T):
@@ -118,7 +122,6 @@ def _chunk_size(T):
 
 class _Fixed:
     "B sequences of T tokens as chunk tensors `[B, NC, H, C, D]`; step j of the state walk is chunk j of every row."
-    fixed = True
 
     def __init__(self, B, T, C):
         self.B, self.T, self.C, self.NC = B, T, C, -(-T // C)
@@ -127,8 +130,8 @@ class _Fixed:
     def to_chunks(self, x, dtype, scale=None):
         "`[B, T, H, D]` -> `[B, NC, H, C, D]` in `dtype` (times `scale`), zeros after T."
         B, T, H, D = x.shape
-        C, nf = self.C, T // self.C
-        out = x.new_empty(B, self.NC, H, C, D, dtype=dtype)
+        C, nf = self.C, T // self.C                                   # nf full chunks
+        out = x.new_empty(B, self.NC, H, C, D, dtype=dtype)           # [B, NC, H, C, D]
         if nf:
             out[:, :nf].copy_(x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3))
         if nf < self.NC:
@@ -140,7 +143,7 @@ class _Fixed:
         B, NC, H, C, D = o.shape
         T, nf = self.T, self.T // C
         o = o if scale is None else o.mul_(scale)
-        out = o.new_empty(B, T, H, D, dtype=dtype)
+        out = o.new_empty(B, T, H, D, dtype=dtype)                    # [B, T, H, D]
         if nf:
             out[:, :nf * C].unflatten(1, (nf, C)).copy_(o[:, :nf].transpose(2, 3))
         if nf < NC:
@@ -148,6 +151,7 @@ class _Fixed:
         return out
 
     def take(self, x, j):
+        "Chunk tensor `[B, NC, ...]` -> its chunks of step j `[B, ...]`."
         return x[:, j]
 
     def put(self, x, j, val):
@@ -156,6 +160,14 @@ class _Fixed:
     def stack(self, xs):
         "The values of steps 0, 1, ... as one chunk tensor."
         return torch.stack(xs, 1)
+
+    def states_at(self, S, j):
+        "The states `[N, H, K, V]` of the sequences that have a chunk at step j: all of them."
+        return S
+
+    def advance(self, S, j, new):
+        "`S` with the states of the sequences active at step j replaced by `new`: all of them."
+        return new
 
     def sort(self, S):
         return S
@@ -166,33 +178,35 @@ class _Fixed:
 class _Varlen:
     """N packed sequences as chunk tensors `[1, NC, H, C, D]`: each sequence on its own chunks, padded at its end.
     Sequences are sorted by decreasing chunk count, so the ones with a j-th chunk are the first `active[j]`."""
-    fixed = False
 
     def __init__(self, cu_seqlens, cu_host, C):
         dev = cu_seqlens.device
-        nc = (cu_host.diff() + C - 1) // C                              # chunks per sequence
-        off = torch.nn.functional.pad(nc.cumsum(0), (1, 0))            # first chunk of each sequence
+        nc = (cu_host.diff() + C - 1) // C                              # [N] chunks per sequence
+        off = torch.nn.functional.pad(nc.cumsum(0), (1, 0))            # [N + 1] first chunk of each sequence
         self.C, self.T, self.N, self.NC = C, int(cu_host[-1]), len(nc), int(off[-1])
-        seq, pos = prepare_token_indices(cu_host).long().unbind(1)     # each token's sequence and position
-        order = torch.argsort(nc, descending=True, stable=True)
+        seq, pos = prepare_token_indices(cu_host).long().unbind(1)     # [T] each token's sequence and position
+        order = torch.argsort(nc, descending=True, stable=True)        # [N]
         self.steps = int(nc[order[0]]) if self.N else 0
         self.active = [int((nc > j).sum()) for j in range(self.steps)]
         steps = [off[order[:a]] + j for j, a in enumerate(self.active)]
-        steps = torch.cat(steps) if steps else off[:0]
+        steps = torch.cat(steps) if steps else off[:0]                 # [NC] the chunks, step by step
         self.cidx, self.pidx, steps, self.order, self.inv = (
             t.to(dev, non_blocking=True) for t in (off[seq] + pos // C, pos % C, steps, order, torch.argsort(order)))
         self.pos = list(steps.split(self.active))                      # the chunks of step j, in sorted order
 
     def to_chunks(self, x, dtype, scale=None):
+        "`[1, T, H, D]` -> `[1, NC, H, C, D]` in `dtype` (times `scale`), zeros after each sequence."
         out = x.new_zeros(1, self.NC, x.shape[2], self.C, x.shape[3], dtype=dtype)
         out[0].transpose(1, 2)[self.cidx, self.pidx] = x[0].to(dtype) if scale is None else x[0].to(dtype) * scale
         return out
 
     def from_chunks(self, o, dtype, scale=None):
-        out = o[0].transpose(1, 2)[self.cidx, self.pidx]
+        "`[1, NC, H, C, D]` -> `[1, T, H, D]` in `dtype` (times `scale`, which overwrites the gathered copy)."
+        out = o[0].transpose(1, 2)[self.cidx, self.pidx]               # [T, H, D]
         return (out if scale is None else out.mul_(scale)).to(dtype).unsqueeze(0)
 
     def take(self, x, j):
+        "Chunk tensor `[1, NC, ...]` -> the chunks of step j `[active[j], ...]`, in sorted order."
         return x[0, self.pos[j]]
 
     def put(self, x, j, val):
@@ -203,47 +217,46 @@ class _Varlen:
         out[0, torch.cat(self.pos)] = torch.cat(xs)
         return out
 
+    def states_at(self, S, j):
+        "The states `[active[j], H, K, V]` of the sequences that have a chunk at step j."
+        return S[:self.active[j]]
+
+    def advance(self, S, j, new):
+        "`S` with the states of the sequences active at step j replaced by `new`."
+        return new if self.active[j] == len(S) else torch.cat([new, S[self.active[j]:]])
+
     def sort(self, S):
         return S[self.order]
 
     def unsort(self, S):
         return S[self.inv]
 
-
-def _active(grid, S, j):
-    "The states of the sequences that have a chunk at step j."
-    return S if grid.fixed else S[:grid.active[j]]
-
-
-def _advance(grid, S, j, new):
-    "`S` with the states of the sequences active at step j replaced by `new`."
-    if grid.fixed or grid.active[j] == len(S):
-        return new
-    return torch.cat([new, S[grid.active[j]:]])
-
 # %% ../../nbs/04_chunk.ipynb #fd153ed5
-def _walk(U, ea, S, grid, reverse=False):
-    """The recurrence over chunks: each chunk's own contribution `U[j]` is replaced by the carried value where the
-    walk enters the chunk; returns the value after the last chunk. Forward: states, entered at the chunk's start.
-    `reverse`: state gradients dL/dS, entered at the chunk's end, returning dL/dS before the first chunk.
-    Eager, `U` is overwritten in place (no second tensor of that size). Under `torch.compile` the entered values are
-    stacked at the end instead: Inductor turns each in-place write into a copy of all of `U`, which made the compiled
-    walk quadratic in the number of chunks."""
+def _walk(local, decay_chunk, S, grid, reverse=False):
+    """Stage 3, state passing: the recurrence over chunks, `S <- decay_chunk[j] * S + local[j]` with `local`
+    `[B, NC, H, K, V]`, `decay_chunk` `[B, NC, H, K]` and `S` `[N, H, K, V]` (in the grid's sorted order). Each chunk's
+    `local[j]` is replaced by the carried value where the walk enters the chunk; returns `(local, S after the last
+    chunk)`. Forward: `local` are the chunk's local states, replaced by the states at the chunks' starts. `reverse`:
+    `local` are the chunks' own state gradients, replaced by dL/dS at the chunks' ends; returns dL/dS before the
+    first chunk. Eager, `local` is overwritten in place (no second tensor of that size). Under `torch.compile` the
+    entered values are stacked at the end instead: Inductor turns each in-place write into a copy of all of `local`,
+    which made the compiled walk quadratic in the number of chunks."""
     compiling, entered = torch.compiler.is_compiling(), []
     for j in (reversed if reverse else iter)(range(grid.steps)):
-        Sj = _active(grid, S, j)
-        new = torch.addcmul(grid.take(U, j), grid.take(ea, j)[..., None], Sj)
+        Sj = grid.states_at(S, j)                                                          # [n, H, K, V]
+        new = torch.addcmul(grid.take(local, j), grid.take(decay_chunk, j)[..., None], Sj)   # [n, H, K, V]
         if compiling:
             entered.append(Sj)
         else:
-            grid.put(U, j, Sj)
-        S = _advance(grid, S, j, new)
+            grid.put(local, j, Sj)
+        S = grid.advance(S, j, new)
     if compiling and entered:
-        U = grid.stack(entered[::-1] if reverse else entered)
-    return U, S
+        local = grid.stack(entered[::-1] if reverse else entered)
+    return local, S
 
 
 def _start_state(h0, q, v, grid):
+    "The initial states `[N, H, K, V]` in the grid's order (zeros without `h0`)."
     if h0 is None:
         return q.new_zeros(grid.N, q.shape[2], q.shape[-1], v.shape[-1])
     return grid.sort(h0.to(q.dtype))
@@ -259,107 +272,130 @@ def _keep_states(x):
 
 
 def _chunk_fwd(q, k, v, g, h0, grid):
-    """Forward in chunk layout: `o` (unscaled), the final state, the intra-chunk attention and the chunk states
-    (the last two for backward)."""
-    A, eb, ekb = _intra_attention(q, k, g)
-    o = A @ v
-    ea = eb[..., -1, :].clone()                             # each chunk's total decay
-    states, ht = _walk(ekb.mul_(k).transpose(-1, -2) @ v, ea, _start_state(h0, q, v, grid), grid)
-    o.view(-1, *o.shape[-2:]).baddbmm_(eb.mul_(q).view(-1, *q.shape[-2:]), states.view(-1, *states.shape[-2:]))
+    """Forward in chunk layout (q, k, g `[B, NC, H, C, K]`, v `[B, NC, H, C, V]`): `o` (unscaled) `[B, NC, H, C, V]`,
+    the final state `[N, H, K, V]`, and for the backward the intra-chunk attention `A` `[B, NC, H, C, C]` and the chunk
+    states `[B, NC, H, K, V]`. `chunk_fwd_plain` with buffers reused, for any grid."""
+    # 1. diagonal blocks: intra-chunk attention and its output
+    A, decay_q, decay_k = _intra_attention(q, k, g)         # [B, NC, H, C, C], [B, NC, H, C, K] x 2
+    o = A @ v                                               # [B, NC, H, C, V]
+    decay_chunk = decay_q[..., -1, :].clone()               # [B, NC, H, K] (decay_q is overwritten in stage 4)
+    # 2. chunk states: each chunk's own contribution to the state (decay_k becomes k * decay_k)
+    local_states = decay_k.mul_(k).transpose(-1, -2) @ v    # [B, NC, H, K, V]
+    # 3. state passing: local_states overwritten with the states at the chunks' starts
+    states, ht = _walk(local_states, decay_chunk, _start_state(h0, q, v, grid), grid)   # [B, NC, H, K, V], [N, H, K, V]
+    # 4. off-diagonal output: o += (q * decay_q) @ states, one batched product into o (decay_q becomes q * decay_q)
+    o.view(-1, *o.shape[-2:]).baddbmm_(decay_q.mul_(q).view(-1, *q.shape[-2:]), states.view(-1, *states.shape[-2:]))
     return o, grid.unsort(ht), A, states
 
 # %% ../../nbs/04_chunk.ipynb #7985423e
 def _intra_bwd(q, k, g, dA):
-    "dq and dk through the intra-chunk attention, given dL/dA, without the s == t terms; and the chunk decays."
-    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-    FP, FE = _token_decays(g)
-    half = q.shape[:-2] + (q.shape[-2] // 2, q.shape[-1])
-    qt, kt, tmp = q.new_empty(half), q.new_empty(half), q.new_empty(half)
+    """Stage 1 backward: dq and dk `[..., C, K]` through the intra-chunk attention, given dL/dA `[..., C, C]`, without
+    the s == t terms; and the chunk's `decay_q`, `decay_k` `[..., C, K]`."""
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)                 # [..., C, K]
+    decay_q, decay_k = _token_decays(g)                               # [..., C, K] each, level 1
+    half = q.shape[:-2] + (q.shape[-2] // 2, q.shape[-1])             # [..., C/2, K]
+    q_buf, k_buf, buf = q.new_empty(half), q.new_empty(half), q.new_empty(half)   # reused by every level
     rows = _broadcast_rows(q)
-    for m, fk, fq in _levels(FP, FE):
+    for m, decay_k0, decay_q1 in _levels(decay_q, decay_k):
         (k0, _), (_, q1), (dk0, _), (_, dq1) = _halves(k, m), _halves(q, m), _halves(dk, m), _halves(dq, m)
-        qm, t = torch.mul(q1, fq, out=qt.view(fq.shape)), tmp.view(fq.shape)
-        km = k0 if m == 1 else torch.mul(k0, fk, out=kt.view(fk.shape))
-        dAm = _blocks(dA, m)
+        q1_decayed, out = torch.mul(q1, decay_q1, out=q_buf.view(decay_q1.shape)), buf.view(decay_q1.shape)
+        k0_decayed = k0 if m == 1 else torch.mul(k0, decay_k0, out=k_buf.view(decay_k0.shape))   # [..., C/2m, m, K]
+        dA_blocks = _blocks(dA, m)                                                               # [..., C/2m, m, m]
         if m <= rows:
-            dq1.addcmul_(torch.sum(dAm.unsqueeze(-1) * km.unsqueeze(-3), -2, out=t), fq)
-            dkm = torch.sum(dAm.transpose(-1, -2).unsqueeze(-1) * qm.unsqueeze(-3), -2, out=t)
+            dq1.addcmul_(torch.sum(dA_blocks.unsqueeze(-1) * k0_decayed.unsqueeze(-3), -2, out=out), decay_q1)
+            dk0_decayed = torch.sum(dA_blocks.transpose(-1, -2).unsqueeze(-1) * q1_decayed.unsqueeze(-3), -2, out=out)
         else:
-            dq1.addcmul_(torch.matmul(dAm, km, out=t), fq)
-            dkm = torch.matmul(dAm.transpose(-1, -2), qm, out=t)
+            dq1.addcmul_(torch.matmul(dA_blocks, k0_decayed, out=out), decay_q1)
+            dk0_decayed = torch.matmul(dA_blocks.transpose(-1, -2), q1_decayed, out=out)   # [..., C/2m, m, K]
         if m == 1:
-            dk0.add_(dkm)
+            dk0.add_(dk0_decayed)
         else:
-            dk0.addcmul_(dkm, fk)
-    return dq, dk, FP, FE
+            dk0.addcmul_(dk0_decayed, decay_k0)
+    return dq, dk, decay_q, decay_k
 
 
 def _intra_grads(q, k, v, g, do, A):
-    "Intra-chunk dq, dk (without s == t terms) and dv, and the chunk decays; `A` is the forward's attention."
-    dv = A.transpose(-1, -2) @ do
-    dq, dk, eb, ekb = _intra_bwd(q, k, g, do @ v.transpose(-1, -2))
-    return dq, dk, dv, eb, ekb
+    """Stage 1 backward: intra-chunk dq, dk (without s == t terms) and dv, and the chunk's `decay_q`, `decay_k`;
+    `A` is the forward's attention."""
+    dv = A.transpose(-1, -2) @ do                                           # [..., C, V]
+    dq, dk, decay_q, decay_k = _intra_bwd(q, k, g, do @ v.transpose(-1, -2))   # dA: [..., C, C]
+    return dq, dk, dv, decay_q, decay_k
 
 
-def _dg(q, k, dq, dk, dki, c4):
-    """dL/dg from sums inside each chunk: reverse cumsum of `q*dq - k*dk` (without the s == t terms, and `dk`
-    without `dki`, its part through later chunks), exclusive cumsum of `k*dki`, plus `c4`."""
-    z = torch.addcmul(q * dq, k, dk, value=-1).flip(-2).cumsum(-2).flip(-2)
-    y = torch.cat([c4.unsqueeze(-2), (k * dki)[..., :-1, :]], -2).cumsum(-2)
-    return z.add_(y)
+def _dg(q, k, dq, dk, dk_inter, dg_passing):
+    """dL/dg `[..., C, K]` from sums inside each chunk: reverse cumsum of `q*dq - k*dk` (without the s == t terms, and
+    `dk` without `dk_inter`, its part through later chunks), exclusive cumsum of `k*dk_inter`, plus `dg_passing`
+    `[..., K]`."""
+    dg = torch.addcmul(q * dq, k, dk, value=-1).flip(-2).cumsum(-2).flip(-2)                  # [..., C, K]
+    dg_inter = torch.cat([dg_passing.unsqueeze(-2), (k * dk_inter)[..., :-1, :]], -2).cumsum(-2)   # [..., C, K]
+    return dg.add_(dg_inter)
 
 
-def _finish_grads(q, k, v, do, dq, dk, dki):
+def _finish_grads(q, k, v, do, dq, dk, dk_inter):
     "Adds the s == t terms and the later-chunks part of dk."
-    vdo = (v * do).sum(-1, keepdim=True)
+    vdo = (v * do).sum(-1, keepdim=True)                                    # [..., C, 1]
     dq.addcmul_(k, vdo)
-    dk.add_(dki).addcmul_(q, vdo)
+    dk.add_(dk_inter).addcmul_(q, vdo)
 
 
 def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     "Backward in chunk layout (`do` already scaled): dq, dk, dv, dg, dh0. `states`: the forward's, if it kept them."
-    dq, dk, dv, eb, ekb = _intra_grads(q, k, v, g, do, A)
-    ea = eb[..., -1, :]
-    ke = k * ekb
+    # 1. diagonal blocks
+    dq, dk, dv, decay_q, decay_k = _intra_grads(q, k, v, g, do, A)   # [B, NC, H, C, K | V]
+    decay_chunk = decay_q[..., -1, :]                                # [B, NC, H, K]
+    k_decayed = k * decay_k                                          # [B, NC, H, C, K]
     kept = states is not None
-    if not kept:
-        states = _walk(ke.transpose(-1, -2) @ v, ea, _start_state(h0, q, v, grid), grid)[0]
-    dq.addcmul_(do @ states.transpose(-1, -2), eb)
-    G = q.new_zeros((grid.N,) + states.shape[-3:]) if dht is None else grid.sort(dht.to(q.dtype))
-    Gn, G = _walk((q * eb).transpose(-1, -2) @ do, ea, G, grid, reverse=True)
-    c4 = (states * Gn if kept else states.mul_(Gn)).sum(-1).mul_(ea)   # a kept tensor stays as saved
-    del states
-    dki = (v @ Gn.transpose(-1, -2)).mul_(ekb)
-    dv += ke @ Gn
-    dg = _dg(q, k, dq, dk, dki, c4)
-    _finish_grads(q, k, v, do, dq, dk, dki)
-    return dq, dk, dv, dg, grid.unsort(G)
+    if not kept:   # stages 2 and 3 again: the states at the chunks' starts
+        states = _walk(k_decayed.transpose(-1, -2) @ v, decay_chunk, _start_state(h0, q, v, grid), grid)[0]
+    # 4. off-diagonal output: dq through the states                   states: [B, NC, H, K, V]
+    dq.addcmul_(do @ states.transpose(-1, -2), decay_q)
+    # 3. state passing, backwards: dstates at the chunks' ends, dS before the first chunk
+    dS = q.new_zeros((grid.N,) + states.shape[-3:]) if dht is None else grid.sort(dht.to(q.dtype))   # [N, H, K, V]
+    # each chunk's own contribution q_decayed^T do, replaced by the gradients at the chunks' ends   [B, NC, H, K, V]
+    dstates, dS = _walk((q * decay_q).transpose(-1, -2) @ do, decay_chunk, dS, grid, reverse=True)
+    dg_passing = (states * dstates if kept else states.mul_(dstates)).sum(-1).mul_(decay_chunk)   # [B, NC, H, K]
+    del states                                                       # (a kept tensor stays as saved)
+    # 2. chunk states
+    dk_inter = (v @ dstates.transpose(-1, -2)).mul_(decay_k)         # [B, NC, H, C, K]
+    dv += k_decayed @ dstates                                        # [B, NC, H, C, V]
+    dg = _dg(q, k, dq, dk, dk_inter, dg_passing)                     # [B, NC, H, C, K]
+    _finish_grads(q, k, v, do, dq, dk, dk_inter)
+    return dq, dk, dv, dg, grid.unsort(dS)
 
 # %% ../../nbs/04_chunk.ipynb #861af116
 def _fused_fwd(q, k, v, g, h0, grid):
-    A, eb, ekb = _intra_attention(q, k, g)
-    o = A @ v
-    ea = eb[..., -1, :].clone()
-    qe, ke, S = eb.mul_(q), ekb.mul_(k), _start_state(h0, q, v, grid)
+    "`_chunk_fwd` with stages 2 to 4 done chunk by chunk, carrying one state: no chunk states are kept."
+    # 1. diagonal blocks
+    A, decay_q, decay_k = _intra_attention(q, k, g)          # [B, NC, H, C, C], [B, NC, H, C, K] x 2
+    o = A @ v                                                # [B, NC, H, C, V]
+    decay_chunk = decay_q[..., -1, :].clone()                # [B, NC, H, K]
+    q_decayed, k_decayed = decay_q.mul_(q), decay_k.mul_(k)  # [B, NC, H, C, K] (in place)
+    S = _start_state(h0, q, v, grid)                         # [N, H, K, V]
     for j in range(grid.steps):
-        Sj = _active(grid, S, j)
-        grid.put(o, j, grid.take(o, j) + grid.take(qe, j) @ Sj)
-        new = torch.addcmul(grid.take(ke, j).transpose(-1, -2) @ grid.take(v, j), grid.take(ea, j)[..., None], Sj)
-        S = _advance(grid, S, j, new)
+        Sj = grid.states_at(S, j)                            # [n, H, K, V]
+        # 4. off-diagonal output of step j's chunks
+        grid.put(o, j, grid.take(o, j) + grid.take(q_decayed, j) @ Sj)
+        # 2. and 3.: step j's local states, and the states after its chunks
+        new = torch.addcmul(grid.take(k_decayed, j).transpose(-1, -2) @ grid.take(v, j),
+                            grid.take(decay_chunk, j)[..., None], Sj)
+        S = grid.advance(S, j, new)
     return o, grid.unsort(S), A, None
 
 
 def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
-    dq, dk, dv, eb, ekb = _intra_grads(q, k, v, g, do, A)
-    ea = eb[..., -1, :]
-    qe, ke = q * eb, k * ekb
-    dki, c4 = torch.zeros_like(k), torch.zeros_like(ea)
+    "`_chunk_bwd` walking the chunks with checkpointed states, about 2 sqrt(NC) of them at a time."
+    # 1. diagonal blocks
+    dq, dk, dv, decay_q, decay_k = _intra_grads(q, k, v, g, do, A)   # [B, NC, H, C, K | V]
+    decay_chunk = decay_q[..., -1, :]                                # [B, NC, H, K]
+    q_decayed, k_decayed = q * decay_q, k * decay_k                  # [B, NC, H, C, K]
+    dk_inter, dg_passing = torch.zeros_like(k), torch.zeros_like(decay_chunk)
 
     def step(S, j):
-        "The states active at step j, and all states after it."
-        Sj = _active(grid, S, j)
-        new = torch.addcmul(grid.take(ke, j).transpose(-1, -2) @ grid.take(v, j), grid.take(ea, j)[..., None], Sj)
-        return Sj, _advance(grid, S, j, new)
+        "Stages 2 and 3 at step j: the states active at step j, and all states after it."
+        Sj = grid.states_at(S, j)
+        new = torch.addcmul(grid.take(k_decayed, j).transpose(-1, -2) @ grid.take(v, j),
+                            grid.take(decay_chunk, j)[..., None], Sj)
+        return Sj, grid.advance(S, j, new)
 
     L = math.isqrt(max(grid.steps - 1, 0)) + 1     # segments of about sqrt(steps) chunks
     S, checkpoints = _start_state(h0, q, v, grid), []
@@ -367,22 +403,27 @@ def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
         if j % L == 0:
             checkpoints.append(S)
         S = step(S, j)[1]
-    G = q.new_zeros(S.shape) if dht is None else grid.sort(dht.to(q.dtype))
+    dS = q.new_zeros(S.shape) if dht is None else grid.sort(dht.to(q.dtype))   # [N, H, K, V]
     for s0 in reversed(range(0, grid.steps, L)):   # backward, one segment at a time
         S, seg = checkpoints.pop(), []
         for j in range(s0, min(s0 + L, grid.steps)):
             Sj, S = step(S, j)
             seg.append(Sj)
         for j in reversed(range(s0, min(s0 + L, grid.steps))):
-            Sj, Gj, do_j, ea_j = seg.pop(), _active(grid, G, j), grid.take(do, j), grid.take(ea, j)
-            grid.put(dq, j, grid.take(dq, j) + (do_j @ Sj.transpose(-1, -2)) * grid.take(eb, j))
-            grid.put(dki, j, (grid.take(v, j) @ Gj.transpose(-1, -2)) * grid.take(ekb, j))
-            grid.put(dv, j, grid.take(dv, j) + grid.take(ke, j) @ Gj)
-            grid.put(c4, j, ea_j * (Sj * Gj).sum(-1))
-            G = _advance(grid, G, j, torch.addcmul(grid.take(qe, j).transpose(-1, -2) @ do_j, ea_j[..., None], Gj))
-    dg = _dg(q, k, dq, dk, dki, c4)
-    _finish_grads(q, k, v, do, dq, dk, dki)
-    return dq, dk, dv, dg, grid.unsort(G)
+            Sj, dSj = seg.pop(), grid.states_at(dS, j)   # the states at step j's start, their gradients at its end
+            do_j, decay_chunk_j = grid.take(do, j), grid.take(decay_chunk, j)
+            # 4. off-diagonal output
+            grid.put(dq, j, grid.take(dq, j) + (do_j @ Sj.transpose(-1, -2)) * grid.take(decay_q, j))
+            # 2. chunk states
+            grid.put(dk_inter, j, (grid.take(v, j) @ dSj.transpose(-1, -2)) * grid.take(decay_k, j))
+            grid.put(dv, j, grid.take(dv, j) + grid.take(k_decayed, j) @ dSj)
+            # 3. state passing, backwards
+            grid.put(dg_passing, j, decay_chunk_j * (Sj * dSj).sum(-1))
+            dS = grid.advance(dS, j, torch.addcmul(grid.take(q_decayed, j).transpose(-1, -2) @ do_j,
+                                                   decay_chunk_j[..., None], dSj))
+    dg = _dg(q, k, dq, dk, dk_inter, dg_passing)
+    _finish_grads(q, k, v, do, dq, dk, dk_inter)
+    return dq, dk, dv, dg, grid.unsort(dS)
 
 # %% ../../nbs/04_chunk.ipynb #778db92d
 class ChunkGLAFunction(torch.autograd.Function):
