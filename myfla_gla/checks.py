@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .utils import check_cu_seqlens
+
 # %% auto #0
 __all__ = ['InputError', 'DTypeError', 'check_tensor', 'check_gla_inputs', 'check_no_head_first', 'check_no_double_backward',
            'first_order_only', 'check_int', 'check_positive', 'check_divisible', 'check_choice']
@@ -58,9 +60,9 @@ def check_gla_inputs(
     g=None,                                  # [B, T, H, K] log decays of the state's rows (the key side)
     gv=None,                                 # [B, T, H, V] log decays of the state's columns (the value side)
     initial_state=None,                      # [N, H, K, V], or [N, H, V, K] with `state_v_first`
-    N: int | None = None,                    # number of sequences (default: the batch size)
+    N: int | None = None,                    # number of sequences (default: from `cu_seqlens`, else the batch size)
     state_v_first: bool = False,
-    cu_seqlens=None,                         # [N+1], checked for its device only (see `check_cu_seqlens`)
+    cu_seqlens=None,                         # [N+1] packed sequences: device, and `check_cu_seqlens` (B == 1, N states)
     g_name: str = 'g',                       # the gate argument's name in the caller (`g` or `gk`)
     g_optional: bool = False,                # whether the key-side gate may be None
 ):
@@ -77,7 +79,8 @@ def check_gla_inputs(
     check_tensor('gv', gv, 'B, T, H, V', (B, T, H, V), floating=True, device=dev, optional=True)
     if cu_seqlens is not None:
         check_tensor('cu_seqlens', cu_seqlens, device=dev)
-    N = B if N is None else N
+    n = check_cu_seqlens(cu_seqlens, B, initial_state)
+    N = N if N is not None else B if n is None else n
     dims, want = ('N, H, V, K', (N, H, V, K)) if state_v_first else ('N, H, K, V', (N, H, K, V))
     if initial_state is not None:
         check_tensor('initial_state', initial_state, floating=True, device=dev)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from ..checks import InputError, check_gla_inputs, check_no_double_backward, check_no_head_first
-from ..utils import check_cu_seqlens, prepare_token_indices
+from ..utils import prepare_token_indices
 
 # %% auto #0
 __all__ = ['ChunkGLAFunction', 'chunk_gla', 'fused_chunk_gla']
@@ -457,9 +457,8 @@ class ChunkGLAFunction(torch.autograd.Function):
 # %% ../../nbs/04_chunk.ipynb #bf3a8146
 def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
                  fused):
-    B, T, H, K, V = check_gla_inputs(q, k, v, g, cu_seqlens=cu_seqlens)
-    N = check_cu_seqlens(cu_seqlens, B, initial_state)
-    check_gla_inputs(q, k, v, g, initial_state=initial_state, N=N, state_v_first=state_v_first)
+    B, T, H, K, V = check_gla_inputs(q, k, v, g, initial_state=initial_state, state_v_first=state_v_first,
+                                     cu_seqlens=cu_seqlens)
     acc = torch.promote_types(q.dtype, torch.float32)
     if initial_state is not None and initial_state.dtype not in (torch.float32, acc):
         raise InputError(f"initial_state must be in float32 (or {acc}), got {initial_state.dtype}")
@@ -468,7 +467,7 @@ def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_f
         cu = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).to('cpu', torch.long)
         if cu[0] != 0 or cu[-1] != T or (cu.diff() < 0).any():
             raise ValueError(f"`cu_seqlens` must rise from 0 to the packed length {T}; got {cu.tolist()}")
-        varlen = _Varlen(cu_seqlens, cu, _chunk_size(int(cu.diff().max()) if N else 1))
+        varlen = _Varlen(cu_seqlens, cu, _chunk_size(int(cu.diff().max()) if len(cu) > 1 else 1))
     h0 = initial_state.transpose(-1, -2) if initial_state is not None and state_v_first else initial_state
     o, ht = ChunkGLAFunction.apply(q, k, v, g, K ** -0.5 if scale is None else scale, h0, fused, varlen)
     if not output_final_state:

@@ -15,7 +15,7 @@ from ..layers.gla import GatedLinearAttention
 from ..modules.convolution import causal_conv1d
 from .chunk import chunk_gla, fused_chunk_gla
 from .recurrent import fused_recurrent_gla
-from ..testing import get_err_ratio, random_gla_inputs
+from ..testing import get_err_ratio, op_inputs, run_reference
 
 # %% auto #0
 __all__ = ['COMM_BYTES', 'FLACPContext', 'build_cp_context', 'reset_comm_bytes', 'gla_cp', 'chunk_gla_cp',
@@ -386,10 +386,6 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 60.) -> list:
     return [results[r] for r in range(world_size)]
 
 # %% ../../nbs/12_cp.ipynb #a5777163
-def _rel(ref, x):
-    "Relative RMS error of `x` against `ref` (the package's metric)."
-    return get_err_ratio(ref, x)
-
 def cp_check_op(
     rank: int, world: int,
     cu_seqlens: list[int],                 # global boundaries; T = cu_seqlens[-1]
@@ -399,26 +395,20 @@ def cp_check_op(
     op: str = 'chunk_gla',                 # 'chunk_gla', 'fused_chunk_gla' or 'fused_recurrent_gla'
     seed: int = 0,
 ) -> dict:                                 # relative RMS errors of this rank's o, dq, dk, dv, dg
-    "On one rank: `op` with `cp_context` against the single-process float64 `chunk_gla` on the whole batch, sliced."
-    T = cu_seqlens[-1]
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v, g = random_gla_inputs(1, T, H, K, V, gate_logit_normalizer, torch.float64, generator=gen)
-    do = torch.rand(1, T, H, V, generator=gen, dtype=torch.float64)
-    cu = torch.tensor(cu_seqlens)
-    ref = [x.clone().requires_grad_() for x in (q, k, v, g)]
-    o_ref, _ = chunk_gla(*ref, cu_seqlens=cu)
-    o_ref.backward(do)
-    P = T // world
-    sl = slice(rank * P, (rank + 1) * P)
-    mine = [x[:, sl].to(dtype).requires_grad_() for x in (q, k, v, g)]
+    "On one rank: `op` with `cp_context` against the single-process float64 recurrence on the whole batch, sliced."
+    T, cu = cu_seqlens[-1], torch.tensor(cu_seqlens)
+    inputs = op_inputs('cpu', torch.float64, B=1, T=T, H=H, K=K, V=V, normalizer=gate_logit_normalizer,
+                       cu_seqlens=cu, seed=seed, h0=False, dht=False)
+    ref = run_reference(inputs, cu_seqlens=cu)                      # every rank computes the whole batch
+    sl = slice(rank * (T // world), (rank + 1) * (T // world))
+    mine = {n: inputs[n][:, sl].to(dtype).requires_grad_() for n in 'qkvg'}
     ctx = build_cp_context(cu, group=None)
-    if op == 'fused_recurrent_gla':
-        o, _ = fused_recurrent_gla(mine[0], mine[1], mine[2], gk=mine[3], cp_context=ctx)
-    else:
-        o, _ = (chunk_gla if op == 'chunk_gla' else fused_chunk_gla)(*mine, cp_context=ctx)
-    o.backward(do[:, sl].to(dtype))
-    errs = {'o': _rel(o_ref[:, sl], o)}
-    errs.update({'d' + n: _rel(r.grad[:, sl], x.grad) for n, r, x in zip('qkvg', ref, mine)})
+    gate = 'gk' if op == 'fused_recurrent_gla' else 'g'
+    fn = {'chunk_gla': chunk_gla, 'fused_chunk_gla': fused_chunk_gla, 'fused_recurrent_gla': fused_recurrent_gla}[op]
+    o, _ = fn(mine['q'], mine['k'], mine['v'], **{gate: mine['g']}, cp_context=ctx)
+    grads = torch.autograd.grad(o, list(mine.values()), inputs['do'][:, sl].to(dtype))
+    errs = {'o': get_err_ratio(ref['o'][:, sl], o)}
+    errs.update({f'd{n}': get_err_ratio(ref[f'd{n}'][:, sl], d) for n, d in zip(mine, grads)})
     return errs
 
 # %% ../../nbs/12_cp.ipynb #6365c271

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..checks import check_gla_inputs, check_no_head_first, first_order_only
 from ..utils import (
-    check_cu_seqlens, index_first_axis, index_put_first_axis, prepare_position_ids, prepare_sequence_ids)
+    index_first_axis, index_put_first_axis, prepare_position_ids, prepare_sequence_ids)
 
 # %% auto #0
 __all__ = ['naive_recurrent_gla', 'reference_recurrent_gla', 'fused_recurrent_gla']
@@ -226,11 +226,6 @@ def _read(S, q, state_v_first):
     "q S for a state [.., K, V], or S q for a transposed one [.., V, K]."
     return (S @ q[..., :, None]).squeeze(-1) if state_v_first else (q[..., None, :] @ S).squeeze(-2)
 
-# %% ../../nbs/03_recurrent.ipynb #d44978bf
-def _check_shapes(q, k, v, gk, gv, initial_state, N: int, state_v_first: bool):
-    "Shape, dtype and device checks FLA lacks, each naming the argument (`myfla_gla.checks`)."
-    check_gla_inputs(q, k, v, gk, gv, initial_state, N, state_v_first, g_name='gk', g_optional=True)
-
 # %% ../../nbs/03_recurrent.ipynb #48d94936
 def fused_recurrent_gla(
     q: torch.Tensor,                            # [B, T, H, K]
@@ -257,14 +252,13 @@ def fused_recurrent_gla(
                       DeprecationWarning, stacklevel=2)
         state_v_first = kwargs.pop('transpose_state_layout')
     check_no_head_first('fused_recurrent_gla', kwargs)
-    B, T, H, K, V = check_gla_inputs(q, k, v, gk, gv, cu_seqlens=cu_seqlens, g_name='gk', g_optional=True)
     if cp_context is not None:
         from myfla_gla.ops.cp import fused_recurrent_gla_cp
         return fused_recurrent_gla_cp(q, k, v, gk, gv, scale, cp_context, initial_state, output_final_state, reverse,
                                       checkpoint_every=checkpoint_every)
-    n = check_cu_seqlens(cu_seqlens, B, initial_state)
-    N = B if n is None else n
-    _check_shapes(q, k, v, gk, gv, initial_state, N, state_v_first)
+    B, T, H, K, V = check_gla_inputs(q, k, v, gk, gv, initial_state, state_v_first=state_v_first,
+                                     cu_seqlens=cu_seqlens, g_name='gk', g_optional=True)
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
     if checkpoint_every < 1:
         raise ValueError(f"`checkpoint_every` must be a positive number of tokens, got {checkpoint_every}")
     scale = K ** -0.5 if scale is None else scale
