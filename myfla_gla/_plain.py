@@ -164,19 +164,19 @@ def _load_file(path: Path) -> dict:
         return load_file(str(path))
     return torch.load(path, map_location='cpu', weights_only=True)
 
-def load_state_dict_from_folder(folder) -> dict:
-    "The state dict stored in a local checkpoint folder (single file or sharded, safetensors or PyTorch)."
+def _weight_files(folder) -> list[Path]:
+    "The weight files of a local checkpoint folder: one file, or the shards its `.index.json` lists."
     folder = Path(folder)
-    for name in _WEIGHT_FILES:
-        path = folder / name
-        if path.is_file():
-            break
-    else:
+    path = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
+    if path is None:
         raise OSError(f"No weights in {str(folder)!r}: expected one of {list(_WEIGHT_FILES)}")
     if path.name.endswith('.index.json'):
-        shards = sorted(set(json.loads(path.read_text())['weight_map'].values()))
-        return {k: v for shard in shards for k, v in _load_file(folder / shard).items()}
-    return _load_file(path)
+        return [folder / s for s in sorted(set(json.loads(path.read_text())['weight_map'].values()))]
+    return [path]
+
+def load_state_dict_from_folder(folder) -> dict:
+    "The state dict stored in a local checkpoint folder (single file or sharded, safetensors or PyTorch)."
+    return {k: v for f in _weight_files(folder) for k, v in _load_file(f).items()}
 
 # %% ../nbs/05a_plain.ipynb #a9b050c2
 class _PlainPreTrainedModel(nn.Module):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .._plain import (
     TRANSFORMERS_AVAILABLE, _BaseOutput, _BlockBase, _CACHE_FIELD, _CausalLMOutput, _ConfigBase, _GenerationBases,
-    _ModelBase, _PlainPreTrainedModel, _TRANSFORMERS_V5, _WEIGHT_FILES, load_state_dict_from_folder)
+    _ModelBase, _PlainPreTrainedModel, _TRANSFORMERS_V5, _weight_files, load_state_dict_from_folder)
 from ..cache import Cache
 from ..checks import InputError, check_int, check_positive
 from ..layers.gla import GatedLinearAttention
@@ -41,14 +41,8 @@ def _is_model_file(name: str) -> bool:
 
 def checkpoint_shapes(folder) -> tuple[dict, dict]:
     "`({name: shape}, {name: file})` of the weights stored in a local checkpoint folder, reading no tensor."
-    folder = Path(folder)
-    path = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
-    if path is None:
-        raise OSError(f"No weights in {str(folder)!r}: expected one of {list(_WEIGHT_FILES)}")
-    files = ([folder / s for s in sorted(set(json.loads(path.read_text())['weight_map'].values()))]
-             if path.name.endswith('.index.json') else [path])
     shapes, where = {}, {}
-    for f in files:
+    for f in _weight_files(folder):
         if f.suffix == '.safetensors':
             from safetensors import safe_open
             with safe_open(str(f), framework='pt') as sf:
