@@ -56,10 +56,15 @@ def _floor(x):
     return math.exp(-40.) if x.dtype != torch.float64 else math.exp(-350.)
 
 
-def _token_decays(g):
-    "Level 1's `decay_q` and `decay_k` `[..., C, K]`: per token `exp(g)` (floored, see `_floor`), and ones."
+def _token_decays(g, overwrite=False):
+    """Level 1's `decay_q` and `decay_k` `[..., C, K]`: per token `exp(g)` (floored, see `_floor`), and ones.
+    `overwrite`: `decay_q` is computed in g's memory (a chunk-layout copy the caller no longer needs)."""
     lo = _floor(g)
-    return (g.exp() if lo is None else g.clamp_min(math.log(lo)).exp_()), torch.ones_like(g)
+    if overwrite:
+        decay_q = g.exp_() if lo is None else g.clamp_min_(math.log(lo)).exp_()
+    else:
+        decay_q = g.exp() if lo is None else g.clamp_min(math.log(lo)).exp_()
+    return decay_q, torch.ones_like(g)
 
 
 def _levels(decay_q, decay_k):
@@ -94,13 +99,15 @@ def _broadcast_rows(x):
     return _BROADCAST_ROWS.get(x.device.type, 0)
 
 # %% ../../nbs/04_chunk.ipynb #3548fa05
-def _intra_attention(q, k, g):
+def _intra_attention(q, k, g, overwrite=False):
     """Stage 1, diagonal blocks: the intra-chunk attention `A[t, s]` `[..., C, C]` (zero for s > t, unscaled) from q, k,
     g `[..., C, K]`, and the chunk's decay factors `decay_q` = exp(b), `decay_k` = exp(b_last - b) `[..., C, K]`.
-    `intra_attention_plain` with buffers reused."""
+    `intra_attention_plain` with buffers reused; `overwrite`: `decay_q` is built in g's memory."""
     A = q.new_zeros(q.shape[:-1] + (q.shape[-2],))                   # [..., C, C]
-    A.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1))               # s == t: no decay
-    decay_q, decay_k = _token_decays(g)                               # [..., C, K] each, level 1
+    decay_k = torch.mul(q, k)                                         # [..., C, K]: q * k first, then the ones
+    A.diagonal(dim1=-2, dim2=-1).copy_(decay_k.sum(-1))               # s == t: no decay
+    decay_q = _token_decays(g, overwrite)[0]                          # [..., C, K], level 1
+    decay_k.fill_(1.)
     half = q.shape[:-2] + (q.shape[-2] // 2, q.shape[-1])             # [..., C/2, K]
     q_buf, k_buf = q.new_empty(half), q.new_empty(half)               # decayed query / key halves, for every level
     rows = _broadcast_rows(q)
@@ -120,6 +127,24 @@ def _chunk_size(T):
     return min(64, 1 << max(T - 1, 0).bit_length())
 
 
+def _mul_to(out, a, b):
+    """`out` <- `a * b` in one pass, also into a strided view. Dynamo refuses a non-contiguous `out=`; compiled, the
+    product and the copy are fused anyway."""
+    if torch.compiler.is_compiling():
+        return out.copy_(a * b)
+    return torch.mul(a, b, out=out)
+
+
+def _copy(dst, src, scale=None):
+    """`dst` <- `src` (times `scale`) in one pass. The product is taken in `src`'s dtype, so a source of lower
+    precision than `dst` is cast first and then scaled in place, as two passes."""
+    if scale is None:
+        return dst.copy_(src)
+    if src.dtype == torch.promote_types(src.dtype, dst.dtype):
+        return _mul_to(dst, src, scale)
+    return dst.copy_(src).mul_(scale)
+
+
 class _Fixed:
     "B sequences of T tokens as chunk tensors `[B, NC, H, C, D]`; step j of the state walk is chunk j of every row."
 
@@ -133,21 +158,20 @@ class _Fixed:
         C, nf = self.C, T // self.C                                   # nf full chunks
         out = x.new_empty(B, self.NC, H, C, D, dtype=dtype)           # [B, NC, H, C, D]
         if nf:
-            out[:, :nf].copy_(x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3))
+            _copy(out[:, :nf], x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3), scale)
         if nf < self.NC:
-            out[:, nf].zero_()[:, :, :T - nf * C].copy_(x[:, nf * C:].transpose(1, 2))
-        return out if scale is None else out.mul_(scale)
+            _copy(out[:, nf].zero_()[:, :, :T - nf * C], x[:, nf * C:].transpose(1, 2), scale)
+        return out
 
     def from_chunks(self, o, dtype, scale=None):
-        "`[B, NC, H, C, D]` -> `[B, T, H, D]` in `dtype` (times `scale`, which overwrites `o`)."
+        "`[B, NC, H, C, D]` -> `[B, T, H, D]` in `dtype` (times `scale`)."
         B, NC, H, C, D = o.shape
         T, nf = self.T, self.T // C
-        o = o if scale is None else o.mul_(scale)
         out = o.new_empty(B, T, H, D, dtype=dtype)                    # [B, T, H, D]
         if nf:
-            out[:, :nf * C].unflatten(1, (nf, C)).copy_(o[:, :nf].transpose(2, 3))
+            _copy(out[:, :nf * C].unflatten(1, (nf, C)), o[:, :nf].transpose(2, 3), scale)
         if nf < NC:
-            out[:, nf * C:].copy_(o[:, nf, :, :T - nf * C].transpose(1, 2))
+            _copy(out[:, nf * C:], o[:, nf, :, :T - nf * C].transpose(1, 2), scale)
         return out
 
     def take(self, x, j):
@@ -274,9 +298,9 @@ def _keep_states(x):
 def _chunk_fwd(q, k, v, g, h0, grid):
     """Forward in chunk layout (q, k, g `[B, NC, H, C, K]`, v `[B, NC, H, C, V]`): `o` (unscaled) `[B, NC, H, C, V]`,
     the final state `[N, H, K, V]`, and for the backward the intra-chunk attention `A` `[B, NC, H, C, C]` and the chunk
-    states `[B, NC, H, K, V]`. `chunk_fwd_plain` with buffers reused, for any grid."""
-    # 1. diagonal blocks: intra-chunk attention and its output
-    A, decay_q, decay_k = _intra_attention(q, k, g)         # [B, NC, H, C, C], [B, NC, H, C, K] x 2
+    states `[B, NC, H, K, V]`. `chunk_fwd_plain` with buffers reused (g's among them), for any grid."""
+    # 1. diagonal blocks: intra-chunk attention and its output (g becomes decay_q)
+    A, decay_q, decay_k = _intra_attention(q, k, g, True)   # [B, NC, H, C, C], [B, NC, H, C, K] x 2
     o = A @ v                                               # [B, NC, H, C, V]
     decay_chunk = decay_q[..., -1, :].clone()               # [B, NC, H, K] (decay_q is overwritten in stage 4)
     # 2. chunk states: each chunk's own contribution to the state (decay_k becomes k * decay_k)
@@ -290,9 +314,9 @@ def _chunk_fwd(q, k, v, g, h0, grid):
 # %% ../../nbs/04_chunk.ipynb #7985423e
 def _intra_bwd(q, k, g, dA):
     """Stage 1 backward: dq and dk `[..., C, K]` through the intra-chunk attention, given dL/dA `[..., C, C]`, without
-    the s == t terms; and the chunk's `decay_q`, `decay_k` `[..., C, K]`."""
+    the s == t terms; and the chunk's `decay_q`, `decay_k` `[..., C, K]` (`decay_q` in g's memory)."""
     dq, dk = torch.zeros_like(q), torch.zeros_like(k)                 # [..., C, K]
-    decay_q, decay_k = _token_decays(g)                               # [..., C, K] each, level 1
+    decay_q, decay_k = _token_decays(g, overwrite=True)               # [..., C, K] each, level 1
     half = q.shape[:-2] + (q.shape[-2] // 2, q.shape[-1])             # [..., C/2, K]
     q_buf, k_buf, buf = q.new_empty(half), q.new_empty(half), q.new_empty(half)   # reused by every level
     rows = _broadcast_rows(q)
@@ -326,9 +350,11 @@ def _dg(q, k, dq, dk, dk_inter, dg_passing):
     """dL/dg `[..., C, K]` from sums inside each chunk: reverse cumsum of `q*dq - k*dk` (without the s == t terms, and
     `dk` without `dk_inter`, its part through later chunks), exclusive cumsum of `k*dk_inter`, plus `dg_passing`
     `[..., K]`."""
-    dg = torch.addcmul(q * dq, k, dk, value=-1).flip(-2).cumsum(-2).flip(-2)                  # [..., C, K]
-    dg_inter = torch.cat([dg_passing.unsqueeze(-2), (k * dk_inter)[..., :-1, :]], -2).cumsum(-2)   # [..., C, K]
-    return dg.add_(dg_inter)
+    dg = torch.mul(q, dq).addcmul_(k, dk, value=-1).flip(-2).cumsum_(-2).flip(-2)   # [..., C, K]
+    dg_inter = torch.empty_like(dg)                                                 # [..., C, K], shifted by one
+    dg_inter[..., 0, :] = dg_passing
+    _mul_to(dg_inter[..., 1:, :], k[..., :-1, :], dk_inter[..., :-1, :])
+    return dg.add_(dg_inter.cumsum_(-2))
 
 
 def _finish_grads(q, k, v, do, dq, dk, dk_inter):
@@ -342,7 +368,7 @@ def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     "Backward in chunk layout (`do` already scaled): dq, dk, dv, dg, dh0. `states`: the forward's, if it kept them."
     # 1. diagonal blocks
     dq, dk, dv, decay_q, decay_k = _intra_grads(q, k, v, g, do, A)   # [B, NC, H, C, K | V]
-    decay_chunk = decay_q[..., -1, :]                                # [B, NC, H, K]
+    decay_chunk = decay_q[..., -1, :].clone()                        # [B, NC, H, K] (decay_q becomes q * decay_q)
     k_decayed = k * decay_k                                          # [B, NC, H, C, K]
     kept = states is not None
     if not kept:   # stages 2 and 3 again: the states at the chunks' starts
@@ -352,12 +378,12 @@ def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     # 3. state passing, backwards: dstates at the chunks' ends, dS before the first chunk
     dS = q.new_zeros((grid.N,) + states.shape[-3:]) if dht is None else grid.sort(dht.to(q.dtype))   # [N, H, K, V]
     # each chunk's own contribution q_decayed^T do, replaced by the gradients at the chunks' ends   [B, NC, H, K, V]
-    dstates, dS = _walk((q * decay_q).transpose(-1, -2) @ do, decay_chunk, dS, grid, reverse=True)
+    dstates, dS = _walk(decay_q.mul_(q).transpose(-1, -2) @ do, decay_chunk, dS, grid, reverse=True)
     dg_passing = (states * dstates if kept else states.mul_(dstates)).sum(-1).mul_(decay_chunk)   # [B, NC, H, K]
     del states                                                       # (a kept tensor stays as saved)
     # 2. chunk states
     dk_inter = (v @ dstates.transpose(-1, -2)).mul_(decay_k)         # [B, NC, H, C, K]
-    dv += k_decayed @ dstates                                        # [B, NC, H, C, V]
+    dv.view(-1, *dv.shape[-2:]).baddbmm_(k_decayed.view(-1, *k.shape[-2:]), dstates.view(-1, *dstates.shape[-2:]))
     dg = _dg(q, k, dq, dk, dk_inter, dg_passing)                     # [B, NC, H, C, K]
     _finish_grads(q, k, v, do, dq, dk, dk_inter)
     return dq, dk, dv, dg, grid.unsort(dS)
@@ -366,7 +392,7 @@ def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
 def _fused_fwd(q, k, v, g, h0, grid):
     "`_chunk_fwd` with stages 2 to 4 done chunk by chunk, carrying one state: no chunk states are kept."
     # 1. diagonal blocks
-    A, decay_q, decay_k = _intra_attention(q, k, g)          # [B, NC, H, C, C], [B, NC, H, C, K] x 2
+    A, decay_q, decay_k = _intra_attention(q, k, g, True)    # [B, NC, H, C, C], [B, NC, H, C, K] x 2
     o = A @ v                                                # [B, NC, H, C, V]
     decay_chunk = decay_q[..., -1, :].clone()                # [B, NC, H, K]
     q_decayed, k_decayed = decay_q.mul_(q), decay_k.mul_(k)  # [B, NC, H, C, K] (in place)
