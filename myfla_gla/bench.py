@@ -31,14 +31,16 @@ from tqdm import tqdm
 
 import myfla_gla
 from .__main__ import available_device, positive_int
+from .floor import floor as measure_floor
 from .ops.recurrent import naive_recurrent_gla as reference_gla
 from .testing import fla_available, get_err_ratio, random_gla_inputs
 
 # %% auto #0
 __all__ = ['PRESETS', 'IMPLS', 'MiB', 'STEPS', 'SCALING_IMPLS', 'OPT_IN', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable',
-           'Case', 'Inputs', 'measure', 'machine_info', 'Progress', 'run_bench', 'flags', 'row_line', 'table_rows',
-           'describe', 'format_table', 'record_markdown', 'load_record', 'scaling', 'plot_scaling', 'impl_name',
-           'lengths', 'make_parser', 'parse_args', 'config_from_args', 'save_record', 'main']
+           'Case', 'Inputs', 'measure', 'machine_info', 'Progress', 'bench_floor', 'best_floor', 'floor_text',
+           'run_bench', 'floor_ms', 'flags', 'row_line', 'table_rows', 'describe', 'format_table', 'record_markdown',
+           'load_record', 'scaling', 'plot_scaling', 'impl_name', 'lengths', 'make_parser', 'parse_args',
+           'config_from_args', 'save_record', 'main']
 
 # %% ../nbs/08_bench.ipynb #c53030fd
 PRESETS = {
@@ -71,11 +73,14 @@ class BenchConfig:
     normalizer: float = 1.    # gate_logit_normalizer of the inputs (as in FLA's tests)
     seed: int = 0
     stat: str = ''            # the table's time: 'median' or 'min' (default: median on CUDA, min elsewhere)
+    floor: bool = True        # time the floor of the shape (`myfla_gla.floor`): each time also as its multiple
 
     def __post_init__(self):
         self.stat = self.stat or ('median' if str(self.device).startswith('cuda') else 'min')
         if self.stat not in ('median', 'min'):
             raise ValueError(f"`stat` must be 'median' or 'min', got {self.stat!r}")
+        if not isinstance(self.floor, bool):
+            raise TypeError(f'`floor` must be a bool, got {type(self.floor).__name__}')
 
     @property
     def torch_dtype(self): return getattr(torch, self.dtype)
@@ -406,29 +411,71 @@ class Progress(tqdm):
             self.write(line, file=self.fp)
 
 
+# %% ../nbs/08_bench.ipynb #cc9c1429
+def bench_floor(cfg: BenchConfig, bandwidth: float | None = None) -> dict:
+    """The floor of `cfg`'s shape, dtype and device (`myfla_gla.floor.floor`), timed in this process with `cfg.stat`;
+    the copy bandwidth (bytes/s) is measured unless given. What goes wrong is the result's `error`."""
+    try:
+        return measure_floor(cfg.B, cfg.T, cfg.H, cfg.K, cfg.V, cfg.torch_dtype, cfg.device, bandwidth=bandwidth,
+                             stat=cfg.stat)
+    except Exception as e:
+        return dict(error=f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:160]}')
+    finally:
+        _free(cfg.device)
+
+def best_floor(a: dict, b: dict) -> dict:
+    "Two floors of one shape as one: each part's fastest products and bytes (the best round)."
+    if 'error' in a or 'error' in b:
+        return b if 'error' in a else a
+    out = dict(a, bandwidth_gbs=max(a['bandwidth_gbs'], b['bandwidth_gbs']))
+    for part in ('fwd', 'fwd_bwd'):
+        fast = {k: min(a[part][k], b[part][k]) for k in ('products_ms', 'bytes_ms')}
+        out[part] = dict(a[part], **fast, floor_ms=max(fast.values()))
+    return out
+
+def floor_text(fl: dict) -> str:
+    "A floor in words: its time forward and forward+backward, which part sets each, and the copy bandwidth."
+    if 'error' in fl:
+        return f"floor not measured ({fl['error']})"
+    sets = lambda p: 'products' if fl[p]['products_ms'] >= fl[p]['bytes_ms'] else 'bytes'
+    part = lambda p: f"{fl[p]['floor_ms']:.3g} ms ({sets(p)})"
+    return f"floor fwd {part('fwd')}, fwd+bwd {part('fwd_bwd')}, copy {fl['bandwidth_gbs']:.1f} GB/s"
+
 # %% ../nbs/08_bench.ipynb #a30d9130
 def run_bench(cfg: BenchConfig, progress: bool = True, command: str | None = None, checkpoint=None) -> dict:
-    """Measure every implementation of `cfg` in this process: the record (JSON-able). With `progress`, a bar and each
-    row as soon as it is measured go to stderr. `checkpoint(record)`, if given, receives the record so far at the
-    start and after each row, so that an interrupted run still leaves what it measured."""
+    """Measure every implementation of `cfg` in this process: the record (JSON-able). With `cfg.floor`, the floor of
+    the shape first (`bench_floor`, the record's `floor`). With `progress`, a bar and each row as soon as it is
+    measured go to stderr. `checkpoint(record)`, if given, receives the record so far at the start, after the floor
+    and after each row, so that an interrupted run still leaves what it measured."""
     names = cfg.impls or list(IMPLS)
     unknown = [n for n in names if n not in IMPLS]
     if unknown:
         raise ValueError(f'unknown implementation(s) {unknown}; known: {list(IMPLS)}')
-    info, t0, rows = machine_info(cfg.device), time.perf_counter(), []
+    info, t0, rows, fl = machine_info(cfg.device), time.perf_counter(), [], None
     def record():
         return dict(kind='bench', meta=dict(info, command=command, seconds=round(time.perf_counter() - t0, 1)),
-                    config=asdict(cfg), results=rows)
+                    config=asdict(cfg), **({'floor': fl} if fl else {}), results=rows)
     if checkpoint:
         checkpoint(record())
     inp = Inputs(cfg)
-    bar = Progress(STEPS * len(names) * cfg.rounds, enabled=progress)
+    bar = Progress((STEPS * len(names) + cfg.floor) * cfg.rounds, enabled=progress)
+    def time_floor():   # again in later rounds, keeping the best
+        nonlocal fl
+        if cfg.floor:
+            bar.step('floor')
+            fl = bench_floor(cfg) if fl is None else best_floor(fl, bench_floor(cfg))
+            if checkpoint:
+                checkpoint(record())
+    time_floor()
+    if fl:
+        bar.print(floor_text(fl))
     for n in names:
         rows.append(measure(n, inp, bar))
-        bar.print(row_line(rows[-1], info))
+        bar.print(row_line(rows[-1], info, fl))
         if checkpoint:
             checkpoint(record())
     for _ in range(cfg.rounds - 1):  # later rounds time again; each column keeps its best round
+        time_floor()
         for row in rows:
             again = measure(row['name'], inp, bar, timing_only=True) if row['status'] == 'ok' else None
             for key in ('fwd', 'fwd_bwd'):
@@ -449,6 +496,19 @@ def _fmt(x, spec, none='-'):
 def _mib(x):
     return '-' if x is None else f'{x:.0f}' if x >= 100 else f'{x:.1f}' if x >= 1 else f'{x:.2f}'
 
+def _times(x):
+    return '-' if x is None else f'{x:.0f}x' if x >= 100 else f'{x:.1f}x' if x >= 1 else f'{x:.2f}x'
+
+def floor_ms(fl) -> dict | None:
+    "The floor's time per time column, `{'fwd_ms': ..., 'fwd_bwd_ms': ...}`, from a record's `floor`; None if none."
+    if not isinstance(fl, dict) or 'fwd' not in fl:
+        return None
+    return {c: fl[c[:-3]]['floor_ms'] for c in ('fwd_ms', 'fwd_bwd_ms')}
+
+def _over(row, c, floors):
+    "A row's time in column `c` as a multiple of the floor."
+    return _times(None if row[c] is None else row[c] / floors[c])
+
 def flags(row: dict, meta: dict) -> list[str]:
     "What makes a row's times doubtful: a forward slower than its forward+backward, or a load above the cores."
     said = []
@@ -465,23 +525,27 @@ def _retry_hint(meta: dict) -> str:
     wait = ', OMP_WAIT_POLICY=PASSIVE' if (meta.get('threads') or 1) > 1 and not meta.get('omp_wait_policy') else ''
     return f'try --rounds 3{wait}'
 
-def row_line(row: dict, meta: dict) -> str:
-    "One measured row as a line of text (printed as soon as it is measured)."
+def row_line(row: dict, meta: dict, floor: dict | None = None) -> str:
+    "One measured row as a line of text (printed as soon as it is measured), with its multiples of `floor` if given."
     if row['status'] != 'ok':
         return f"{row['name']}: {row['status']}: {row['note']}"
-    marks = flags(row, meta)
+    marks, floors = flags(row, meta), floor_ms(floor)
     parts = [f"fwd {_fmt(row['fwd_ms'], '.2f')} ms", f"fwd+bwd {_fmt(row['fwd_bwd_ms'], '.2f')} ms",
+             *([f"{_over(row, 'fwd_ms', floors)}/{_over(row, 'fwd_bwd_ms', floors)} the floor"] if floors else []),
              f"peak {_mib(row['fwd_peak_mib'])}/{_mib(row['fwd_bwd_peak_mib'])} MiB", f"err {_fmt(row['err'], '.1e')}"]
     note = '; '.join(([row['note']] if row['note'] else []) + ([f"! {'; '.join(marks)}: {_retry_hint(meta)}"] if marks else []))
     return f"{row['name']}: {', '.join(parts)}" + (f'  ({note})' if note else '')
 
 def table_rows(record: dict) -> tuple[list[str], list[list[str]]]:
-    "Header and cells of the results table."
-    rows = record['results']
+    "Header and cells of the results table (the columns of multiples of the floor only where the record has one)."
+    rows, floors = record['results'], floor_ms(record.get('floor'))
     best = {c: min((r[c] for r in rows if r[c] is not None and r['group'] != 'reference'), default=None)
             for c in ('fwd_ms', 'fwd_bwd_ms')}
-    ratio = lambda r, c: '-' if r[c] is None or not best[c] else f'{r[c] / best[c]:.2f}x'
-    head = ['implementation', 'fwd ms', 'fwd ×', 'fwd+bwd ms', 'fwd+bwd ×', 'fwd MiB', 'fwd+bwd MiB', 'err vs f64', 'note']
+    ratios = lambda r, c: ['-' if r[c] is None or not best[c] else f'{r[c] / best[c]:.2f}x',   # to the best, the floor
+                           *([_over(r, c, floors)] if floors else [])]
+    ratio_head = lambda c: [f'{c} ×', *([f'{c}/floor'] if floors else [])]
+    head = ['implementation', 'fwd ms', *ratio_head('fwd'), 'fwd+bwd ms', *ratio_head('fwd+bwd'), 'fwd MiB',
+            'fwd+bwd MiB', 'err vs f64', 'note']
     body = []
     for r in rows:
         note = r['note'] if r['status'] in ('ok', 'n/a') else f"{r['status']}: {r['note']}"
@@ -489,13 +553,22 @@ def table_rows(record: dict) -> tuple[list[str], list[list[str]]]:
         if marks:
             note = '; '.join(([note] if note else []) + [f"! {'; '.join(marks)}: {_retry_hint(record['meta'])}"])
         t = lambda c: _fmt(r[c], '.2f') + ('!' if marks and r[c] is not None else '')
-        body.append([r['name'], t('fwd_ms'), ratio(r, 'fwd_ms'), t('fwd_bwd_ms'),
-                     ratio(r, 'fwd_bwd_ms'), _mib(r['fwd_peak_mib']), _mib(r['fwd_bwd_peak_mib']),
+        body.append([r['name'], t('fwd_ms'), *ratios(r, 'fwd_ms'), t('fwd_bwd_ms'),
+                     *ratios(r, 'fwd_bwd_ms'), _mib(r['fwd_peak_mib']), _mib(r['fwd_bwd_peak_mib']),
                      _fmt(r['err'], '.1e'), note])
     return head, body
 
+def _floor_words(fl) -> str:
+    "A record's floor in `describe`: one floor (bench), or one per T (scaling)."
+    if isinstance(fl, dict):
+        return '; ' + floor_text(fl)
+    measured = [f for f in fl or [] if 'error' not in f]
+    if measured:
+        return f"; floor timed at each T, copy {measured[0]['bandwidth_gbs']:.1f} GB/s"
+    return f"; floor not measured ({fl[0]['error']})" if fl else ''
+
 def describe(record: dict) -> str:
-    "One line: shapes, dtype, device, card, versions, date."
+    "One line: shapes, dtype, device, card, versions, date; the floor where the record has one."
     c, m = record['config'], record['meta']
     shape = ' '.join(f'{k}={c[k]}' for k in 'BTHKV' if k in c)
     ts = f" T={','.join(map(str, c['Ts']))}" if 'Ts' in c else ''
@@ -506,7 +579,8 @@ def describe(record: dict) -> str:
     rounds = f", best of {c['rounds']} rounds" if c.get('rounds', 1) > 1 else ''
     stat = f"; times: {c.get('stat', 'median')} of up to {c['repeats']} runs{rounds}" if c.get('repeats') else ''
     return (f"{shape}{ts} {c['dtype']} on {m['device']} ({m.get('device_name', '?')}, {m.get('threads')} threads{load}); "
-            f"torch {m['torch']}, FLA {m.get('fla') or 'absent'}, myfla_gla {m['myfla_gla']}; {m['date']}{stat}")
+            f"torch {m['torch']}, FLA {m.get('fla') or 'absent'}, myfla_gla {m['myfla_gla']}; {m['date']}{stat}"
+            f"{_floor_words(record.get('floor'))}")
 
 def format_table(record: dict, markdown: bool = False) -> str:
     "The results as a text (or markdown) table."
@@ -542,25 +616,35 @@ SCALING_IMPLS = ['chunk_gla', 'fused_chunk_gla', 'fused_recurrent_gla', 'naive_r
 
 def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_s: float = 5.,
             progress: bool = True, command: str | None = None, checkpoint=None) -> dict:
-    """Time and peak memory of each implementation against the sequence length: the record (JSON-able).
+    """Time and peak memory of each implementation against the sequence length: the record (JSON-able). With
+    `cfg.floor`, the floor at each T too (the record's `floor`, a list; the copy bandwidth measured once).
     `checkpoint(record)`, if given, receives the record so far at the start and after each measurement, so that a run
     stopped by a time limit or Ctrl-C still leaves what it measured."""
     names = cfg.impls or SCALING_IMPLS
     cfg = replace(cfg, error=False, impls=names)
     info, t0 = machine_info(cfg.device), time.perf_counter()
-    results, stopped = {n: [] for n in names}, set()
-    bar = Progress(len(names) * len(Ts) * cfg.rounds, enabled=progress)
+    results, stopped, floors = {n: [] for n in names}, set(), []
+    bar = Progress((len(names) + cfg.floor) * len(Ts) * cfg.rounds, enabled=progress)
 
     def record():
         c = {**asdict(cfg), 'Ts': list(Ts)}
         c.pop('T')
         meta = dict(info, command=command, max_s=max_s, seconds=round(time.perf_counter() - t0, 1))
-        return dict(kind='scaling', meta=meta, config=c, results=results)
+        return dict(kind='scaling', meta=meta, config=c, **({'floor': floors} if cfg.floor else {}), results=results)
+
+    def floor_at(T):   # the bandwidth of the first floor measured, for all lengths
+        bandwidth = next((f['bandwidth_gbs'] * 1e9 for f in floors if 'error' not in f), None)
+        bar.step(f'floor T={T}')
+        return bench_floor(replace(cfg, T=T), bandwidth)
 
     if checkpoint is not None:
         checkpoint(record())
     for T in Ts:
-        inp = Inputs(replace(cfg, T=T))
+        inp, fl = Inputs(replace(cfg, T=T)), None
+        if cfg.floor:
+            fl = floor_at(T)
+            floors.append(dict(T=T, **fl))
+            bar.print(f'T={T} ' + floor_text(fl))
         for n in names:
             if n in stopped:
                 bar.step(f'{n} T={T}: stopped')
@@ -571,7 +655,7 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
             if r['status'] == 'n/a' and results[n]:
                 continue   # only the first n/a row is kept, to say why
             results[n].append(r)
-            bar.print(f'T={T} ' + row_line(r, info))
+            bar.print(f'T={T} ' + row_line(r, info, fl))
             slowest = max((x for x in (r['fwd_ms'], r['fwd_bwd_ms']) if x is not None), default=0) / 1e3
             if r['status'] != 'ok' or slowest > max_s:
                 stopped.add(n)
@@ -585,6 +669,9 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
             if not todo:
                 continue
             inp = Inputs(replace(cfg, T=T))
+            if cfg.floor:
+                i = next(i for i, f in enumerate(floors) if f['T'] == T)
+                floors[i] = best_floor(floors[i], floor_at(T))
             for n, row in todo:
                 bar.step(f'{n} T={T}: again')
                 again = measure(n, inp, timing_only=True)
@@ -600,8 +687,9 @@ def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_
 
 # %% ../nbs/08_bench.ipynb #c6efacaa
 def plot_scaling(record: dict, axes=None):
-    """Log-log plots of forward time, forward+backward time and peak memory against T. Without `axes`, a 2x2 grid
-    (the legend in the fourth cell) 7 inches wide: about 700 pixels, the width of a documentation page's column."""
+    """Log-log plots of forward time, forward+backward time (with the floor, where the record has one) and peak memory
+    against T. Without `axes`, a 2x2 grid (the legend in the fourth cell) 7 inches wide: about 700 pixels, the width
+    of a documentation page's column."""
     import textwrap
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
@@ -612,6 +700,10 @@ def plot_scaling(record: dict, axes=None):
     panels = (('fwd_ms', 'forward time (ms)'), ('fwd_bwd_ms', 'forward+backward time (ms)'),
               ('fwd_bwd_peak_mib', 'forward+backward peak memory (MiB)'))
     for ax, (key, label) in zip(axes, panels):
+        floor = [(f['T'], f[key[:-3]]['floor_ms']) for f in record.get('floor') or []
+                 if key != 'fwd_bwd_peak_mib' and 'error' not in f]
+        if floor:
+            ax.plot(*zip(*floor), '-', color='gray', lw=4, alpha=0.4, label='floor (chunk form)')
         for i, (name, rows) in enumerate(record['results'].items()):
             pts = [(r['T'], r[key]) for r in rows if r.get(key) is not None]
             if not pts:
@@ -690,6 +782,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-backward', action='store_true', help='time the forward only')
     p.add_argument('--no-memory', action='store_true', help='do not measure peak memory')
     p.add_argument('--no-error', action='store_true', help='do not compute errors against float64')
+    p.add_argument('--floor', action='store_true', default=True, help=(
+        "on by default: time this machine's floor at the shape (myfla_gla.floor: the chunk form's products as batched "
+        'matmuls, its bytes at the measured copy bandwidth) in this process, with the time statistic of the rows, '
+        'and give each time as its multiple (columns fwd/floor, fwd+bwd/floor; about 2 s at the cpu preset); '
+        'with --scaling, the floor at each T, drawn in the plot'))
+    p.add_argument('--no-floor', dest='floor', action='store_false', help='do not time the floor')
     p.add_argument('--naive-max-T', type=positive_int, default=4096, help='longest T naive_recurrent_gla runs at (default: 4096)')
     p.add_argument('--naive-bwd', action='store_true', help='also run the (memory-hungry) backward through naive_recurrent_gla')
     p.add_argument('--normalizer', type=float, default=1., help='gate_logit_normalizer of the random inputs (default: 1)')
@@ -719,7 +817,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
     impls = [n for n in impls if n not in a.skip]
     return BenchConfig(**shape, device=a.device, repeats=a.repeats, warmup=a.warmup, budget=a.budget, stat=a.stat or '', rounds=a.rounds,
                        backward=not a.no_backward, memory=not a.no_memory, error=not a.no_error, impls=impls,
-                       naive_max_T=a.naive_max_T, naive_bwd=a.naive_bwd, normalizer=a.normalizer)
+                       naive_max_T=a.naive_max_T, naive_bwd=a.naive_bwd, normalizer=a.normalizer, floor=a.floor)
 
 
 # %% ../nbs/08_bench.ipynb #be841abb
@@ -757,6 +855,9 @@ def _print_results(a, record):
             cells = ', '.join(f"{r['T']}: {_fmt(r['fwd_bwd_ms'], '.1f')}" + ('' if r['status'] == 'ok' else f" ({r['status']})")
                               for r in rows)
             print(f'{name:34s} fwd+bwd ms  {cells}')
+        if record.get('floor'):
+            cells = ', '.join(f"{f['T']}: {_fmt((floor_ms(f) or {}).get('fwd_bwd_ms'), '.3g')}" for f in record['floor'])
+            print(f"{'floor (chunk form)':34s} fwd+bwd ms  {cells}")
     else:
         print(format_table(record))
 

@@ -36,25 +36,35 @@ def chunk_bytes(B, T, H, K, V, dtype=torch.float32, backward=False):
     return 2 * once if backward else once
 
 # %% ../nbs/08a_floor.ipynb #bb768a80
-def _median_s(fn, device, min_run_time):
-    "Median seconds of one call of `fn` (torch.utils.benchmark, which synchronises CUDA)."
+def _check_stat(stat):
+    if stat not in ('median', 'min'):
+        raise ValueError(f"`stat` must be 'median' or 'min', got {stat!r}")
+
+
+def _time_s(fn, device, min_run_time, stat='median'):
+    "Seconds of a call of `fn`: the `stat` of torch.utils.benchmark's runs on this process's threads (CUDA synced)."
     fn()
-    t = Timer('fn()', globals={'fn': fn}).adaptive_autorange(min_run_time=min_run_time)
-    return t.median
+    timer = Timer('fn()', globals={'fn': fn}, num_threads=torch.get_num_threads())   # the Timer's default: one thread
+    m = timer.adaptive_autorange(min_run_time=min_run_time)
+    return m.median if stat == 'median' else min(m.times)
 
 
-def copy_bandwidth(device='cpu', nbytes=256 * 2**20, min_run_time=0.2):
+def copy_bandwidth(device='cpu', nbytes=256 * 2**20, min_run_time=0.2, stat='median'):
     "Bytes per second of a large `copy_` between two buffers on `device`, counting bytes read and written."
+    _check_stat(stat)
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _median_s(lambda: dst.copy_(src), device, min_run_time)
+    return 2 * nbytes / _time_s(lambda: dst.copy_(src), device, min_run_time, stat)
 
 
-def floor(B, T, H, K, V, dtype=torch.float32, device='cpu', chunk_size=None, bandwidth=None, min_run_time=0.2):
+def floor(B, T, H, K, V, dtype=torch.float32, device='cpu', chunk_size=None, bandwidth=None, min_run_time=0.2,
+          stat='median'):
     """The floor of a chunk-form GLA op at one shape on this machine, forward and forward+backward, in ms:
     `products_ms` (the products of `chunk_products` timed as batched matmuls in `dtype`), `bytes_ms`
-    (`chunk_bytes` at `bandwidth`, measured by `copy_bandwidth` unless given) and `floor_ms`, the larger."""
-    bandwidth = bandwidth or copy_bandwidth(device, min_run_time=min_run_time)
+    (`chunk_bytes` at `bandwidth`, measured by `copy_bandwidth` unless given) and `floor_ms`, the larger.
+    `stat` ('median' or 'min') is the statistic of the timed runs."""
+    _check_stat(stat)
+    bandwidth = bandwidth or copy_bandwidth(device, min_run_time=min_run_time, stat=stat)
     out = dict(bandwidth_gbs=bandwidth / 1e9)
     ps = chunk_products(B, T, H, K, V, backward=True, chunk_size=chunk_size)
     mats = {}
@@ -66,7 +76,7 @@ def floor(B, T, H, K, V, dtype=torch.float32, device='cpu', chunk_size=None, ban
         def products(part=part):
             for b, m, k, n in part:
                 torch.bmm(*mats[m, k, n])
-        t_prod = _median_s(products, device, min_run_time) * 1e3
+        t_prod = _time_s(products, device, min_run_time, stat) * 1e3
         t_bytes = chunk_bytes(B, T, H, K, V, dtype, backward=name == 'fwd_bwd') / bandwidth * 1e3
         out[name] = dict(gflop=sum(2 * b * m * k * n for b, m, k, n in part) / 1e9, products_ms=t_prod,
                          bytes_ms=t_bytes, floor_ms=max(t_prod, t_bytes))
@@ -79,8 +89,9 @@ def main(argv=None):
         p.add_argument(f'--{name}', type=int, default=default)
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16', 'float64'])
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--stat', default='median', choices=['median', 'min'], help='statistic of the timed runs')
     a = p.parse_args(argv)
-    fl = floor(a.B, a.T, a.H, a.K, a.V, getattr(torch, a.dtype), a.device)
+    fl = floor(a.B, a.T, a.H, a.K, a.V, getattr(torch, a.dtype), a.device, stat=a.stat)
     print(json.dumps(dict(shape=dict(B=a.B, T=a.T, H=a.H, K=a.K, V=a.V), dtype=a.dtype, device=a.device, **fl), indent=1))
     return fl
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_bench_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for word in ('--preset', 'gpu1', 'B=4 T=4096 H=16 K=128 V=128', '--scaling', '--json', '--repeats', '--device',
-                 'device to run on', '--compile', '--naive '):
+                 'device to run on', '--compile', '--naive ', '--floor', '--no-floor'):
         assert word in out
     assert '(default: None)' not in out and ') (default' not in out   # no default said twice, none said as None
 
@@ -124,6 +125,7 @@ def test_bench_presets_and_overrides():
     assert 'chunk_gla (compiled)' in bench.config_from_args(bench.parse_args(['--compile'])).impls
     assert {'naive_recurrent_gla', 'FLA naive_recurrent_gla'} <= set(bench.config_from_args(bench.parse_args(['--naive'])).impls)
     assert bench.PRESETS['cpu'] == dict(B=2, T=4096, H=4, K=128, V=128, dtype='float32')
+    assert cfg.floor and not bench.config_from_args(bench.parse_args(['--no-floor'])).floor   # the floor: on by default
     with pytest.raises(SystemExit):
         bench.parse_args(['--preset', 'nope'])
 
@@ -132,8 +134,9 @@ def test_bench_json_record(tmp_path, capsys):
     out = tmp_path / 'r.json'
     assert bench.main([*tiny, '--naive', '--json', str(out)]) == 0
     printed = capsys.readouterr().out
-    assert 'implementation' in printed and 'naive_recurrent_gla' in printed
+    assert 'implementation' in printed and 'naive_recurrent_gla' in printed and 'fwd+bwd/floor' in printed
     rec = json.loads(out.read_text())
+    assert rec['config']['floor'] is True and rec['floor']['fwd_bwd']['floor_ms'] > 0
     assert [p.name for p in tmp_path.iterdir()] == ['r.json']   # written atomically: no temporary file left
     assert rec['kind'] == 'bench' and rec['config']['T'] == 48 and rec['config']['dtype'] == 'float32'
     for key in ('date', 'torch', 'device', 'device_name', 'command', 'threads'):
@@ -158,7 +161,7 @@ def test_bench_reports_failures_in_rows(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError('boom')
     monkeypatch.setattr(myfla_gla, 'naive_recurrent_gla', broken)
-    rec = bench.run_bench(bench.BenchConfig(B=1, T=16, H=1, K=4, V=4, repeats=1, warmup=1, memory=False,
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=16, H=1, K=4, V=4, repeats=1, warmup=1, memory=False, floor=False,
                                             impls=['naive_recurrent_gla']), progress=False)
     assert rec['results'][0]['status'] == 'error' and 'boom' in rec['results'][0]['note']
     assert 'error: RuntimeError: boom' in bench.format_table(rec)
@@ -173,7 +176,7 @@ def test_fla_naive_is_loaded_by_path(tmp_path, monkeypatch):
         'from myfla_gla.ops.recurrent import naive_recurrent_gla as _n\n'
         'def naive_recurrent_gla(q, k, v, gk, initial_state=None, output_final_state=False):\n'
         '    return _n(q, k, v, gk, initial_state, output_final_state)\n')
-    cfg = bench.BenchConfig(B=1, T=32, H=2, K=8, V=8, repeats=1, warmup=0, memory=False,
+    cfg = bench.BenchConfig(B=1, T=32, H=2, K=8, V=8, repeats=1, warmup=0, memory=False, floor=False,
                             impls=['FLA naive_recurrent_gla'])
     monkeypatch.syspath_prepend(str(tmp_path))
     row, = bench.run_bench(cfg, progress=False)['results']
@@ -185,7 +188,7 @@ def test_fla_naive_is_loaded_by_path(tmp_path, monkeypatch):
 
 
 def test_bench_rounds_keep_the_best():
-    rec = bench.run_bench(bench.BenchConfig(B=1, T=32, H=1, K=4, V=4, repeats=1, warmup=1, rounds=3,
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=32, H=1, K=4, V=4, repeats=1, warmup=1, rounds=3, floor=False,
                                             impls=['fused_recurrent_gla']), progress=False)
     r = rec['results'][0]
     assert rec['config']['rounds'] == 3 and r['status'] == 'ok' and r['err'] < 1e-6
@@ -194,11 +197,79 @@ def test_bench_rounds_keep_the_best():
 
 
 def test_bench_naive_limit_and_markdown():
-    rec = bench.run_bench(bench.BenchConfig(B=1, T=32, H=1, K=4, V=4, repeats=1, warmup=1, naive_max_T=16,
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=32, H=1, K=4, V=4, repeats=1, warmup=1, naive_max_T=16, floor=False,
                                             impls=['naive_recurrent_gla']), progress=False)
     assert rec['results'][0]['status'] == 'n/a' and 'naive-max-T' in rec['results'][0]['note']
     md = bench.format_table(rec, markdown=True)
     assert md.startswith('| implementation |') and md.count('\n') == 2
+
+
+def test_bench_floor_columns_are_row_time_over_floor(monkeypatch):
+    """The floor is timed once in the run's process with the table's statistic, and each row's time is also given as
+    its multiple of the floor's floor_ms: in the table, the markdown, the heading and the line printed per row."""
+    real, stats = bench.measure_floor, []
+    def spy(*args, **kw):
+        stats.append(kw['stat'])
+        return real(*args, **kw)
+    monkeypatch.setattr(bench, 'measure_floor', spy)
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=32, H=1, K=8, V=8, repeats=1, warmup=1, memory=False,
+                                            impls=['chunk_gla', 'naive_recurrent_gla']), progress=False)
+    fl = rec['floor']
+    assert stats == [rec['config']['stat']] == ['min'] and fl['bandwidth_gbs'] > 0
+    head, body = bench.table_rows(rec)
+    assert head[:7] == ['implementation', 'fwd ms', 'fwd ×', 'fwd/floor', 'fwd+bwd ms', 'fwd+bwd ×', 'fwd+bwd/floor']
+    chunk, naive = (dict(zip(head, cells)) for cells in body)
+    for col, key, part in (('fwd/floor', 'fwd_ms', 'fwd'), ('fwd+bwd/floor', 'fwd_bwd_ms', 'fwd_bwd')):
+        ratio = rec['results'][0][key] / fl[part]['floor_ms']
+        assert chunk[col].endswith('x') and float(chunk[col][:-1]) == pytest.approx(ratio, rel=0.01, abs=0.05), (col, ratio)
+    assert naive['fwd/floor'] != '-' and naive['fwd+bwd/floor'] == '-'   # forward only: no such time
+    first = bench.format_table(rec).splitlines()[0]
+    assert f"copy {fl['bandwidth_gbs']:.1f} GB/s" in first and f"floor fwd {fl['fwd']['floor_ms']:.3g} ms" in first
+    assert '| fwd/floor |' in bench.format_table(rec, markdown=True)
+    assert f"{chunk['fwd/floor']}/{chunk['fwd+bwd/floor']} the floor" in bench.row_line(rec['results'][0], rec['meta'], fl)
+    json.dumps(rec)
+
+
+def test_bench_floor_best_round_and_failure(monkeypatch):
+    "With --rounds the floor keeps each part's best round; a floor that fails is a note, and the rows are still measured."
+    def fake(products_ms, gbs):
+        part = lambda scale: dict(gflop=1., products_ms=products_ms * scale, bytes_ms=1e3 / gbs * scale,
+                                  floor_ms=max(products_ms, 1e3 / gbs) * scale)
+        return dict(bandwidth_gbs=gbs, fwd=part(1), fwd_bwd=part(3))
+    floors = iter([fake(9., 100.), fake(4., 50.)])
+    monkeypatch.setattr(bench, 'measure_floor', lambda *a, **k: next(floors))
+    cfg = bench.BenchConfig(B=1, T=16, H=1, K=4, V=4, repeats=1, warmup=1, memory=False, error=False, rounds=2,
+                            impls=['fused_recurrent_gla'])
+    fl = bench.run_bench(cfg, progress=False)['floor']
+    assert fl['bandwidth_gbs'] == 100. and fl['fwd'] == dict(gflop=1., products_ms=4., bytes_ms=10., floor_ms=10.)
+    assert fl['fwd_bwd']['floor_ms'] == 30.
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('no matmuls here')
+    monkeypatch.setattr(bench, 'measure_floor', broken)
+    rec = bench.run_bench(replace(cfg, rounds=1), progress=False)
+    assert rec['floor'] == {'error': 'RuntimeError: no matmuls here'} and rec['results'][0]['status'] == 'ok'
+    assert 'floor' not in ' '.join(bench.table_rows(rec)[0])
+    assert 'floor not measured (RuntimeError: no matmuls here)' in bench.describe(rec)
+
+
+def test_bench_records_without_floor_still_format():
+    "Records made with --no-floor, or stored before the floor existed, have the table without its columns."
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=16, H=1, K=4, V=4, repeats=1, warmup=1, memory=False, floor=False,
+                                            impls=['chunk_gla']), progress=False)
+    assert 'floor' not in rec and rec['config']['floor'] is False
+    assert 'floor' not in bench.format_table(rec) and 'floor' not in bench.format_table(rec, markdown=True)
+    stored = root / 'nbs' / 'bench_results'
+    old = json.loads((stored / 'cpu.json').read_text())
+    assert 'floor' not in old and 'floor' not in old['config']   # made before the floor
+    md = bench.record_markdown(old)
+    assert '| implementation | fwd ms | fwd × | fwd+bwd ms |' in md and 'floor' not in md
+    old_scaling = json.loads((stored / 'cpu_scaling.json').read_text())
+    assert 'floor' not in bench.describe(old_scaling)
+    with pytest.raises(TypeError, match='`floor` must be a bool'):
+        bench.BenchConfig(floor='no')
+    with pytest.raises(ValueError, match="`stat` must be 'median' or 'min'"):
+        bench.measure_floor(1, 16, 1, 4, 4, stat='mean')
 
 
 def test_bench_scaling_json_and_plot(tmp_path):
@@ -210,6 +281,7 @@ def test_bench_scaling_json_and_plot(tmp_path):
     assert rec['kind'] == 'scaling' and rec['config']['Ts'] == [16, 32] and rec['config']['rounds'] == 2
     assert [r['T'] for r in rec['results']['softmax attention (SDPA, causal)']] == [16, 32]
     assert all(r['fwd_bwd_ms'] > 0 for r in rec['results']['softmax attention (SDPA, causal)'])
+    assert [f['T'] for f in rec['floor']] == [16, 32] and all(f['fwd_bwd']['floor_ms'] > 0 for f in rec['floor'])
 
 
 def test_bench_scaling_saves_each_length(tmp_path, monkeypatch, capsys):
@@ -224,7 +296,8 @@ def test_bench_scaling_saves_each_length(tmp_path, monkeypatch, capsys):
         return real(name, inp, **kw)
 
     monkeypatch.setattr(bench, 'measure', measure)
-    assert bench.main([*tiny, '--scaling', '--Ts', '16,32', '--impl', 'naive_recurrent_gla', '--json', str(out)]) == 130
+    assert bench.main([*tiny, '--no-floor', '--scaling', '--Ts', '16,32', '--impl', 'naive_recurrent_gla',
+                       '--json', str(out)]) == 130
     assert [r['T'] for r in seen[0]['results']['naive_recurrent_gla']] == [16]
     final = json.loads(out.read_text())
     assert final['results'] == seen[0]['results'] and final['meta']['interrupted'] is True
@@ -239,7 +312,7 @@ def test_bench_interrupted_prints_and_saves(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(name, inp, *args, **kw)
     monkeypatch.setattr(bench, 'measure', measure)
-    code = bench.main([*tiny, '--impl', 'chunk_gla', '--impl', 'fused_recurrent_gla', '--json', str(out)])
+    code = bench.main([*tiny, '--no-floor', '--impl', 'chunk_gla', '--impl', 'fused_recurrent_gla', '--json', str(out)])
     assert code == 130
     rec = json.loads(out.read_text())
     assert [r['name'] for r in rec['results']] == ['chunk_gla'] and rec['meta']['interrupted'] is True
@@ -252,7 +325,7 @@ def test_bench_ctrl_c_in_a_real_process(tmp_path):
     "SIGINT to `python -m myfla_gla.bench` once its first row is out: exit status 130, that row printed and saved."
     import signal
     out = tmp_path / 'r.json'
-    args = [a for a in tiny if a != '-q'] + ['--repeats', '100000', '--budget', '1000', '--impl', 'FLA chunk_gla',
+    args = [a for a in tiny if a != '-q'] + ['--no-floor', '--repeats', '100000', '--budget', '1000', '--impl', 'FLA chunk_gla',
                                              '--impl', 'fused_recurrent_gla', '--json', str(out)]
     p = subprocess.Popen([sys.executable, '-m', 'myfla_gla.bench', *args], env=env, cwd=root,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -310,7 +383,7 @@ def test_cli_errors_are_one_line_without_traceback(capsys):
 
 
 def test_bench_flags_impossible_readings_and_load():
-    rec = bench.run_bench(bench.BenchConfig(B=1, T=16, H=1, K=4, V=4, repeats=1, warmup=1, memory=False,
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=16, H=1, K=4, V=4, repeats=1, warmup=1, memory=False, floor=False,
                                             impls=['chunk_gla', 'naive_recurrent_gla']), progress=False)
     rec['meta'].update(cpu_count=2, threads=2, omp_wait_policy=None)
     chunk, naive = rec['results']
