@@ -1,5 +1,6 @@
 """chunk_gla's switchable internals on CPU, against the float64 recurrence: the smallest levels as broadcast products
-(`_BROADCAST_ROWS`), the forward's chunk states kept for the backward (`_KEEP_STATES`), and the decay floors when
+(`_BROADCAST_ROWS`), the forward's chunk states kept for the backward (`_KEEP_STATES`), products of half-precision operands
+(`_HALF_PRODUCTS`; on a CPU with float32 products of the rounded operands, the tensor cores' numbers), and the decay floors when
 denormals are not flushed (several threads) and when they are (one thread)."""
 import pytest
 import torch
@@ -16,6 +17,19 @@ def test_variants(monkeypatch, rows, keep):
     check(2, 100, 2, 16, 8, torch.float64, ratio=1e-11, fns=(chunk_gla,))
     check(1, 130, 2, 8, 8, torch.float64, cu=[0, 37, 37, 130], ratio=1e-11, fns=(chunk_gla,))
     check(1, 300, 2, 16, 16, torch.float32, normalizer=0.02, fns=(chunk_gla,))
+
+
+# strong gates: bf16 at normaliser 0.02; fp16 at FLA's 0.1, since at 0.02 dg itself falls below fp16's normal range
+# (relative RMS ~0.2 from its rounding alone, with float32 products too)
+@pytest.mark.parametrize('dtype, normalizer', [(torch.bfloat16, 0.02), (torch.float16, 0.1)])
+def test_half_products(monkeypatch, dtype, normalizer):
+    "The forward's products with operands rounded to bf16/fp16 stay within FLA's half-precision bound; varlen too."
+    monkeypatch.setitem(chunk._HALF_PRODUCTS, 'cpu', True)
+    assert chunk._product_dtype(torch.ones(1, dtype=dtype)) == dtype
+    assert chunk._product_dtype(torch.ones(1)) is None, 'float32 inputs keep float32 products'
+    check(2, 200, 2, 64, 32, dtype)
+    check(1, 300, 2, 32, 32, dtype, normalizer=normalizer)
+    check(1, 130, 2, 32, 16, dtype, cu=[0, 37, 37, 130])
 
 
 def test_kept_states_twice(monkeypatch):

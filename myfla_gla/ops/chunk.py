@@ -98,11 +98,40 @@ _BROADCAST_ROWS = {'cuda': 2}   # levels of at most this many rows as broadcast 
 def _broadcast_rows(x):
     return _BROADCAST_ROWS.get(x.device.type, 0)
 
+
+def _switched_on(switch, x):
+    "Whether a per-device-type switch (True, False or 'compiled': under `torch.compile` only) is on for `x`."
+    on = switch.get(x.device.type, False)
+    return on is True or (on == 'compiled' and torch.compiler.is_compiling())
+
+
+_HALF_PRODUCTS = {'cuda': 'compiled'}   # per device type: products of bf16/fp16 inputs in their dtype (tensor cores)
+
+
+def _product_dtype(x):
+    """The dtype the op's batched products round their operands to: `x`'s, where it is bf16 or fp16 and
+    `_HALF_PRODUCTS` is on for `x` (as FLA's kernels do); else `None`, float32 products like the rest."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) and _switched_on(_HALF_PRODUCTS, x) else None
+
+
+def _mm(a, b, prod=None):
+    """`a @ b` `[..., m, n]` in float32. With `prod` (see `_product_dtype`) the operands are rounded to `prod` and
+    the products accumulated in float32: tensor cores on CUDA; elsewhere the same numbers from float32 products."""
+    if prod is None:
+        return a @ b
+    a, b = a.to(prod), b.to(prod)
+    if a.device.type != 'cuda':
+        return a.float() @ b.float()
+    batch = a.shape[:-2]
+    ab = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+    return ab.view(*batch, *ab.shape[-2:])
+
 # %% ../../nbs/04_chunk.ipynb #3548fa05
-def _intra_attention(q, k, g, overwrite=False):
+def _intra_attention(q, k, g, overwrite=False, prod=None):
     """Stage 1, diagonal blocks: the intra-chunk attention `A[t, s]` `[..., C, C]` (zero for s > t, unscaled) from q, k,
     g `[..., C, K]`, and the chunk's decay factors `decay_q` = exp(b), `decay_k` = exp(b_last - b) `[..., C, K]`.
-    `intra_attention_plain` with buffers reused; `overwrite`: `decay_q` is built in g's memory."""
+    `intra_attention_plain` with buffers reused; `overwrite`: `decay_q` is built in g's memory. With `prod` the
+    level products round their operands to `prod` (`_mm`)."""
     A = q.new_zeros(q.shape[:-1] + (q.shape[-2],))                   # [..., C, C]
     decay_k = torch.mul(q, k)                                         # [..., C, K]: q * k first, then the ones
     A.diagonal(dim1=-2, dim2=-1).copy_(decay_k.sum(-1))               # s == t: no decay
@@ -118,7 +147,7 @@ def _intra_attention(q, k, g, overwrite=False):
         if m <= rows:
             _blocks(A, m).copy_((q1_decayed.unsqueeze(-2) * k0_decayed.unsqueeze(-3)).sum(-1))   # [..., C/2m, m, m]
         else:
-            _blocks(A, m).copy_(q1_decayed @ k0_decayed.transpose(-1, -2))                       # [..., C/2m, m, m]
+            _blocks(A, m).copy_(_mm(q1_decayed, k0_decayed.transpose(-1, -2), prod))             # [..., C/2m, m, m]
     return A, decay_q, decay_k
 
 # %% ../../nbs/04_chunk.ipynb #6eab0a2d
@@ -291,24 +320,27 @@ _KEEP_STATES = {'cuda': 'compiled'}   # per device type: True, False or 'compile
 
 def _keep_states(x):
     "Whether the forward keeps its chunk states for the backward instead of the backward recomputing them."
-    keep = _KEEP_STATES.get(x.device.type, False)
-    return keep is True or (keep == 'compiled' and torch.compiler.is_compiling())
+    return _switched_on(_KEEP_STATES, x)
 
 
-def _chunk_fwd(q, k, v, g, h0, grid):
+def _chunk_fwd(q, k, v, g, h0, grid, prod=None):
     """Forward in chunk layout (q, k, g `[B, NC, H, C, K]`, v `[B, NC, H, C, V]`): `o` (unscaled) `[B, NC, H, C, V]`,
     the final state `[N, H, K, V]`, and for the backward the intra-chunk attention `A` `[B, NC, H, C, C]` and the chunk
-    states `[B, NC, H, K, V]`. `chunk_fwd_plain` with buffers reused (g's among them), for any grid."""
+    states `[B, NC, H, K, V]`. `chunk_fwd_plain` with buffers reused (g's among them), for any grid; products as
+    `_mm` with `prod`."""
     # 1. diagonal blocks: intra-chunk attention and its output (g becomes decay_q)
-    A, decay_q, decay_k = _intra_attention(q, k, g, True)   # [B, NC, H, C, C], [B, NC, H, C, K] x 2
-    o = A @ v                                               # [B, NC, H, C, V]
+    A, decay_q, decay_k = _intra_attention(q, k, g, True, prod)   # [B, NC, H, C, C], [B, NC, H, C, K] x 2
+    o = _mm(A, v, prod)                                     # [B, NC, H, C, V]
     decay_chunk = decay_q[..., -1, :].clone()               # [B, NC, H, K] (decay_q is overwritten in stage 4)
     # 2. chunk states: each chunk's own contribution to the state (decay_k becomes k * decay_k)
-    local_states = decay_k.mul_(k).transpose(-1, -2) @ v    # [B, NC, H, K, V]
+    local_states = _mm(decay_k.mul_(k).transpose(-1, -2), v, prod)   # [B, NC, H, K, V]
     # 3. state passing: local_states overwritten with the states at the chunks' starts
     states, ht = _walk(local_states, decay_chunk, _start_state(h0, q, v, grid), grid)   # [B, NC, H, K, V], [N, H, K, V]
     # 4. off-diagonal output: o += (q * decay_q) @ states, one batched product into o (decay_q becomes q * decay_q)
-    o.view(-1, *o.shape[-2:]).baddbmm_(decay_q.mul_(q).view(-1, *q.shape[-2:]), states.view(-1, *states.shape[-2:]))
+    if prod is None:
+        o.view(-1, *o.shape[-2:]).baddbmm_(decay_q.mul_(q).view(-1, *q.shape[-2:]), states.view(-1, *states.shape[-2:]))
+    else:
+        o += _mm(decay_q.mul_(q), states, prod)
     return o, grid.unsort(ht), A, states
 
 # %% ../../nbs/04_chunk.ipynb #7985423e
@@ -389,11 +421,12 @@ def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     return dq, dk, dv, dg, grid.unsort(dS)
 
 # %% ../../nbs/04_chunk.ipynb #861af116
-def _fused_fwd(q, k, v, g, h0, grid):
-    "`_chunk_fwd` with stages 2 to 4 done chunk by chunk, carrying one state: no chunk states are kept."
+def _fused_fwd(q, k, v, g, h0, grid, prod=None):
+    """`_chunk_fwd` with stages 2 to 4 done chunk by chunk, carrying one state: no chunk states are kept. `prod`
+    applies to stage 1's products."""
     # 1. diagonal blocks
-    A, decay_q, decay_k = _intra_attention(q, k, g, True)    # [B, NC, H, C, C], [B, NC, H, C, K] x 2
-    o = A @ v                                                # [B, NC, H, C, V]
+    A, decay_q, decay_k = _intra_attention(q, k, g, True, prod)   # [B, NC, H, C, C], [B, NC, H, C, K] x 2
+    o = _mm(A, v, prod)                                     # [B, NC, H, C, V]
     decay_chunk = decay_q[..., -1, :].clone()                # [B, NC, H, K]
     q_decayed, k_decayed = decay_q.mul_(q), decay_k.mul_(k)  # [B, NC, H, C, K] (in place)
     S = _start_state(h0, q, v, grid)                         # [N, H, K, V]
@@ -461,7 +494,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         grid = varlen if varlen is not None else _Fixed(q.shape[0], q.shape[1], _chunk_size(q.shape[1]))
         with _flush_denormals(q.device):
             o, ht, A, states = (_fused_fwd if fused else _chunk_fwd)(
-                *(grid.to_chunks(x, acc) for x in (q, k, v, g)), initial_state, grid)
+                *(grid.to_chunks(x, acc) for x in (q, k, v, g)), initial_state, grid, _product_dtype(q))
         ctx.save_for_backward(q, k, v, g, initial_state, A, states if _keep_states(q) else None)
         ctx.scale, ctx.fused, ctx.grid = scale, fused, grid
         ctx.set_materialize_grads(False)

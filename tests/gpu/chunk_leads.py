@@ -1,13 +1,15 @@
 """The speed leads of the chunk chapter's design notes, at the gpu1 shape (bf16), in one process on one card:
 
-    python tests/gpu/chunk_leads.py [eager] [fla] [compile] [--eager NAMES] [--compiled NAMES] [--json PATH]
+    python tests/gpu/chunk_leads.py [eager] [fla] [compile] [stage] [--eager NAMES] [--compiled NAMES] [--json PATH]
 
 `eager` times `chunk_gla`'s forward and forward+backward (`myfla_gla.bench.time_fn`: median of 20 calls, CUDA events),
 peak memory and error against the float64 recurrence for each switchable variant of `myfla_gla.ops.chunk`: the
 smallest levels as broadcast products (`_BROADCAST_ROWS`), the forward's chunk states kept for the backward
-(`_KEEP_STATES`). `fla` adds FLA's Triton `chunk_gla` (autotuned by its first calls, then timed the same way);
+(`_KEEP_STATES`), products of bf16 operands on tensor cores (`_HALF_PRODUCTS`). `fla` adds FLA's Triton `chunk_gla` (autotuned by its first calls, then timed the same way);
 `compile` the `torch.compile`d op for the variants in `COMPILED`; `--eager`/`--compiled` select variants by name (comma-
-separated). 'default' is the module's own setting. Also prints the floor (`myfla_gla.floor`)."""
+separated). 'default' is the module's own setting. `stage` times stage 1 alone (the intra-chunk attention `A` of the
+forward), the dyadic levels against a two-level scheme of 16-token sub-chunks (`intra_two_level`), eager and compiled,
+with the error of `A` against float64 at gate normalisers 1 and 0.02. Also prints the floor (`myfla_gla.floor`)."""
 import json
 import sys
 
@@ -17,27 +19,67 @@ import myfla_gla.ops.chunk as chunk
 from myfla_gla import bench, chunk_gla
 from myfla_gla.floor import floor
 
-inp = bench.Inputs(bench.BenchConfig(**bench.PRESETS['gpu1'], device='cuda'))
-q, k, v, g = inp.q, inp.k, inp.v, inp.g
-do = torch.randn_like(v)
 results = []
 
 EAGER = {'dyadic levels': dict(rows=0, keep=False), 'broadcast m<=1': dict(rows=1, keep=False),
          'broadcast m<=2': dict(rows=2, keep=False), 'broadcast m<=4': dict(rows=4, keep=False),
          'broadcast m<=8': dict(rows=8, keep=False), 'kept states': dict(rows=0, keep=True),
          'broadcast m<=2, kept states': dict(rows=2, keep=True), 'broadcast m<=4, kept states': dict(rows=4, keep=True),
-         'dyadic levels (again)': dict(rows=0, keep=False), 'default': {}}
+         'dyadic levels (again)': dict(rows=0, keep=False), 'default': {},
+         'float32 products': dict(half=False), 'bf16 products': dict(half=True)}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False), 'broadcast m<=4, kept states': dict(rows=4, keep=True),
-            'default': {}}
-DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'])
+            'default': {}, 'float32 products': dict(half=False), 'bf16 products': dict(half=True)}
+DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
+               half=chunk._HALF_PRODUCTS['cuda'])
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in sys.argv[sys.argv.index('--compiled') + 1].split(',')}
 if '--eager' in sys.argv:
     EAGER = {k: EAGER[k] for k in sys.argv[sys.argv.index('--eager') + 1].split(',')}
 
 
-def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep']):
-    chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'] = rows, keep
+def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half']):
+    chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
+
+
+def intra_two_level(q, k, g, S=16):
+    """Stage 1 as FLA's kernels do it: `A` `[..., C, C]` from sub-chunks of S tokens. Diagonal sub-blocks elementwise
+    (`exp(b_t - b_s)` <= 1 for s <= t); the others as products of `q * exp(b - b_ref)` and `k * exp(b_ref - b)`, with
+    `b_ref` the prefix sum before the query sub-chunk (both factors <= 1, so as stable as the dyadic levels)."""
+    C, n = q.shape[-2], q.shape[-2] // S
+    b = g.cumsum(-2)                                                        # [..., C, K]
+    qs, ks, bs = (x.unflatten(-2, (n, S)) for x in (q, k, b))              # [..., n, S, K]
+    decay = (bs.unsqueeze(-2) - bs.unsqueeze(-3)).clamp_max_(0).exp_()    # [..., n, S, S, K]
+    diag = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * decay).sum(-1).tril_()   # [..., n, S, S]
+    A = q.new_zeros(q.shape[:-1] + (C,))                                    # [..., C, C]
+    A.unflatten(-1, (n, S)).unflatten(-3, (n, S)).diagonal(dim1=-4, dim2=-2).copy_(diag.movedim(-3, -1))
+    for i in range(1, n):
+        b_ref = b[..., i * S - 1:i * S, :]                                  # [..., 1, K]
+        q_decayed = qs[..., i, :, :] * (bs[..., i, :, :] - b_ref).exp()    # [..., S, K]
+        k_decayed = k[..., :i * S, :] * (b_ref - b[..., :i * S, :]).exp()  # [..., iS, K]
+        A[..., i * S:(i + 1) * S, :i * S] = q_decayed @ k_decayed.transpose(-1, -2)
+    return A
+
+
+def stage(device):
+    "Stage 1 alone, dyadic levels against `intra_two_level`: time (eager, compiled) and error of `A`."
+    shape = (4, 64, 16, 64, 128) if device == 'cuda' else (2, 64, 4, 64, 128)   # [B, NC, H, C, K] of gpu1 / cpu
+    for norm in (1., 0.02):
+        torch.manual_seed(0)
+        qc, kc = torch.randn(shape, device=device), torch.randn(shape, device=device)
+        gc = torch.nn.functional.logsigmoid(torch.randn(shape, device=device)) / 16 / norm
+        few = (slice(None), slice(0, 4))   # the first 4 chunks of each row, for the float64 reference
+        b = gc[few].double().cumsum(-2)
+        decay = (b.unsqueeze(-2) - b.unsqueeze(-3)).clamp_max(0).exp()               # [..., C, C, K]
+        ref = (qc[few].double().unsqueeze(-2) * kc[few].double().unsqueeze(-3) * decay).sum(-1).tril()
+        ops = {'dyadic levels': lambda: chunk._intra_attention(qc, kc, gc)[0][few],
+               'two-level': lambda: intra_two_level(qc, kc, gc)[few]}
+        print(f'stage 1 at normaliser {norm}: error of A', {n: f'{bench.get_err_ratio(ref, f()):.1e}' for n, f in ops.items()})
+    for name, fn in (('dyadic levels', chunk._intra_attention), ('two-level', intra_two_level)):
+        for mode, f in (('eager', fn), ('compiled', torch.compile(fn))):
+            if mode == 'compiled' and device != 'cuda':
+                continue
+            t = bench.time_fn(lambda: f(qc, kc, gc), device, repeats=20 if device == 'cuda' else 5, warmup=2)
+            print(f"stage 1 {name:14s} {mode:9s} {t['median_ms']:8.2f} ms (min {t['min_ms']:.2f})", flush=True)
 
 
 def run(name, op):
@@ -56,6 +98,13 @@ def run(name, op):
           f"err {r['err']:.2e}  (first calls {r['first_s']:.0f} s)", flush=True)
 
 
+if 'stage' in sys.argv:   # also on a CPU (eager only there)
+    stage('cuda' if torch.cuda.is_available() else 'cpu')
+if not {'eager', 'fla', 'compile'} & set(sys.argv):
+    sys.exit()
+inp = bench.Inputs(bench.BenchConfig(**bench.PRESETS['gpu1'], device='cuda'))
+q, k, v, g = inp.q, inp.k, inp.v, inp.g
+do = torch.randn_like(v)
 fl = floor(4, 4096, 16, 128, 128, torch.bfloat16, 'cuda')
 print('floor', json.dumps(fl), flush=True)
 results.append(dict(name='floor', **fl))
@@ -74,9 +123,9 @@ if 'compile' in sys.argv:
         compiled = torch.compile(chunk_gla)
         run(name + ' (compiled)', compiled)
         got = torch.autograd.grad(compiled(q, k, v, g)[0], (q, k, v, g), do)
-        variant(rows=0, keep=False)
+        variant(rows=0, keep=False, half=False)
         want = torch.autograd.grad(chunk_gla(q, k, v, g)[0], (q, k, v, g), do)
-        print('  gradients against eager dyadic levels, largest relative RMS difference:',
+        print('  gradients against eager dyadic levels with float32 products, largest relative RMS difference:',
               f"{max(bench.get_err_ratio(w.double(), x.double()) for w, x in zip(want, got)):.1e}", flush=True)
     variant()
 if '--json' in sys.argv:
