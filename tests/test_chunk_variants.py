@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import myfla_gla.ops.chunk as chunk
-from myfla_gla import chunk_gla, random_gla_inputs
+from myfla_gla import chunk_gla, fused_chunk_gla, random_gla_inputs
 from test_chunk import check
 
 
@@ -30,6 +30,33 @@ def test_half_products(monkeypatch, dtype, normalizer):
     check(2, 200, 2, 64, 32, dtype)
     check(1, 300, 2, 32, 32, dtype, normalizer=normalizer)
     check(1, 130, 2, 32, 16, dtype, cu=[0, 37, 37, 130])
+
+
+@pytest.mark.parametrize('op', [chunk_gla, fused_chunk_gla])
+def test_half_products_round_the_forward_only(monkeypatch, op):
+    """The switch reaches the op: the output changes (the forward's products round their operands), and with it dv,
+    which uses the forward's A; dq, dk and dg, whose backward products are float32 (no kept states here), are bitwise
+    those without it. The final state changes in chunk_gla, not in fused_chunk_gla, which rounds only stage 1's products
+    (its state walk does not use A)."""
+    q, k, v, g = random_gla_inputs(2, 100, 2, 32, 16, dtype=torch.bfloat16)
+    def run(half):
+        monkeypatch.setitem(chunk._HALF_PRODUCTS, 'cpu', half)
+        xs = [x.clone().requires_grad_() for x in (q, k, v, g)]
+        o, ht = op(*xs, output_final_state=True)
+        return o, ht, torch.autograd.grad(o, xs, torch.ones_like(o))
+    (o0, ht0, (dq0, dk0, dv0, dg0)), (o1, ht1, (dq1, dk1, dv1, dg1)) = run(False), run(True)
+    assert not torch.equal(o0, o1) and not torch.equal(dv0, dv1)
+    assert torch.equal(ht0, ht1) == (op is fused_chunk_gla)
+    for a, b in ((dq0, dq1), (dk0, dk1), (dg0, dg1)):
+        assert torch.equal(a, b)
+
+
+def test_switched_on():
+    x = torch.ones(1)
+    assert chunk._switched_on({'cpu': True}, x) and not chunk._switched_on({'cpu': False}, x)
+    assert not chunk._switched_on({'cuda': True}, x), 'another device type'
+    assert not chunk._switched_on({'cpu': 'compiled'}, x), "'compiled': not in eager"
+    assert torch.compile(lambda x: x + chunk._switched_on({'cpu': 'compiled'}, x), backend='eager')(x).item() == 2
 
 
 def test_kept_states_twice(monkeypatch):
