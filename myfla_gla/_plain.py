@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['load_state_dict_from_folder']
+__all__ = []
 
 # %% ../nbs/05a_plain.ipynb #cfa978bd
 try:
@@ -147,36 +147,14 @@ class _PlainConfig:
         path = path / 'config.json' if path.is_dir() else path
         if not path.is_file():
             raise OSError(f"No config.json at {pretrained_model_name_or_path!r}: without transformers only local folders load")
-        return cls.from_dict(json.loads(path.read_text()), **kwargs)
+        from myfla_gla.models.checkpoint import read_json_object   # the checkpoint readers (errors name the file)
+        return cls.from_dict(read_json_object(path), **kwargs)
 
     def __eq__(self, other):
         return isinstance(other, _PlainConfig) and self.to_dict() == other.to_dict()
 
     def __repr__(self):
         return f"{type(self).__name__} {self.to_json_string()}"
-
-# %% ../nbs/05a_plain.ipynb #d34d1d3b
-_WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
-
-def _load_file(path: Path) -> dict:
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-def _weight_files(folder) -> list[Path]:
-    "The weight files of a local checkpoint folder: one file, or the shards its `.index.json` lists."
-    folder = Path(folder)
-    path = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
-    if path is None:
-        raise OSError(f"No weights in {str(folder)!r}: expected one of {list(_WEIGHT_FILES)}")
-    if path.name.endswith('.index.json'):
-        return [folder / s for s in sorted(set(json.loads(path.read_text())['weight_map'].values()))]
-    return [path]
-
-def load_state_dict_from_folder(folder) -> dict:
-    "The state dict stored in a local checkpoint folder (single file or sharded, safetensors or PyTorch)."
-    return {k: v for f in _weight_files(folder) for k, v in _load_file(f).items()}
 
 # %% ../nbs/05a_plain.ipynb #a9b050c2
 class _PlainPreTrainedModel(nn.Module):
@@ -239,6 +217,7 @@ class _PlainPreTrainedModel(nn.Module):
         if not folder.is_dir():
             raise OSError(f"{str(folder)!r} is not a local folder: without transformers only local checkpoints load")
         config = config if config is not None else cls.config_class.from_pretrained(folder, **kwargs)
+        from myfla_gla.models.checkpoint import load_state_dict_from_folder   # the checkpoint readers
         model = cls(config, *model_args)
         missing, unexpected = model.load_state_dict(load_state_dict_from_folder(folder), strict=False)
         tied = {'lm_head.weight'} if getattr(config, 'tie_word_embeddings', False) else set()

@@ -6,11 +6,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,82 +17,21 @@ import torch.nn.functional as F
 
 from .._plain import (
     TRANSFORMERS_AVAILABLE, _BaseOutput, _BlockBase, _CACHE_FIELD, _CausalLMOutput, _ConfigBase, _GenerationBases,
-    _ModelBase, _PlainPreTrainedModel, _TRANSFORMERS_V5, _weight_files, load_state_dict_from_folder)
+    _ModelBase, _PlainPreTrainedModel, _TRANSFORMERS_V5)
 from ..cache import Cache
 from ..checks import InputError, check_int, check_positive
+from .checkpoint import (
+    check_checkpoint, checkpoint_shapes, folder_lock, load_state_dict_from_folder, save_in_place)
 from ..layers.gla import GatedLinearAttention
 from ..modules.norms import RMSNorm
 
-_all_ = ['load_state_dict_from_folder']   # defined with the stand-ins that load checkpoints, part of this module's API
+# defined in `models.checkpoint` (with the rest of the checkpoint files' handling), part of this module's API
+_all_ = ['checkpoint_shapes', 'check_checkpoint', 'load_state_dict_from_folder']
 
 # %% auto #0
-__all__ = ['checkpoint_shapes', 'check_checkpoint', 'normalize_hybrid_attention_config', 'get_hybrid_attention_spec', 'GLAConfig',
-           'swiglu', 'powglu', 'GatedMLP', 'attnres', 'GLABlock', 'GLAPreTrainedModel', 'GLAModel', 'l2_warp',
-           'simple_generate', 'GLAForCausalLM', 'register_auto_classes', 'load_state_dict_from_folder']
-
-# %% ../../nbs/10_models.ipynb #d6e7a476
-def _is_model_file(name: str) -> bool:
-    "The files `save_pretrained` writes for a model (its config and weights), which a new save replaces."
-    return name in ('config.json', 'generation_config.json') or name.startswith(('model.', 'model-', 'pytorch_model'))
-
-
-def checkpoint_shapes(folder) -> tuple[dict, dict]:
-    "`({name: shape}, {name: file})` of the weights stored in a local checkpoint folder, reading no tensor."
-    shapes, where = {}, {}
-    for f in _weight_files(folder):
-        if f.suffix == '.safetensors':
-            from safetensors import safe_open
-            with safe_open(str(f), framework='pt') as sf:
-                found = {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
-        else:
-            found = {k: tuple(v.shape) for k, v in torch.load(f, map_location='cpu', mmap=True, weights_only=True).items()}
-        shapes.update(found)
-        where.update(dict.fromkeys(found, str(f)))
-    return shapes, where
-
-
-def check_checkpoint(model_class, folder, config=None, **overrides):
-    "Check a local folder before `model_class` loads it: `config.json`, `model_type`, every weight's name and shape."
-    folder = Path(folder)
-    config_file = folder / 'config.json'
-    if config is None:
-        if not config_file.is_file():
-            raise OSError(f"{str(config_file)!r} does not exist: a checkpoint folder needs its config.json")
-        d = json.loads(config_file.read_text())
-        model_type = model_class.config_class.model_type
-        if d.get('model_type', model_type) != model_type:
-            raise ValueError(f"{str(config_file)!r}: `model_type` is {d.get('model_type')!r}, "
-                             f"but {model_class.__name__} loads {model_type!r} checkpoints")
-        d.pop('model_type', None)
-        config = model_class.config_class.from_dict(d)
-        for k, v in overrides.items():
-            if hasattr(config, k):
-                setattr(config, k, v)
-    with torch.device('meta'):
-        expected = {k: tuple(v.shape) for k, v in model_class(copy.deepcopy(config)).state_dict().items()}
-    stored, where = checkpoint_shapes(folder)
-    prefix = model_class.base_model_prefix + '.'
-    if any(k.startswith(prefix) for k in expected) and not any(k.startswith(prefix) for k in stored):
-        # the full model from a checkpoint of the base model: its weights sit under `model.`
-        stored, where = {prefix + k: s for k, s in stored.items()}, {prefix + k: f for k, f in where.items()}
-    elif not any(k.startswith(prefix) for k in expected) and any(k.startswith(prefix) for k in stored):
-        # a base model (`GLAModel`) from a checkpoint of the full model: only its part is read
-        stored = {k[len(prefix):]: s for k, s in stored.items() if k.startswith(prefix)}
-        where = {k[len(prefix):]: f for k, f in where.items() if k.startswith(prefix)}
-    tied = {'lm_head.weight'} if getattr(config, 'tie_word_embeddings', False) else set()
-    files = sorted(set(where.values())) or [str(folder)]
-    for k, shape in expected.items():
-        if k not in stored and k not in tied:
-            raise KeyError(f"{files[0] if len(files) == 1 else str(folder)!r} has no weight {k!r} "
-                           f"(shape {shape} for this config), which {model_class.__name__} needs")
-        if k in stored and stored[k] != shape:
-            raise ValueError(f"{where[k]!r}: weight {k!r} has shape {stored[k]}, but {str(config_file)!r} gives a "
-                             f"{model_class.__name__} whose {k!r} is {shape}: the config and the weights disagree")
-    extra = sorted(set(stored) - set(expected))
-    if extra:
-        raise KeyError(f"{where[extra[0]]!r} has weights {model_class.__name__} does not have: {extra[:5]}"
-                       + (f" and {len(extra) - 5} more" if len(extra) > 5 else ''))
-    return config
+__all__ = ['normalize_hybrid_attention_config', 'get_hybrid_attention_spec', 'GLAConfig', 'swiglu', 'powglu', 'GatedMLP',
+           'attnres', 'GLABlock', 'GLAPreTrainedModel', 'GLAModel', 'l2_warp', 'simple_generate', 'GLAForCausalLM',
+           'register_auto_classes', 'checkpoint_shapes', 'check_checkpoint', 'load_state_dict_from_folder']
 
 # %% ../../nbs/10_models.ipynb #bcbd878a
 def _check_positive_int(value, field, context):
@@ -418,39 +354,21 @@ class GLAPreTrainedModel(_ModelBase):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         "Load a checkpoint; a local folder is checked first (`check_checkpoint`), so that it loads strict or not at all."
         path = pretrained_model_name_or_path
-        if isinstance(path, (str, os.PathLike)) and Path(path).is_dir() and not kwargs.get('subfolder'):
+        if not (isinstance(path, (str, os.PathLike)) and Path(path).is_dir() and not kwargs.get('subfolder')):
+            return super().from_pretrained(path, *model_args, config=config, **kwargs)
+        with folder_lock(path, shared=True):  # never a save half-done
             check_checkpoint(cls, path, config, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            return super().from_pretrained(path, *model_args, config=config, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        "Save to a folder through a temporary one and a rename, so that the folder is never left half-written."
-        if Path(save_directory).is_file():
-            raise FileExistsError(f"{str(save_directory)!r} is a file: save_pretrained writes a folder")
-        if kwargs.get('push_to_hub'):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        target = Path(save_directory).resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.', dir=target.parent))
-        try:
-            super().save_pretrained(tmp, *args, **kwargs)
-            if target.is_dir() and Path.cwd().is_relative_to(target):
-                # the working folder (or one above it) stays in place: its files are replaced, config.json last
-                for f in sorted(tmp.iterdir(), key=lambda f: f.name == 'config.json'):
-                    os.replace(f, target / f.name)
-            elif target.is_dir():  # keep the folder's other files (a tokenizer, ...); replace the model's
-                written = set(os.listdir(tmp))
-                for f in target.iterdir():
-                    if f.name not in written and not _is_model_file(f.name):
-                        (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-                old = target.with_name(tmp.name + '.old')
-                os.rename(target, old)
-                os.rename(tmp, target)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+        "Save in place (`save_in_place`): transformers' files, renamed into the folder one by one, nothing else touched."
+        writes = kwargs.get('is_main_process', True)
+        if hasattr(self, 'should_save_on_this_rank'):  # under torch.distributed, transformers writes on rank 0 only
+            writes = self.should_save_on_this_rank(writes)
+        if kwargs.get('push_to_hub') or kwargs.get('distributed_checkpoint') or not writes:
+            return super().save_pretrained(save_directory, *args, **kwargs)   # transformers' own, into the folder
+        save = super().save_pretrained
+        save_in_place(save_directory, lambda tmp: save(tmp, *args, **kwargs), kwargs.get('variant'))
 
     def _init_weights(self, module: nn.Module, prenorm_residual_strategy: str | None = None, num_residuals_per_layer: int = 2):
         std = self.config.initializer_range
