@@ -654,6 +654,17 @@ assert again.dtype == torch.float64 or again.dtype == torch.float32
 assert all(torch.equal(again.state_dict()[k].double(), v) for k, v in model.state_dict().items())
 base = GLAModel(GLAConfig(hidden_size=32, num_hidden_layers=1, num_heads=2, vocab_size=10))
 assert abs(base.embeddings.weight.std().item() - 0.02) < 0.01 and base.config.to_dict()['hidden_size'] == 32
+(d / 'plain' / 'model.onnx').write_text('not ours')
+model.save_pretrained(d / 'plain')                                  # in place: the other file stays
+assert sorted(p.name for p in (d / 'plain').iterdir()) == ['config.json', 'model.onnx', 'model.safetensors']
+from myfla_gla.models.checkpoint import CheckpointFileError
+(d / 'plain' / 'config.json').write_text('[1]')                      # bad files are named on this path too
+for read in (GLAConfig.from_pretrained, GLAForCausalLM.from_pretrained):
+    try:
+        read(d / 'plain')
+        raise AssertionError('a JSON list was read as a config')
+    except CheckpointFileError as e:
+        assert "config.json' holds a list" in str(e), e
 fla = GLAForCausalLM.from_pretrained(d / 'fla', dtype='auto')      # FLA-style: sharded bf16 safetensors
 assert fla.dtype == torch.bfloat16 and fla.config.architectures == ['GLAForCausalLM']
 with torch.no_grad():
