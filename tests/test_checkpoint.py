@@ -347,6 +347,30 @@ def test_a_save_that_fails_between_renames_leaves_the_old_checkpoint_loadable(tm
     assert_loads_as(d, tiny(3))
 
 
+def test_a_save_that_stops_between_shards_of_the_same_names_never_leaves_a_mix(tmp_path, monkeypatch):
+    "Old and new shards share their names: a stop after the first shard leaves a folder that fails to load."
+    d = tmp_path / 'ckpt'
+    tiny(1, 2).save_pretrained(d, max_shard_size=SHARD)
+    old_names = set(os.listdir(d))
+    real, renamed = os.replace, []
+
+    def fails_on_the_second_shard(src, dst, *args, **kwargs):
+        if str(dst).endswith('.safetensors') and renamed:
+            raise OSError(errno.EIO, 'Input/output error', str(dst))
+        renamed.append(dst)
+        return real(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, 'replace', fails_on_the_second_shard)
+    with pytest.raises(OSError, match='Input/output error'):
+        tiny(2, 2).save_pretrained(d, max_shard_size=SHARD)
+    monkeypatch.undo()
+    assert set(os.listdir(d)) == old_names - {'model.safetensors.index.json'}    # same shard names, no index
+    with pytest.raises(OSError, match='No weights'):
+        GLAForCausalLM.from_pretrained(d)
+    tiny(3, 2).save_pretrained(d, max_shard_size=SHARD)
+    assert set(os.listdir(d)) == old_names
+    assert_loads_as(d, tiny(3, 2))
+
+
 def test_a_killed_save_leaves_a_hidden_folder_the_next_save_removes(tmp_path):
     d = tmp_path / 'ckpt'
     tiny(1).save_pretrained(d)

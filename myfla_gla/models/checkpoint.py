@@ -272,7 +272,9 @@ def save_in_place(folder, write, variant: str | None = None) -> list[str]:
                 if not (tmp / name).is_file() or (tmp / name).is_symlink():
                     raise NotImplementedError(f"the save wrote {name!r}, which is not a file: saving it in place is not supported")
                 _check_replaceable(folder / name)
-            weights = [n for n in new if _rename_order(n) < 2]
+            weights = [n for n in new if _rename_order(n) < 2]   # shards (or the one file), then their index
+            if _overwrites_shards(folder, weights):
+                _remove_stale_weights(folder, set(new), variant, index_too=True)
             for name in weights:
                 _replace(tmp / name, folder / name)
             _remove_stale_weights(folder, set(new), variant)   # the new weights are in place: the old ones go
@@ -283,10 +285,16 @@ def save_in_place(folder, write, variant: str | None = None) -> list[str]:
             shutil.rmtree(tmp, ignore_errors=True)
     return new
 
-def _remove_stale_weights(folder: Path, new: set, variant: str | None):
+def _overwrites_shards(folder: Path, weights: list) -> bool:
+    "Whether new shards replace old shards of the same names (which the old index, still in place, lists)."
+    return any(_rename_order(n) == 1 for n in weights) and any((folder / n).is_file() for n in weights if _rename_order(n) == 0)
+
+def _remove_stale_weights(folder: Path, new: set, variant: str | None, index_too: bool = False):
     "Remove the weight files of an earlier checkpoint (regular files or symlinks to them) that the new one does not rewrite."
     if not any(is_weight_file(n, variant) for n in new):
         return  # the save wrote no weights of this variant (another rank's, an adapter's): nothing is stale
     for name in sorted(os.listdir(folder)):
-        if is_weight_file(name, variant) and name not in new and (folder / name).is_file():
-            os.unlink(folder / name)
+        path = folder / name
+        stale = name not in new or (index_too and name.endswith('.json') and not path.is_symlink())
+        if is_weight_file(name, variant) and stale and path.is_file():
+            os.unlink(path)
