@@ -127,6 +127,29 @@ def test_generate_refuses_a_cache_that_has_seen_every_token(model):
             model.generate(ids, cache=cache, max_new_tokens=2, **KW)
 
 
+@pytest.mark.parametrize('padded', [False, True])
+def test_simple_generate_continues_a_cache_over_two_turns(model, padded):
+    "The loop without transformers: a prefilled cache, then its second turn with user tokens, as from scratch."
+    ids, mask = _prompt(padded=padded)
+    cache = _prefill(model, ids, mask)
+    first = simple_generate(model, ids, attention_mask=mask, max_new_tokens=3, past_key_values=cache)
+    assert torch.equal(first, simple_generate(model, ids, attention_mask=mask, max_new_tokens=3))
+    assert cache.get_seq_length() == first.shape[1] - 1
+    chat = torch.cat([first, torch.randint(1, V, (ids.shape[0], 4), generator=torch.Generator().manual_seed(2))], 1)
+    second = simple_generate(model, chat, attention_mask=_grow(mask, 7), max_new_tokens=4, cache=cache)
+    assert torch.equal(second, simple_generate(model, chat, attention_mask=_grow(mask, 7), max_new_tokens=4))
+    with pytest.raises(ValueError, match=f'it has seen {chat.shape[1] + 3} of {chat.shape[1]}'):
+        simple_generate(model, chat, max_new_tokens=1, cache=cache)
+
+
+def test_simple_generate_refuses_keywords_it_does_not_use(model):
+    ids, _ = _prompt(padded=False)
+    with pytest.raises(TypeError, match=r'`max_new_token` \(did you mean `max_new_tokens`\?\)'):
+        simple_generate(model, ids, max_new_token=3)
+    with pytest.raises(TypeError, match="`num_beams` \\(transformers' `generate` has more settings\\)"):
+        simple_generate(model, ids, num_beams=2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # sampling settings and `logits_to_keep`
 

@@ -674,11 +674,22 @@ def simple_generate(
     pad_token_id: int | None = None,             # default: the config's, else the first eos id
     use_cache: bool = True,                      # False re-runs the whole sequence every step (slow; for checks)
     generator: torch.Generator | None = None,
-    **kwargs,
+    past_key_values: Cache | None = None,        # a cache of the first tokens of `input_ids` (also as `cache=`): continued
+    **kwargs,                                    # only `cache`; any other keyword raises
 ) -> torch.LongTensor:                           # [B, T + new tokens]
     "Greedy or sampled decoding with the recurrent cache: transformers' `generate` for the common cases, in twenty lines."
+    past_key_values = _pop_cache_kwarg(past_key_values, kwargs)
+    if kwargs:   # a setting of transformers' `generate` that this loop lacks would change nothing without a word
+        name = sorted(kwargs)[0]
+        close = difflib.get_close_matches(name, inspect.signature(simple_generate).parameters, n=1)
+        raise TypeError(f"simple_generate does not take the keyword `{name}`"
+                        + (f" (did you mean `{close[0]}`?)" if close else " (transformers' `generate` has more settings)"))
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("`input_ids` must be a [batch_size, seq_len] tensor of token ids")
+    seen = 0 if past_key_values is None else past_key_values.get_seq_length()
+    if past_key_values is not None and (not use_cache or seen >= input_ids.shape[1]):
+        raise ValueError(f"A cache continues `input_ids` with `use_cache=True` when it has seen fewer of its tokens: "
+                         f"it has seen {seen} of {input_ids.shape[1]}, use_cache={use_cache}")
     if do_sample:
         _check_sampling(temperature, top_k, top_p)
     if max_new_tokens is None:
@@ -688,8 +699,9 @@ def simple_generate(
     eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else getattr(config, 'pad_token_id', None)
     pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
-    ids, mask, cache = input_ids, attention_mask, (Cache() if use_cache else None)
-    step_ids = ids
+    ids, mask = input_ids, attention_mask
+    cache = past_key_values if past_key_values is not None else Cache() if use_cache else None
+    step_ids = ids[:, seen:]                     # the tokens the cache has not seen (the mask stays whole)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max(max_new_tokens, 0)):
         out = model(input_ids=step_ids if use_cache else ids, attention_mask=mask, past_key_values=cache,
