@@ -153,6 +153,19 @@ def test_simple_generate_refuses_keywords_it_does_not_use(model):
 # ---------------------------------------------------------------------------------------------------------------
 # sampling settings and `logits_to_keep`
 
+@pytest.mark.parametrize('kw, match', [(dict(max_new_tokens=0), '`max_new_tokens` must be at least 1'),
+                                       (dict(max_new_tokens=-2), '`max_new_tokens` must be at least 1'),
+                                       (dict(max_length=9), r'`max_length` \(9\) must exceed')])
+def test_generation_lengths_that_generate_nothing_raise(model, kw, match):
+    "As transformers' `generate` (a prompt of 9 tokens)."
+    ids, _ = _prompt(padded=False)
+    with pytest.raises(ValueError, match=match):
+        simple_generate(model, ids, **kw)
+    if TRANSFORMERS_AVAILABLE:
+        with pytest.raises(ValueError, match='`max_new_tokens` must be greater than 0|`max_length` is set to'):
+            model.generate(ids, **kw)
+
+
 BAD_SAMPLING = [(dict(temperature=0.), ValueError, r'`temperature` \(=0.0\).*`do_sample=False`'),
                 (dict(temperature=-1.), ValueError, r'`temperature` \(=-1.0\)'),
                 (dict(temperature=float('nan')), ValueError, '`temperature`'),

@@ -692,8 +692,12 @@ def simple_generate(
                          f"it has seen {seen} of {input_ids.shape[1]}, use_cache={use_cache}")
     if do_sample:
         _check_sampling(temperature, top_k, top_p)
-    if max_new_tokens is None:
+    if max_new_tokens is None:   # transformers' rule: at least one new token
         max_new_tokens = (20 if max_length is None else max_length) - input_ids.shape[1]
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_length` ({20 if max_length is None else max_length}) must exceed the prompt's "
+                             f"length ({input_ids.shape[1]}); or set `max_new_tokens`")
+    check_int('max_new_tokens', max_new_tokens, 1)
     config = model.config
     eos = eos_token_id if eos_token_id is not None else getattr(config, 'eos_token_id', None)
     eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
@@ -703,7 +707,7 @@ def simple_generate(
     cache = past_key_values if past_key_values is not None else Cache() if use_cache else None
     step_ids = ids[:, seen:]                     # the tokens the cache has not seen (the mask stays whole)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max(max_new_tokens, 0)):
+    for _ in range(max_new_tokens):
         out = model(input_ids=step_ids if use_cache else ids, attention_mask=mask, past_key_values=cache,
                     use_cache=use_cache, logits_to_keep=1)
         logits = out.logits[:, -1].float()
