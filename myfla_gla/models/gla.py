@@ -24,7 +24,7 @@ from .._plain import (
     TRANSFORMERS_AVAILABLE, _BaseOutput, _BlockBase, _CACHE_FIELD, _CausalLMOutput, _ConfigBase, _GenerationBases,
     _ModelBase, _PlainPreTrainedModel, _TRANSFORMERS_V5, _weight_files, load_state_dict_from_folder)
 from ..cache import Cache
-from ..checks import InputError, check_int, check_positive
+from ..checks import InputError, check_int
 from ..layers.gla import GatedLinearAttention
 from ..modules.norms import RMSNorm
 
@@ -177,7 +177,7 @@ def _check_config_fields(c):
     for name, domain, optional in (
             ('hidden_ratio', '> 0', True),            # the MLP's width when `intermediate_size` is None
             ('norm_eps', '> 0', False),                # inf: every normed value 0
-            ('gate_logit_normalizer', '> 0', False),   # log decay = logsigmoid(.) / it: 0 or < 0 is no decay
+            ('gate_logit_normalizer', '> 0', False),   # log decay = logsigmoid(.) / it: -inf for 0, > 0 below
             ('clamp_min', '<= 0', True),               # a lower bound of log decays, which are <= 0
             ('initializer_range', '>= 0', False),      # a standard deviation
             ('expand_k', '', False), ('expand_v', '', False)):   # (their sizes are checked below)
@@ -686,6 +686,8 @@ def simple_generate(
                         + (f" (did you mean `{close[0]}`?)" if close else " (transformers' `generate` has more settings)"))
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("`input_ids` must be a [batch_size, seq_len] tensor of token ids")
+    if past_key_values is not None and not isinstance(past_key_values, Cache):
+        raise TypeError(f"`past_key_values` must be a Cache, got {type(past_key_values).__name__}")
     seen = 0 if past_key_values is None else past_key_values.get_seq_length()
     if past_key_values is not None and (not use_cache or seen >= input_ids.shape[1]):
         raise ValueError(f"A cache continues `input_ids` with `use_cache=True` when it has seen fewer of its tokens: "
@@ -750,7 +752,7 @@ class _GLAGenerationMixin(*_GenerationBases):
         cache = _pop_cache_kwarg(past_key_values, {'cache': cache})
         seen, new = _seen_tokens(cache), next_sequence_length
         if new is not None and new < 1:   # `[:, -0:]` would feed the whole sequence again
-            raise ValueError(f"The cache has seen {seen} tokens, `input_ids` has {seen + new}: pass the whole sequence "
+            raise ValueError(f"The cache has seen {seen} tokens, the input has {seen + new}: pass the whole sequence "
                              "with a cache of a prefix of it (at most all tokens but the last), or only the new tokens "
                              "with the whole `attention_mask`")
         if inputs_embeds is not None and (is_first_iteration or seen == 0):
