@@ -453,6 +453,21 @@ def test_unknown_keywords_are_warned_about_once_by_name(monkeypatch):
             model(ids, **{name: None})                                    # once per name
 
 
+def test_packed_position_ids_without_cu_seqlens_are_warned_about(monkeypatch):
+    "transformers' DataCollatorWithFlattening marks packed sequences by position_ids alone, which GLA cannot read."
+    monkeypatch.setattr(models_gla, '_warned_kwargs', set())
+    m = model_of()
+    ids, packed = torch.randint(0, 64, (1, 7)), torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    with pytest.warns(UserWarning, match='`position_ids` restart inside a row.*`cu_seqlens`'):
+        m(ids, position_ids=packed)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        m(ids, position_ids=packed)                                       # looked at once
+        m.model(ids, position_ids=packed, cu_seqlens=torch.tensor([0, 3, 7]))
+        m.model(ids, position_ids=packed, attention_mask=torch.ones_like(ids))   # e.g. left padding's positions
+        m.model(ids, position_ids=torch.arange(7)[None])
+
+
 @needs_transformers
 def test_keywords_that_transformers_passes_are_silent(monkeypatch):
     "generate (greedy, sampled, beams, embeddings, no cache) and a Trainer's call (its batch, `num_items_in_batch`)."

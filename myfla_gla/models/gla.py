@@ -515,10 +515,19 @@ _IGNORED_KWARGS = ('cache_position', 'position_ids', 'next_sequence_length', 'is
 _LAYER_KWARGS = ('cu_seqlens', 'cp_context')
 _warned_kwargs = set()   # the (class, keyword) pairs warned about
 
-def _layer_kwargs(module: nn.Module, kwargs: dict) -> dict:
+def _layer_kwargs(module: nn.Module, kwargs: dict, attention_mask=None) -> dict:
     "The keywords the layers read; any other one (but transformers' own) is dropped with a warning, once per name."
+    # and a warning when `position_ids` are all that marks packed sequences
+    owner, positions = type(module).__name__, kwargs.get('position_ids')
+    if (positions is not None and attention_mask is None and kwargs.get('cu_seqlens') is None and torch.is_tensor(positions)
+            and (owner, 'position_ids') not in _warned_kwargs and not torch.compiler.is_compiling()):
+        # packed rows (transformers' `DataCollatorWithFlattening`) mark their sequences only by restarting positions,
+        # which GLA does not read: looked at once, as the look costs a device synchronisation
+        _warned_kwargs.add((owner, 'position_ids'))
+        if bool(((positions[..., 1:] == 0) & (positions[..., :-1] > 0)).any()):
+            warnings.warn(f"`{owner}.forward`: `position_ids` restart inside a row, as for packed sequences, but GLA "
+                          "has no positions: it reads sequence boundaries only from `cu_seqlens`", stacklevel=3)
     for name in sorted(kwargs.keys() - {*_LAYER_KWARGS, *_IGNORED_KWARGS}):
-        owner = type(module).__name__
         if (owner, name) in _warned_kwargs:
             continue
         _warned_kwargs.add((owner, name))
@@ -584,7 +593,7 @@ class GLAModel(GLAPreTrainedModel):
         **kwargs,                                    # `cu_seqlens`, `cp_context`: passed to every layer
     ):
         past_key_values = _pop_cache_kwarg(past_key_values, kwargs)
-        kwargs = _layer_kwargs(self, kwargs)
+        kwargs = _layer_kwargs(self, kwargs, attention_mask)
         if output_attentions:
             warnings.warn("`GLAModel` does not `output_attentions` now, setting it to `False`.", stacklevel=2)
             output_attentions = False
@@ -880,7 +889,7 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
         _check_labels(labels, input_ids, inputs_embeds)
         if 'num_logits_to_keep' in kwargs:  # the deprecated name
             logits_to_keep = kwargs.pop('num_logits_to_keep')
-        kwargs = _layer_kwargs(self, kwargs)
+        kwargs = _layer_kwargs(self, kwargs, attention_mask)
         return_dict = return_dict if return_dict is not None else _return_dict(self.config)
         next_labels = None
         if kwargs.get('cp_context') is not None and labels is not None:  # context parallel: a rank's share of the loss
