@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,50 @@ def test_unported_features_raise_clearly():
         GLAModel(tiny(attn={'layers': [1], 'num_heads': 2}))
     with pytest.raises(ValueError, match='hidden_act'):
         GatedMLP(32, hidden_act='gelu')
+
+
+INF, NAN = float('inf'), float('nan')
+# every numeric field of GLAConfig, outside its domain, not finite, or not a number
+BAD_FIELDS = [
+    ('hidden_size', 0, ValueError), ('hidden_size', 2.5, TypeError), ('num_hidden_layers', -1, ValueError),
+    ('num_heads', 0, ValueError), ('vocab_size', 0, ValueError), ('conv_size', 0, ValueError),
+    ('gate_low_rank_dim', 0, ValueError), ('num_kv_heads', 0, ValueError), ('intermediate_size', 0, ValueError),
+    ('intermediate_size', 2.5, TypeError), ('max_position_embeddings', 0, ValueError),
+    ('hidden_ratio', 0, ValueError), ('hidden_ratio', INF, ValueError), ('hidden_ratio', NAN, ValueError),
+    ('hidden_ratio', '4', TypeError), ('norm_eps', 0., ValueError), ('norm_eps', INF, ValueError),
+    ('norm_eps', NAN, ValueError), ('gate_logit_normalizer', 0, ValueError), ('gate_logit_normalizer', -16, ValueError),
+    ('gate_logit_normalizer', INF, ValueError), ('gate_logit_normalizer', NAN, ValueError),
+    ('gate_logit_normalizer', None, TypeError), ('clamp_min', 0.5, ValueError), ('clamp_min', NAN, ValueError),
+    ('clamp_min', -INF, ValueError), ('initializer_range', -0.02, ValueError), ('initializer_range', NAN, ValueError),
+    ('initializer_range', INF, ValueError), ('expand_k', NAN, ValueError), ('expand_v', INF, ValueError),
+    ('expand_k', True, TypeError), ('pad_token_id', 64, ValueError), ('pad_token_id', -65, ValueError),
+    ('pad_token_id', 1.0, TypeError)]
+
+
+@pytest.mark.parametrize('field, value, error', BAD_FIELDS)
+def test_config_fields_that_cannot_work_are_refused(field, value, error):
+    with pytest.raises(error, match=f'`{field}`'):
+        tiny(**{field: value})
+
+
+def test_config_fields_at_the_edges_of_their_domains_work():
+    "The edges stay valid: no clamp of 0 (log decay 0 allowed), std 0, one layer of padding ids, no layers."
+    for kw in (dict(clamp_min=0.), dict(clamp_min=-0.05, gate_logit_normalizer=1e-3), dict(initializer_range=0),
+               dict(hidden_ratio=2.5, intermediate_size=None), dict(pad_token_id=-1), dict(pad_token_id=63),
+               dict(num_hidden_layers=0), dict(max_position_embeddings=None)):
+        torch.manual_seed(0)
+        out = GLAForCausalLM(tiny(**kw))(torch.randint(0, 64, (1, 5))).logits
+        assert out.shape == (1, 5, 64) and torch.isfinite(out).all(), kw
+    c = GLAConfig()     # FLA's defaults (test_config_defaults_are_flas); configs FLA writes: tests/test_dropin.py
+    assert GLAConfig.from_dict(c.to_dict()).to_dict() == c.to_dict()
+
+
+def test_gated_mlp_checks_its_sizes():
+    for kw, error in ((dict(hidden_ratio=INF), ValueError), (dict(hidden_ratio=0), ValueError),
+                      (dict(intermediate_size=0), ValueError), (dict(powglu_power=NAN), ValueError),
+                      (dict(hidden_ratio='4'), TypeError)):
+        with pytest.raises(error, match=f'`{next(iter(kw))}`'):
+            GatedMLP(32, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,6 +407,90 @@ def test_use_cache_defaults():
     m.config.use_cache = False
     m.eval()
     assert m(ids, return_dict=False)[1:] == ()
+
+
+def test_cp_context_ignores_the_configs_use_cache(tmp_path):
+    "In eval mode with `cp_context` the config's use_cache=True is not a request for a cache; an explicit one raises."
+    import datetime
+    import torch.distributed as dist
+    from myfla_gla.ops.cp import build_cp_context
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        m = model_of(use_short_conv=True)
+        assert m.config.use_cache and not m.training
+        cu, ids = torch.tensor([0, 5, 12]), torch.randint(0, 64, (1, 12))
+        ctx = build_cp_context(cu, None, conv1d_kernel_size=m.config.conv_size)
+        out = m(ids, cp_context=ctx, return_dict=False)
+        assert len(out) == 1                                              # logits, no cache
+        assert_close('cp_context in eval', m(ids, cu_seqlens=cu, use_cache=False).logits, out[0], 1e-12)
+        for kw in (dict(use_cache=True), dict(past_key_values=Cache())):
+            with pytest.raises(ValueError, match='not supported with `cp_context`'):
+                m(ids, cp_context=ctx, **kw)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keywords
+
+
+def test_unknown_keywords_are_warned_about_once_by_name(monkeypatch):
+    monkeypatch.setattr(models_gla, '_warned_kwargs', set())
+    m = model_of()
+    ids = torch.randint(0, 64, (2, 6))
+    for model, name, hint in ((m, 'cu_seqlen', ' (did you mean `cu_seqlens`?)'),
+                              (m.model, 'atention_mask', ' (did you mean `attention_mask`?)'),
+                              (m, 'shift_labels', ' (did you mean `labels`?)'), (m.model, 'seq_idx', '')):
+        ref = model(ids)[0]
+        owner = type(model).__name__
+        with pytest.warns(UserWarning) as caught:
+            out = model(ids, **{name: torch.ones(2, 6)})[0]
+        assert [str(w.message) for w in caught] == [f"`{owner}.forward` does not use the keyword `{name}`: it is ignored{hint}"]
+        assert torch.equal(out, ref)
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            model(ids, **{name: None})                                    # once per name
+
+
+def test_packed_position_ids_without_cu_seqlens_are_warned_about(monkeypatch):
+    "transformers' DataCollatorWithFlattening marks packed sequences by position_ids alone, which GLA cannot read."
+    monkeypatch.setattr(models_gla, '_warned_kwargs', set())
+    m = model_of()
+    ids, packed = torch.randint(0, 64, (1, 7)), torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    with pytest.warns(UserWarning, match='`position_ids` restart inside a row.*`cu_seqlens`'):
+        m(ids, position_ids=packed)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        m(ids, position_ids=packed)                                       # looked at once
+        m.model(ids, position_ids=packed, cu_seqlens=torch.tensor([0, 3, 7]))
+        m.model(ids, position_ids=packed, attention_mask=torch.ones_like(ids))   # e.g. left padding's positions
+        m.model(ids, position_ids=torch.arange(7)[None])
+
+
+@needs_transformers
+def test_keywords_that_transformers_passes_are_silent(monkeypatch):
+    "generate (greedy, sampled, beams, embeddings, no cache) and a Trainer's call (its batch, `num_items_in_batch`)."
+    monkeypatch.setattr(models_gla, '_warned_kwargs', set())
+    m = model_of(pad_token_id=0)
+    ids = torch.randint(1, 64, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        kw = dict(attention_mask=mask, max_new_tokens=2)
+        m.generate(ids, do_sample=False, **kw)
+        m.generate(ids, do_sample=True, top_k=5, return_dict_in_generate=True, output_scores=True, output_logits=True,
+                   output_hidden_states=True, **kw)
+        m.generate(ids, num_beams=2, **kw)
+        m.generate(ids, use_cache=False, **kw)
+        m.generate(inputs_embeds=m.model.embeddings(ids), **kw)
+        positions = torch.arange(6).expand(2, 6)
+        batch = dict(input_ids=ids, attention_mask=mask, labels=ids, position_ids=positions, token_type_ids=0 * ids)
+        m.train()
+        m(**batch, num_items_in_batch=torch.tensor(10), return_dict=True).loss.backward()
+        m.model(ids, position_ids=positions, cache_position=torch.arange(6), num_items_in_batch=10)
+    assert not [str(w.message) for w in caught if 'does not use the keyword' in str(w.message)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import math
 import os
 import warnings
@@ -19,7 +21,7 @@ from .._plain import (
     TRANSFORMERS_AVAILABLE, _BaseOutput, _BlockBase, _CACHE_FIELD, _CausalLMOutput, _ConfigBase, _GenerationBases,
     _ModelBase, _PlainPreTrainedModel, _TRANSFORMERS_V5)
 from ..cache import Cache
-from ..checks import InputError, check_int, check_positive
+from ..checks import InputError, check_int
 from .checkpoint import (
     check_checkpoint, checkpoint_shapes, folder_lock, load_state_dict_from_folder, save_in_place)
 from ..layers.gla import GatedLinearAttention
@@ -89,23 +91,45 @@ def get_hybrid_attention_spec(attn, layer_idx: int):
     return None
 
 # %% ../../nbs/10_models.ipynb #a570a890
+_DOMAINS = {'': lambda x: True, '> 0': lambda x: x > 0, '>= 0': lambda x: x >= 0, '<= 0': lambda x: x <= 0}
+
+def _check_number(name: str, value, domain: str, optional: bool = False):
+    "`value` if it is a finite real number (not a bool) in `domain` ('', '> 0', '>= 0' or '<= 0'); else an error naming `name`."
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(value) and _DOMAINS[domain](value)):
+        raise InputError(f"`{name}` must be {domain + ' and ' if domain else ''}finite, got {value!r}")
+    return value
+
 def _check_config_fields(c):
-    "Sizes and counts of a `GLAConfig`, checked when it is built: an error naming the field, not a failure later."
+    "Every numeric field of a `GLAConfig`, checked when it is built: an error naming the field, not a failure later."
     for name, minimum in (('hidden_size', 1), ('num_hidden_layers', 0), ('num_heads', 1), ('vocab_size', 1),
                           ('conv_size', 1), ('gate_low_rank_dim', 1)):
         check_int(name, getattr(c, name), minimum)
-    for name in ('num_kv_heads', 'intermediate_size'):
+    for name in ('num_kv_heads', 'intermediate_size', 'max_position_embeddings'):
         check_int(name, getattr(c, name), 1, optional=True)
-    check_positive('hidden_ratio', c.hidden_ratio, optional=True)
-    check_positive('norm_eps', c.norm_eps)
+    for name, domain, optional in (
+            ('hidden_ratio', '> 0', True),            # the MLP's width when `intermediate_size` is None
+            ('norm_eps', '> 0', False),                # inf: every normed value 0
+            ('gate_logit_normalizer', '> 0', False),   # log decay = logsigmoid(.) / it: -inf for 0, > 0 below
+            ('clamp_min', '<= 0', True),               # a lower bound of log decays, which are <= 0
+            ('initializer_range', '>= 0', False),      # a standard deviation
+            ('expand_k', '', False), ('expand_v', '', False)):   # (their sizes are checked below)
+        _check_number(name, getattr(c, name), domain, optional)
     heads = c.num_heads if c.num_kv_heads is None else c.num_kv_heads
     if c.num_heads % heads:
         raise InputError(f"`num_heads` ({c.num_heads}) must be divisible by `num_kv_heads` ({heads})")
     for name, ratio in (('expand_k', c.expand_k), ('expand_v', c.expand_v)):
         dim = c.hidden_size * ratio
-        if not isinstance(ratio, (int, float)) or dim != round(dim) or round(dim) < c.num_heads or round(dim) % c.num_heads:
+        if dim != round(dim) or round(dim) < c.num_heads or round(dim) % c.num_heads:
             raise InputError(f"`hidden_size * {name}` ({c.hidden_size} * {ratio} = {dim}) must be a positive integer "
                              f"divisible by `num_heads` ({c.num_heads})")
+    pad = check_int('pad_token_id', c.pad_token_id, optional=True)
+    if pad is not None and not -c.vocab_size <= pad < c.vocab_size:   # the embedding's `padding_idx`
+        raise InputError(f"`pad_token_id` must be a token id below `vocab_size` ({c.vocab_size}), got {pad}")
+
 
 # %% ../../nbs/10_models.ipynb #a02c7771
 class GLAConfig(_ConfigBase):
@@ -177,9 +201,9 @@ class GLAConfig(_ConfigBase):
             raise ValueError("`attnres_block_size` must be `None`, `1` (full mode), or an even integer (one block contains "
                              f"`attnres_block_size // 2` transformer layers); got {attnres_block_size!r}")
         self.attnres_block_size = attnres_block_size
-        _check_config_fields(self)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
+        _check_config_fields(self)
 
     @property
     def attn(self):
@@ -218,7 +242,10 @@ class GatedMLP(nn.Module):
         super().__init__()
         if hidden_act not in ('swish', 'powlu'):
             raise ValueError(f"Unsupported hidden_act: {hidden_act!r} (GatedMLP supports 'swish' and 'powlu')")
-        hidden_ratio = 4 if hidden_ratio is None else hidden_ratio
+        check_int('hidden_size', hidden_size, 1)
+        hidden_ratio = _check_number('hidden_ratio', 4 if hidden_ratio is None else hidden_ratio, '> 0')
+        check_int('intermediate_size', intermediate_size, 1, optional=True)
+        _check_number('powglu_power', powglu_power, '')
         if intermediate_size is None:
             intermediate_size = 256 * math.ceil(int(hidden_size * hidden_ratio * 2 / 3) / 256)
         self.hidden_size, self.hidden_ratio, self.intermediate_size = hidden_size, hidden_ratio, intermediate_size
@@ -398,8 +425,35 @@ class GLAPreTrainedModel(_ModelBase):
                     raise ValueError(f"Invalid prenorm_residual_strategy: {prenorm_residual_strategy!r} (expected 'rescale' or 'zero')")
 
 # %% ../../nbs/10_models.ipynb #bd4fb312
-# keywords that transformers' generation may add and that no layer needs
-_GENERATION_KWARGS = ('cache_position', 'position_ids', 'next_sequence_length', 'is_first_iteration', 'token_type_ids')
+# keywords that transformers' `generate` or `Trainer` pass and that mean nothing to GLA (no positions, no token
+# types; `num_items_in_batch` is the loss's): dropped without a word
+_IGNORED_KWARGS = ('cache_position', 'position_ids', 'next_sequence_length', 'is_first_iteration', 'token_type_ids',
+                   'num_items_in_batch')
+# keywords the layers read (`GatedLinearAttention`): passed on to every block
+_LAYER_KWARGS = ('cu_seqlens', 'cp_context')
+_warned_kwargs = set()   # the (class, keyword) pairs warned about
+
+def _layer_kwargs(module: nn.Module, kwargs: dict, attention_mask=None) -> dict:
+    "The keywords the layers read; any other one (but transformers' own) is dropped with a warning, once per name."
+    # and a warning when `position_ids` are all that marks packed sequences
+    owner, positions = type(module).__name__, kwargs.get('position_ids')
+    if (positions is not None and attention_mask is None and kwargs.get('cu_seqlens') is None and torch.is_tensor(positions)
+            and (owner, 'position_ids') not in _warned_kwargs and not torch.compiler.is_compiling()):
+        # packed rows (transformers' `DataCollatorWithFlattening`) mark their sequences only by restarting positions,
+        # which GLA does not read: looked at once, as the look costs a device synchronisation
+        _warned_kwargs.add((owner, 'position_ids'))
+        if bool(((positions[..., 1:] == 0) & (positions[..., :-1] > 0)).any()):
+            warnings.warn(f"`{owner}.forward`: `position_ids` restart inside a row, as for packed sequences, but GLA "
+                          "has no positions: it reads sequence boundaries only from `cu_seqlens`", stacklevel=3)
+    for name in sorted(kwargs.keys() - {*_LAYER_KWARGS, *_IGNORED_KWARGS}):
+        if (owner, name) in _warned_kwargs:
+            continue
+        _warned_kwargs.add((owner, name))
+        known = [p for p in inspect.signature(type(module).forward).parameters if p not in ('self', 'kwargs')]
+        close = difflib.get_close_matches(name, known + list(_LAYER_KWARGS), n=1)
+        warnings.warn(f"`{owner}.forward` does not use the keyword `{name}`: it is ignored"
+                      + (f" (did you mean `{close[0]}`?)" if close else ''), stacklevel=3)
+    return {k: v for k, v in kwargs.items() if k in _LAYER_KWARGS}
 
 def _pop_cache_kwarg(past_key_values, kwargs: dict):
     "Accept transformers' newer name `cache` for `past_key_values`."
@@ -454,17 +508,17 @@ class GLAModel(GLAPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,                                    # forwarded to every block, e.g. `cu_seqlens`
+        **kwargs,                                    # `cu_seqlens`, `cp_context`: passed to every layer
     ):
         past_key_values = _pop_cache_kwarg(past_key_values, kwargs)
-        for k in _GENERATION_KWARGS:
-            kwargs.pop(k, None)
+        kwargs = _layer_kwargs(self, kwargs, attention_mask)
         if output_attentions:
             warnings.warn("`GLAModel` does not `output_attentions` now, setting it to `False`.", stacklevel=2)
             output_attentions = False
         output_attentions = output_attentions if output_attentions is not None else getattr(self.config, 'output_attentions', False)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else getattr(self.config, 'output_hidden_states', False)
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache if not self.training else False)
+        if use_cache is None:   # the config's default: on for inference; off in training and with `cp_context` (no cache)
+            use_cache = self.config.use_cache and not self.training and kwargs.get('cp_context') is None
         return_dict = return_dict if return_dict is not None else _return_dict(self.config)
 
         if (input_ids is None) == (inputs_embeds is None):
@@ -522,6 +576,16 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | None) -
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float('-inf'))
     return logits
 
+def _check_sampling(temperature, top_k, top_p):
+    "transformers' rules for sampling: `temperature` > 0; `top_k` a positive integer (0 or None: off); `top_p` >= 0 (>= 1: off)."
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"`temperature` (={temperature!r}) must be a number > 0 to sample"
+                         + ("; for greedy decoding set `do_sample=False`" if temperature == 0 else ''))
+    if top_k is not None and top_k != 0:
+        check_int('top_k', top_k, 1)
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not top_p >= 0):
+        raise ValueError(f"`top_p` must be a number >= 0 (1 or more: no top-p filtering), got {top_p!r}")
+
 @torch.no_grad()
 def simple_generate(
     model: nn.Module,
@@ -537,22 +601,42 @@ def simple_generate(
     pad_token_id: int | None = None,             # default: the config's, else the first eos id
     use_cache: bool = True,                      # False re-runs the whole sequence every step (slow; for checks)
     generator: torch.Generator | None = None,
-    **kwargs,
+    past_key_values: Cache | None = None,        # a cache of the first tokens of `input_ids` (also as `cache=`): continued
+    **kwargs,                                    # only `cache`; any other keyword raises
 ) -> torch.LongTensor:                           # [B, T + new tokens]
     "Greedy or sampled decoding with the recurrent cache: transformers' `generate` for the common cases, in twenty lines."
+    past_key_values = _pop_cache_kwarg(past_key_values, kwargs)
+    if kwargs:   # a setting of transformers' `generate` that this loop lacks would change nothing without a word
+        name = sorted(kwargs)[0]
+        close = difflib.get_close_matches(name, inspect.signature(simple_generate).parameters, n=1)
+        raise TypeError(f"simple_generate does not take the keyword `{name}`"
+                        + (f" (did you mean `{close[0]}`?)" if close else " (transformers' `generate` has more settings)"))
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("`input_ids` must be a [batch_size, seq_len] tensor of token ids")
-    if max_new_tokens is None:
+    if past_key_values is not None and not isinstance(past_key_values, Cache):
+        raise TypeError(f"`past_key_values` must be a Cache, got {type(past_key_values).__name__}")
+    seen = 0 if past_key_values is None else past_key_values.get_seq_length()
+    if past_key_values is not None and (not use_cache or seen >= input_ids.shape[1]):
+        raise ValueError(f"A cache continues `input_ids` with `use_cache=True` when it has seen fewer of its tokens: "
+                         f"it has seen {seen} of {input_ids.shape[1]}, use_cache={use_cache}")
+    if do_sample:
+        _check_sampling(temperature, top_k, top_p)
+    if max_new_tokens is None:   # transformers' rule: at least one new token
         max_new_tokens = (20 if max_length is None else max_length) - input_ids.shape[1]
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_length` ({20 if max_length is None else max_length}) must exceed the prompt's "
+                             f"length ({input_ids.shape[1]}); or set `max_new_tokens`")
+    check_int('max_new_tokens', max_new_tokens, 1)
     config = model.config
     eos = eos_token_id if eos_token_id is not None else getattr(config, 'eos_token_id', None)
     eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else getattr(config, 'pad_token_id', None)
     pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
-    ids, mask, cache = input_ids, attention_mask, (Cache() if use_cache else None)
-    step_ids = ids
+    ids, mask = input_ids, attention_mask
+    cache = past_key_values if past_key_values is not None else Cache() if use_cache else None
+    step_ids = ids[:, seen:]                     # the tokens the cache has not seen (the mask stays whole)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max(max_new_tokens, 0)):
+    for _ in range(max_new_tokens):
         out = model(input_ids=step_ids if use_cache else ids, attention_mask=mask, past_key_values=cache,
                     use_cache=use_cache, logits_to_keep=1)
         logits = out.logits[:, -1].float()
@@ -588,24 +672,31 @@ class _GLAGenerationMixin(*_GenerationBases):
 
     def prepare_inputs_for_generation(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None,
                                       use_cache=True, logits_to_keep=None, cache_position=None,
-                                      next_sequence_length=None, is_first_iteration=False, **kwargs):
-        cache = _pop_cache_kwarg(past_key_values, kwargs)
+                                      next_sequence_length=None, is_first_iteration=False, cache=None, **kwargs):
+        "FLA's input preparation: the tokens the cache has not seen (or the prompt's embeddings), and the cache."
+        # `cache` (transformers' newer name of `past_key_values`) is named here because transformers' `generate`
+        # refuses a cache the caller passes unless this signature (or `forward`'s) names it
+        cache = _pop_cache_kwarg(past_key_values, {'cache': cache})
         seen, new = _seen_tokens(cache), next_sequence_length
-        if inputs_embeds is not None and seen == 0:
-            model_inputs = {'input_ids': None, 'inputs_embeds': inputs_embeds}
+        if new is not None and new < 1:   # `[:, -0:]` would feed the whole sequence again
+            raise ValueError(f"The cache has seen {seen} tokens, the input has {seen + new}: pass the whole sequence "
+                             "with a cache of a prefix of it (at most all tokens but the last), or only the new tokens "
+                             "with the whole `attention_mask`")
+        if inputs_embeds is not None and (is_first_iteration or seen == 0):
+            model_inputs = {'input_ids': None, 'inputs_embeds': inputs_embeds if new is None else inputs_embeds[:, -new:]}
         else:
             if new is not None:                          # recent transformers say how many tokens are new
                 input_ids = input_ids[:, -new:]
             elif cache_position is not None:             # older ones say which
                 if input_ids.shape[1] != cache_position.shape[0]:
                     input_ids = input_ids[:, cache_position]
-            elif seen > 0:
+            elif seen > 0 and not is_first_iteration:    # FLA's rule: after the prompt, one token a step
                 input_ids = input_ids[:, -1:]
             model_inputs = {'input_ids': input_ids.contiguous(), 'inputs_embeds': None}
         if logits_to_keep is not None:
             model_inputs['logits_to_keep'] = logits_to_keep
         model_inputs.update(past_key_values=cache, use_cache=use_cache, attention_mask=attention_mask)
-        model_inputs.update({k: v for k, v in kwargs.items() if k not in _GENERATION_KWARGS})
+        model_inputs.update({k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS})
         return model_inputs
 
     if TRANSFORMERS_AVAILABLE:
@@ -652,6 +743,8 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
 
     def _logits_and_loss(self, hidden_states, labels, logits_to_keep=0, num_items_in_batch=None, next_labels=None):
         "The head on the positions asked for (all of them with labels), and the shifted next-token loss."
+        if isinstance(logits_to_keep, int):   # the last k positions (0: all); `[:, 3:]` for -3 would drop the first 3
+            check_int('logits_to_keep', logits_to_keep, 0)
         if labels is not None or logits_to_keep is None:
             selected = hidden_states
         elif isinstance(logits_to_keep, int):
@@ -708,12 +801,13 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor | None = 0,  # logits for the last k positions only (0 = all)
         num_items_in_batch: int | torch.Tensor | None = None,  # loss = sum / num_items_in_batch
-        **kwargs,
+        **kwargs,                                    # `cu_seqlens`, `cp_context`: passed to every layer
     ):
         past_key_values = _pop_cache_kwarg(past_key_values, kwargs)
         _check_labels(labels, input_ids, inputs_embeds)
         if 'num_logits_to_keep' in kwargs:  # the deprecated name
             logits_to_keep = kwargs.pop('num_logits_to_keep')
+        kwargs = _layer_kwargs(self, kwargs, attention_mask)
         return_dict = return_dict if return_dict is not None else _return_dict(self.config)
         next_labels = None
         if kwargs.get('cp_context') is not None and labels is not None:  # context parallel: a rank's share of the loss
