@@ -125,11 +125,13 @@ import inspect
 import warnings
 
 def _did_you_mean(name: str, fn, used) -> str:
-    "'; did you mean `x`?' for the parameter of `fn` (or keyword in `used`) closest to `name`, else ''."
+    "'; did you mean `x`?' for the parameters of `fn` (or keywords in `used`) closest to `name` (all if tied), else ''."
     var = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     names = [p.name for p in inspect.signature(fn).parameters.values() if p.kind not in var] + list(used)
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    return f"; did you mean `{close[0]}`?" if close else ""
+    score = {n: difflib.SequenceMatcher(None, name, n).ratio() for n in names}
+    best = max(score.values(), default=0.)
+    close = [n for n in names if score[n] == best]   # in the signature's order: `g` -> `gk` or `gv`
+    return "; did you mean " + " or ".join(f"`{n}`" for n in close) + "?" if best >= 0.6 else ""
 
 
 def check_kwargs(fn, kwargs: dict, used=()):

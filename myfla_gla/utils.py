@@ -169,7 +169,8 @@ def _host(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None) -> torc
     if not isinstance(cu_seqlens_cpu, torch.Tensor) or cu_seqlens_cpu.shape != cu_seqlens.shape \
             or (cu_seqlens.device.type == 'cpu' and not torch.equal(cu_seqlens_cpu.long(), cu_seqlens.long())):
         got = cu_seqlens_cpu.tolist() if isinstance(cu_seqlens_cpu, torch.Tensor) else cu_seqlens_cpu
-        raise ValueError(f"`cu_seqlens_cpu` must be a copy of `cu_seqlens` {cu_seqlens.tolist()}, got {got}")
+        want = cu_seqlens.tolist() if cu_seqlens.device.type == 'cpu' else f"({len(cu_seqlens)} values on {cu_seqlens.device})"
+        raise ValueError(f"`cu_seqlens_cpu` must be a copy of `cu_seqlens` {want}, got {got}")
     return cu_seqlens_cpu
 
 def prepare_position_ids(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None = None) -> torch.Tensor:
