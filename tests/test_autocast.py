@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from myfla_gla import (FusedLayerNormGated, FusedRMSNormGated, GatedLinearAttention, RMSNorm, ShortConvolution,
                        causal_conv1d, causal_conv1d_update, chunk_gla, fused_chunk_gla, fused_recurrent_gla,
@@ -79,6 +79,7 @@ def run(fn, inputs, grads_of, cotangents, amp_dtype=None, backward_inside=False,
 @given(B=st.integers(1, 2), T=st.integers(1, 70), H=st.integers(1, 2), K=st.sampled_from([4, 8]),
        V=st.sampled_from([4, 6]), half=st.sampled_from(HALF), gate=st.sampled_from(['float32', 'half']),
        inside=st.booleans(), seed=st.integers(0, 2 ** 16))
+@example(B=2, T=70, H=2, K=8, V=6, half=torch.bfloat16, gate='float32', inside=True, seed=0)   # two chunks
 def test_ops_under_autocast_are_float32_rounded_once(op, B, T, H, K, V, half, gate, inside, seed):
     "Each GLA op under CPU autocast: o, the final state and every gradient, against float32 on the same inputs."
     fn, o_like = OPS[op]
