@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from ..checks import (InputError, autocast_off, check_gla_inputs, check_kwargs, check_no_double_backward,
-                              check_no_head_first)
+from ..checks import (
+    InputError, autocast_off, check_gla_inputs, check_kwargs, check_no_double_backward, check_no_head_first)
 from ..utils import _host, prepare_token_indices
 
 # %% auto #0

@@ -11,10 +11,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..checks import InputError, autocast_off, check_gla_inputs, check_kwargs, check_no_head_first, check_tensor, first_order_only
+from ..checks import (
+    InputError, autocast_off, check_gla_inputs, check_kwargs, check_no_head_first, check_tensor, first_order_only)
 from ..utils import (
-    _host,
-    index_first_axis, index_put_first_axis, prepare_position_ids, prepare_sequence_ids)
+    _host, index_first_axis, index_put_first_axis, prepare_position_ids, prepare_sequence_ids)
 
 # %% auto #0
 __all__ = ['naive_recurrent_gla', 'reference_recurrent_gla', 'fused_recurrent_gla']
