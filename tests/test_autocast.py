@@ -197,14 +197,14 @@ def _errors(ref, xs):
 def check_near_float32(name, run, module, *inputs, half=torch.bfloat16):
     """`run(module, *inputs, amp)` -> tensors (outputs, gradients). Under autocast the projections round weights and
     activations to `half`, and a layer amplifies that wherever it is sensitive (an RMSNorm of a nearly-zero head
-    output): a fixed bound would be either loose or flaky. So each tensor's error is bounded by 3 times what the
-    same rounding of the weights and inputs alone does in float32 (measured on the CPU in bf16: 0.9 to 2 times),
-    plus 1e-3."""
+    output): a fixed bound would be either loose or flaky. So each tensor's error is bounded by 5 times what the
+    same rounding of the weights and inputs alone does in float32, plus 2e-3 (measured on the CPU in bf16 over
+    about 2000 outputs and gradients of random layers: median 1.3 times, worst 3.5)."""
     ref, amp = run(module, *inputs, amp=False), run(module, *inputs, amp=True)
     rounded = run(_rounded(module, half), *(x.to(half).float() if x.is_floating_point() else x for x in inputs),
                   amp=False)
     for i, (e, e_bf16) in enumerate(zip(_errors(ref, amp), _errors(ref, rounded))):
-        assert e <= 3 * e_bf16 + 1e-3, f'{name}: tensor {i}: error {e:.1e}, bf16 rounding alone {e_bf16:.1e}'
+        assert e <= 5 * e_bf16 + 2e-3, f'{name}: tensor {i}: error {e:.1e}, {half} rounding alone {e_bf16:.1e}'
     return amp
 
 
@@ -260,9 +260,11 @@ def _model_grads(model, ids, amp, half=torch.bfloat16, loss_scale=1.):
     return [out.loss, out.logits] + [p.grad / loss_scale for p in model.parameters()]
 
 
-def test_model_under_autocast():
-    "The model on 80 tokens (chunk mode): bf16 logits, float32 loss, loss, logits and every gradient near float32's."
-    ids = torch.randint(0, 64, (2, 80), generator=torch.Generator().manual_seed(0))
+@settings(max_examples=2, **SETTINGS)
+@given(T=st.sampled_from([30, 80]), seed=st.integers(0, 2 ** 16))
+def test_model_under_autocast(T, seed):
+    "The model (80 tokens: chunk mode): bf16 logits, float32 loss; loss, logits and every gradient near float32's."
+    ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(seed))
     loss, logits = check_near_float32('model', _model_grads, _tiny_model(), ids)[:2]
     assert (logits.dtype, loss.dtype) == (torch.bfloat16, torch.float32)
 
