@@ -10,8 +10,9 @@ import torch
 from .utils import check_cu_seqlens
 
 # %% auto #0
-__all__ = ['InputError', 'DTypeError', 'check_tensor', 'check_gla_inputs', 'check_no_head_first', 'check_no_double_backward',
-           'first_order_only', 'check_int', 'check_positive', 'check_divisible', 'check_choice']
+__all__ = ['PASS_THROUGH_KWARGS', 'InputError', 'DTypeError', 'check_tensor', 'check_gla_inputs', 'check_no_head_first',
+           'check_no_double_backward', 'first_order_only', 'check_kwargs', 'warn_unknown_kwargs', 'autocast_off',
+           'check_int', 'check_positive', 'check_divisible', 'check_choice']
 
 # %% ../nbs/00a_checks.ipynb #b70c4339
 class InputError(ValueError, AssertionError):
@@ -117,6 +118,55 @@ def first_order_only(op: str):
                 return backward(ctx, *grads)
         return run
     return wrap
+
+# %% ../nbs/00a_checks.ipynb #3cf06894
+import difflib
+import inspect
+import warnings
+
+def _did_you_mean(name: str, fn, used) -> str:
+    "'; did you mean `x`?' for the parameters of `fn` (or keywords in `used`) closest to `name` (all if tied), else ''."
+    var = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    names = [p.name for p in inspect.signature(fn).parameters.values() if p.kind not in var] + list(used)
+    score = {n: difflib.SequenceMatcher(None, name, n).ratio() for n in names}
+    best = max(score.values(), default=0.)
+    close = [n for n in names if score[n] == best]   # in the signature's order: `g` -> `gk` or `gv`
+    return "; did you mean " + " or ".join(f"`{n}`" for n in close) + "?" if best >= 0.6 else ""
+
+
+def check_kwargs(fn, kwargs: dict, used=()):
+    "A `TypeError` naming the first keyword in `kwargs` that `fn` does not read (`used`: those it reads from `kwargs`)."
+    for name in kwargs:
+        if name not in used:
+            raise TypeError(f"{fn.__qualname__}() got an unexpected keyword argument `{name}`"
+                            f"{_did_you_mean(name, fn, used)} (FLA would ignore it silently)")
+
+
+# keys that transformers' generation and FLA's blocks pass through a model to every layer, and no layer reads
+PASS_THROUGH_KWARGS = ('cache_position', 'position_ids', 'next_sequence_length', 'is_first_iteration',
+                       'token_type_ids')
+_WARNED: set = set()
+
+def warn_unknown_kwargs(fn, kwargs: dict, used=(), silent=PASS_THROUGH_KWARGS):
+    "A warning, once per name and `fn`, for each keyword in `kwargs` that `fn` neither reads (`used`) nor expects (`silent`)."
+    for name in kwargs:
+        if name not in used and name not in silent and (fn.__qualname__, name) not in _WARNED:
+            _WARNED.add((fn.__qualname__, name))
+            warnings.warn(f"{fn.__qualname__}() ignores the keyword argument `{name}`{_did_you_mean(name, fn, used)}",
+                          UserWarning, stacklevel=3)
+
+
+# %% ../nbs/00a_checks.ipynb #124f0095
+def autocast_off(fn):
+    "Decorate an op or a custom `forward`/`backward`: run it with `torch.autocast` off (CPU and CUDA)."
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not (torch.is_autocast_enabled('cpu') or torch.is_autocast_enabled('cuda')):
+            return fn(*args, **kwargs)
+        with torch.autocast('cpu', enabled=False), torch.autocast('cuda', enabled=False):
+            return fn(*args, **kwargs)
+    return run
+
 
 # %% ../nbs/00a_checks.ipynb #cef7a748
 def check_int(name: str, value, minimum: int | None = None, optional: bool = False):

@@ -160,8 +160,18 @@ def _segmented_arange(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return seg_id, torch.arange(len(seg_id), device=counts.device) - starts[seg_id]
 
 def _host(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None) -> torch.Tensor:
-    "The copy of `cu_seqlens` to compute indices from: FLA's `cu_seqlens_cpu` when given (no device synchronisation)."
-    return cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
+    """The copy of `cu_seqlens` to compute indices from: FLA's `cu_seqlens_cpu` when given (no device synchronisation).
+    The two must agree: their lengths always, their values where `cu_seqlens` is on the CPU too. On another device
+    the values are not compared (that would cost the synchronisation `cu_seqlens_cpu` exists to avoid): there a
+    `cu_seqlens_cpu` that disagrees sets the boundaries."""
+    if cu_seqlens_cpu is None:
+        return cu_seqlens
+    if not isinstance(cu_seqlens_cpu, torch.Tensor) or cu_seqlens_cpu.shape != cu_seqlens.shape \
+            or (cu_seqlens.device.type == 'cpu' and not torch.equal(cu_seqlens_cpu.long(), cu_seqlens.long())):
+        got = cu_seqlens_cpu.tolist() if isinstance(cu_seqlens_cpu, torch.Tensor) else cu_seqlens_cpu
+        want = cu_seqlens.tolist() if cu_seqlens.device.type == 'cpu' else f"({len(cu_seqlens)} values on {cu_seqlens.device})"
+        raise ValueError(f"`cu_seqlens_cpu` must be a copy of `cu_seqlens` {want}, got {got}")
+    return cu_seqlens_cpu
 
 def prepare_position_ids(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None = None) -> torch.Tensor:
     "Position of every packed token within its own sequence."

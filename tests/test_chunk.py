@@ -99,6 +99,23 @@ def test_extreme_gates_stay_finite():
     check(2, 150, 2, 8, 8, torch.float64, normalizer=0.001, ratio=1e-12)
 
 
+def test_positive_gates_are_outside_the_contract():
+    """Gates are log decays (<= 0). Growth that adds up to more than float32's exp range (about 88) within a chunk
+    gives inf or NaN from the chunk ops, as the chunk chapter and the differences page say, although the recurrence
+    stays finite (nothing is stored before the growth); below that range the chunk ops follow the recurrence."""
+    q, k, v, g = random_gla_inputs(1, 64, 2, 8)
+    k[:, :20] = 0.
+    for growth, finite in ((4.6, False), (3.5, True)):       # 92 and 70 over the first 20 tokens
+        g[:, :20] = growth
+        ref = naive_recurrent_gla(*(x.double() for x in (q, k, v, g)))[0]
+        assert torch.isfinite(ref).all()
+        for fn in (chunk_gla, fused_chunk_gla):
+            o = fn(q, k, v, g)[0]
+            assert bool(torch.isfinite(o).all()) == finite, (fn.__name__, growth)
+            if finite:
+                assert_close(f'{fn.__name__} growth {growth}', ref, o, 1e-5)
+
+
 def test_fused_matches_chunk():
     "Same inputs, same numbers to float32 rounding; also with an initial state and packed sequences."
     for cu in (None, [0, 0, 70, 200, 200]):

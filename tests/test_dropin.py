@@ -71,6 +71,33 @@ def test_ops_as_fla_calls_them():
     assert get_err_ratio(ref, o) < 1e-12 and get_err_ratio(ref_ht, ht) < 1e-12
 
 
+def test_fla_varlen_reference_per_sequence():
+    "FLA's varlen test calls the naive reference per sequence with an `[H, K, V]` initial state: it broadcasts."
+    torch.manual_seed(0)
+    cu, H, D = [0, 5, 12], 2, 4
+    q, k, v = (torch.rand(1, 12, H, D) for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.rand(1, 12, H, D))
+    h0 = torch.rand(2, H, D, D)
+    refs, hts = zip(*(naive_recurrent_gla(q=q[:, s:e], k=k[:, s:e], v=v[:, s:e], gk=g[:, s:e], initial_state=h0[i],
+                                          output_final_state=True) for i, (s, e) in enumerate(zip(cu[:-1], cu[1:]))))
+    o, ht = fused_recurrent_gla(q, k, v, gk=g, initial_state=h0, output_final_state=True, cu_seqlens=torch.tensor(cu))
+    torch.testing.assert_close(torch.cat(refs, 1), o)
+    torch.testing.assert_close(torch.cat(hts), ht)
+
+
+class DummyCache(list):
+    "FLA's tests/layers/test_layer_cache_layer_idx.py: a duck-typed cache."
+    def update(self, **kwargs):
+        return kwargs
+
+
+def test_cache_requires_layer_idx_first():
+    "A layer without `layer_idx` given a cache: FLA's ValueError, before anything about the cache's type."
+    layer = GatedLinearAttention(hidden_size=16, num_heads=4)
+    with pytest.raises(ValueError, match='requires `layer_idx`'):
+        layer(hidden_states=torch.randn(1, 2, 16), past_key_values=DummyCache([{}]))
+
+
 def test_layer_modes_agree():
     torch.manual_seed(0)
     layer = GatedLinearAttention(mode='chunk', hidden_size=32, num_heads=2, use_short_conv=True, layer_idx=0).double()

@@ -255,12 +255,15 @@ def test_non_contiguous_inputs():
     assert torch.equal(o1, o2) and torch.equal(S1, S2)
 
 
-def test_unknown_kwargs_are_ignored():
+def test_unknown_kwargs_raise():
+    "FLA ignores keywords it does not read; here they are a TypeError naming them (`head_first=False` is FLA's own)."
     q, k, v, gk = random_gla_inputs(1, 5, 1, 4)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        o, _ = fused_recurrent_gla(q, k, v, gk, head_first=False, some_future_option=3)
+        o, _ = fused_recurrent_gla(q, k, v, gk, head_first=False)
     assert torch.equal(o, fused_recurrent_gla(q, k, v, gk)[0])
+    with pytest.raises(TypeError, match='some_future_option'):
+        fused_recurrent_gla(q, k, v, gk, some_future_option=3)
 
 
 @settings(max_examples=25, deadline=None)

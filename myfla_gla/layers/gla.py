@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from ..cache import check_cache, check_conv_state, get_layer_cache, update_layer_cache
-from ..checks import InputError, check_int, check_positive, check_tensor
+from ..cache import check_cache, check_conv_state, get_layer_cache, require_cache_layer_idx, update_layer_cache
+from ..checks import InputError, check_int, check_positive, check_tensor, warn_unknown_kwargs
 from ..modules.convolution import ShortConvolution
 from ..modules.norms import FusedRMSNormGated, RMSNorm
 from ..ops.chunk import chunk_gla, fused_chunk_gla
@@ -198,8 +198,10 @@ class GatedLinearAttention(nn.Module):
         **kwargs,                                      # `cu_seqlens` [N+1]: packed input; wins over `attention_mask`
     ) -> tuple[torch.Tensor, None, Cache | None]:      # output [B, T, hidden_size], None, past_key_values
         "FLA's GLA forward: pack, project, convolve, gate, attend (recurrent for T <= 64), norm, gate, project, unpack."
+        warn_unknown_kwargs(GatedLinearAttention.forward, kwargs, used=('cu_seqlens', 'cp_context'))
         _check_layer_inputs(hidden_states, self.hidden_size, attention_mask, kwargs.get('cu_seqlens'))
         if past_key_values is not None:
+            require_cache_layer_idx(self, past_key_values)   # FLA's ValueError first, whatever the cache
             check_cache(past_key_values)   # a legacy tuple could be read, but not written
         batch_size, q_len, _ = hidden_states.shape
         mode = 'fused_recurrent' if q_len <= 64 else self.mode

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checks import InputError, check_int, check_tensor
-from ..utils import check_cu_seqlens, prepare_sequence_ids
+from ..checks import InputError, autocast_off, check_int, check_kwargs, check_tensor
+from ..utils import _host, check_cu_seqlens, prepare_sequence_ids
 
 # %% auto #0
 __all__ = ['causal_conv1d', 'causal_conv1d_update', 'ShortConvolution', 'naive_causal_conv1d']
@@ -50,6 +50,7 @@ def _check_conv_args(x, weight, residual, initial_state, cu_seqlens, state_name=
     return N
 
 # %% ../../nbs/01_convolution.ipynb #e07ae5d9
+@autocast_off
 def causal_conv1d(
     x: torch.Tensor,                             # [B, T, D]; B = 1 with `cu_seqlens`
     weight: torch.Tensor | None = None,          # [D, W] one filter per channel
@@ -60,12 +61,15 @@ def causal_conv1d(
     activation: str | None = None,               # None, 'silu' or 'swish'
     backend: str | None = 'triton',              # accepted for FLA compatibility; there is one PyTorch path
     cu_seqlens: torch.Tensor | None = None,      # [N+1] packed sequence boundaries
-    cu_seqlens_cpu: torch.Tensor | None = None,  # accepted for FLA compatibility; unused
+    cu_seqlens_cpu: torch.Tensor | None = None,  # accepted for FLA compatibility; must agree with `cu_seqlens`
     chunk_indices: torch.Tensor | None = None,   # accepted for FLA compatibility; unused
     cp_context=None,                             # context parallel: `x` is this rank's shard (`myfla_gla.ops.cp`)
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:   # y [B, T, D] in x's dtype; final state [N, D, W] in x's dtype
     "Causal depthwise convolution over every sequence, continuing `initial_state`; FLA's `causal_conv1d`."
+    check_kwargs(causal_conv1d, kwargs)
+    if cu_seqlens is not None:
+        _host(cu_seqlens, cu_seqlens_cpu)   # (a check: the convolution reads `cu_seqlens`)
     if cp_context is not None:
         from myfla_gla.ops.cp import causal_conv1d_cp
         return causal_conv1d_cp(x, weight, bias, residual, activation, cp_context, initial_state, output_final_state)
@@ -97,6 +101,7 @@ def causal_conv1d(
     return y.to(x.dtype), final
 
 # %% ../../nbs/01_convolution.ipynb #c65e8d21
+@autocast_off
 def causal_conv1d_update(
     x: torch.Tensor,                       # [N, 1, D], [1, N, D] or [N, D]: one token per sequence
     cache: torch.Tensor,                   # [N, D, W], updated in place
@@ -148,6 +153,7 @@ class ShortConvolution(nn.Conv1d):
         if activation is not None and activation not in ('silu', 'swish'):
             raise InputError(f"Activation `{activation}` not supported yet.")
         self.activation = activation
+        check_kwargs(ShortConvolution.__init__, kwargs, used=('use_fast_conv1d',))
         if 'use_fast_conv1d' in kwargs:
             warnings.warn("The `use_fast_conv1d` parameter is deprecated and will be ignored. "
                           "Please use the `backend` parameter instead.")
@@ -177,6 +183,7 @@ class ShortConvolution(nn.Conv1d):
         cp_context=None,                            # context parallel: `x` is this rank's shard (`myfla_gla.ops.cp`)
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # y [B, T, D]; the new cache [N, D, W] or None
+        check_kwargs(ShortConvolution.forward, kwargs)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"`x` must be [B, T, hidden_size={self.hidden_size}], got shape "
                              f"{tuple(getattr(x, 'shape', ()))}")

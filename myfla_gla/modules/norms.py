@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checks import InputError, check_int, check_tensor
+from ..checks import InputError, autocast_off, check_int, check_tensor
 
 # %% auto #0
 __all__ = ['rms_norm', 'rms_norm_gated', 'layer_norm_gated', 'RMSNorm', 'FusedRMSNormGated', 'FusedLayerNormGated']
@@ -25,6 +25,7 @@ def _check_gate(activation):
     if activation not in _GATES:
         raise InputError(f"Unsupported activation: {activation} (`activation` must be one of {list(_GATES)})")
 
+@autocast_off
 def _norm(x, g, weight, bias, activation, residual, eps, prenorm, residual_in_fp32, is_rms_norm):
     "The one function behind every norm here: (residual add), normalise, scale, shift, (gate)."
     check_tensor('x', x, floating=True)

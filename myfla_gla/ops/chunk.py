@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from ..checks import InputError, check_gla_inputs, check_no_double_backward, check_no_head_first
-from ..utils import prepare_token_indices
+from ..checks import (
+    InputError, autocast_off, check_gla_inputs, check_kwargs, check_no_double_backward, check_no_head_first)
+from ..utils import _host, prepare_token_indices
 
 # %% auto #0
 __all__ = ['ChunkGLAFunction', 'chunk_gla', 'fused_chunk_gla']
@@ -489,6 +490,7 @@ class ChunkGLAFunction(torch.autograd.Function):
     "Chunked GLA; saves its inputs and the intra-chunk attention (see `_keep_states`), and recomputes the rest in backward."
 
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, g, scale, initial_state, fused, varlen):
         acc = torch.promote_types(q.dtype, torch.float32)
         grid = varlen if varlen is not None else _Fixed(q.shape[0], q.shape[1], _chunk_size(q.shape[1]))
@@ -501,6 +503,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         return grid.from_chunks(o, v.dtype, scale), ht
 
     @staticmethod
+    @autocast_off
     def backward(ctx, do, dht):
         check_no_double_backward('fused_chunk_gla' if ctx.fused else 'chunk_gla')
         q, k, v, g, h0, A, states = ctx.saved_tensors
@@ -523,7 +526,7 @@ def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_f
         raise InputError(f"initial_state must be in float32 (or {acc}), got {initial_state.dtype}")
     varlen = None
     if cu_seqlens is not None:
-        cu = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).to('cpu', torch.long)
+        cu = _host(cu_seqlens, cu_seqlens_cpu).to('cpu', torch.long)
         if cu[0] != 0 or cu[-1] != T or (cu.diff() < 0).any():
             raise ValueError(f"`cu_seqlens` must rise from 0 to the packed length {T}; got {cu.tolist()}")
         varlen = _Varlen(cu_seqlens, cu, _chunk_size(int(cu.diff().max()) if len(cu) > 1 else 1))
@@ -534,6 +537,7 @@ def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_f
     return o, ht.transpose(-1, -2) if state_v_first else ht
 
 # %% ../../nbs/04_chunk.ipynb #efae3ece
+@autocast_off
 def chunk_gla(
     q: torch.Tensor,                             # [B, T, H, K] queries
     k: torch.Tensor,                             # [B, T, H, K] keys
@@ -555,6 +559,7 @@ def chunk_gla(
                         cu_seqlens_cpu, False)
 
 
+@autocast_off
 def fused_chunk_gla(
     q: torch.Tensor,                             # [B, T, H, K]
     k: torch.Tensor,                             # [B, T, H, K]
@@ -566,10 +571,11 @@ def fused_chunk_gla(
     state_v_first: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
     cp_context=None,                             # context parallel: q, k, v, g are this rank's shard (`ops.cp`)
-    **kwargs,                                    # `cu_seqlens_cpu` is read; anything else is ignored
+    **kwargs,                                    # `cu_seqlens_cpu` is read; anything else raises (`check_kwargs`)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     "`chunk_gla` that walks the chunks in order with one state: less memory, the same results."
     check_no_head_first('fused_chunk_gla', kwargs)
+    check_kwargs(fused_chunk_gla, kwargs, used=('head_first', 'cu_seqlens_cpu'))
     if cp_context is not None:
         from myfla_gla.ops.cp import chunk_gla_cp
         return chunk_gla_cp(q, k, v, g, scale, cp_context, initial_state, output_final_state, fused=True)

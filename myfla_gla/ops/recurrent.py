@@ -11,28 +11,35 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_gla_inputs, check_no_head_first, first_order_only
+from ..checks import (
+    InputError, autocast_off, check_gla_inputs, check_kwargs, check_no_head_first, check_tensor, first_order_only)
 from ..utils import (
-    index_first_axis, index_put_first_axis, prepare_position_ids, prepare_sequence_ids)
+    _host, index_first_axis, index_put_first_axis, prepare_position_ids, prepare_sequence_ids)
 
 # %% auto #0
 __all__ = ['naive_recurrent_gla', 'reference_recurrent_gla', 'fused_recurrent_gla']
 
 # %% ../../nbs/03_recurrent.ipynb #13f5f580
+@autocast_off
 def naive_recurrent_gla(
     q: torch.Tensor,   # [B, T, H, K]
     k: torch.Tensor,   # [B, T, H, K]
     v: torch.Tensor,   # [B, T, H, V]
     gk: torch.Tensor,  # [B, T, H, K] log decays
-    initial_state: torch.Tensor | None = None,  # [B, H, K, V]
+    initial_state: torch.Tensor | None = None,  # [B, H, K, V], or a shape that broadcasts to it (e.g. [H, K, V])
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # o [B, T, H, V] in q's dtype; final state [B, H, K, V]
     "The GLA recurrence, one token at a time: the reference (exact in float64; float32 at least)."
-    check_gla_inputs(q, k, v, gk, initial_state=initial_state, g_name='gk')
+    B, T, H, K, V = check_gla_inputs(q, k, v, gk, g_name='gk')
     dtype, acc = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, k, v, gk = (x.transpose(1, 2).to(acc) for x in (q, k, v, gk))  # [B, H, T, .]
-    B, H, T, K = q.shape
-    S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(acc)
+    S = q.new_zeros(B, H, K, V)
+    if initial_state is not None:   # added to zeros, as FLA's reference does: any shape that broadcasts
+        check_tensor('initial_state', initial_state, floating=True, device=q.device)
+        if initial_state.dim() > 4 or any(s not in (1, w) for s, w in zip(initial_state.shape[::-1], (V, K, H, B))):
+            raise InputError(f"`initial_state` must be [B, H, K, V] = {[B, H, K, V]} or broadcast to it, "
+                             f"got {list(initial_state.shape)}")
+        S = S + initial_state.to(acc)
     q = q * K ** -0.5
     o = []
     for t in range(T):
@@ -116,6 +123,7 @@ class _Recurrence(torch.autograd.Function):
     first, so the sequences still running at step t are always the first ones)."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, gk, gv, h0, scale: float, every: int, m: tuple, M: int):
         K, V, L, off = k.shape[-1], v.shape[-1], len(m), _offsets(m)
         a, c = (None if g is None else g.exp() for g in (gk, gv))
@@ -135,6 +143,7 @@ class _Recurrence(torch.autograd.Function):
         return o.mul_(scale), S
 
     @staticmethod
+    @autocast_off
     @first_order_only('fused_recurrent_gla')
     def backward(ctx, do, dht):
         q, k, v, a, c, ckpt = ctx.saved_tensors
@@ -227,6 +236,7 @@ def _read(S, q, state_v_first):
     return (S @ q[..., :, None]).squeeze(-1) if state_v_first else (q[..., None, :] @ S).squeeze(-2)
 
 # %% ../../nbs/03_recurrent.ipynb #48d94936
+@autocast_off
 def fused_recurrent_gla(
     q: torch.Tensor,                            # [B, T, H, K]
     k: torch.Tensor,                            # [B, T, H, K]
@@ -242,7 +252,7 @@ def fused_recurrent_gla(
     *,
     checkpoint_every: int = 64,                 # (extra) tokens between the states the backward recomputes from
     cp_context=None,                            # (extra) context parallel: this rank's shard (`myfla_gla.ops.cp`)
-    **kwargs,                                   # `transpose_state_layout` (deprecated); others ignored
+    **kwargs,                                   # `transpose_state_layout` (deprecated), `cu_seqlens_cpu`; others raise
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # o [B, T, H, V] in q's dtype; final state (float32) or None
     "Gated linear attention, one token at a time, as FLA's `fused_recurrent_gla`; memory-bounded backward."
     if 'transpose_state_layout' in kwargs:
@@ -252,13 +262,14 @@ def fused_recurrent_gla(
                       DeprecationWarning, stacklevel=2)
         state_v_first = kwargs.pop('transpose_state_layout')
     check_no_head_first('fused_recurrent_gla', kwargs)
+    check_kwargs(fused_recurrent_gla, kwargs, used=('head_first', 'cu_seqlens_cpu'))
     if cp_context is not None:
         from myfla_gla.ops.cp import fused_recurrent_gla_cp
         return fused_recurrent_gla_cp(q, k, v, gk, gv, scale, cp_context, initial_state, output_final_state, reverse,
                                       checkpoint_every=checkpoint_every)
     B, T, H, K, V = check_gla_inputs(q, k, v, gk, gv, initial_state, state_v_first=state_v_first,
                                      cu_seqlens=cu_seqlens, g_name='gk', g_optional=True)
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    N = B if cu_seqlens is None else len(_host(cu_seqlens, kwargs.get('cu_seqlens_cpu'))) - 1
     if checkpoint_every < 1:
         raise ValueError(f"`checkpoint_every` must be a positive number of tokens, got {checkpoint_every}")
     scale = K ** -0.5 if scale is None else scale
