@@ -5,6 +5,8 @@
 # %% ../nbs/00a_checks.ipynb #ab0d916c
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .utils import check_cu_seqlens
@@ -12,7 +14,7 @@ from .utils import check_cu_seqlens
 # %% auto #0
 __all__ = ['PASS_THROUGH_KWARGS', 'InputError', 'DTypeError', 'check_tensor', 'check_gla_inputs', 'check_no_head_first',
            'check_no_double_backward', 'first_order_only', 'check_kwargs', 'warn_unknown_kwargs', 'autocast_off',
-           'check_int', 'check_positive', 'check_divisible', 'check_choice']
+           'check_int', 'check_number', 'check_divisible', 'check_choice']
 
 # %% ../nbs/00a_checks.ipynb #b70c4339
 class InputError(ValueError, AssertionError):
@@ -139,7 +141,7 @@ def check_kwargs(fn, kwargs: dict, used=()):
     for name in kwargs:
         if name not in used:
             raise TypeError(f"{fn.__qualname__}() got an unexpected keyword argument `{name}`"
-                            f"{_did_you_mean(name, fn, used)} (FLA would ignore it silently)")
+                            f"{_did_you_mean(name, fn, used)}")
 
 
 # keys that transformers' generation and FLA's blocks pass through a model to every layer, and no layer reads
@@ -180,14 +182,16 @@ def check_int(name: str, value, minimum: int | None = None, optional: bool = Fal
     return value
 
 
-def check_positive(name: str, value, optional: bool = False):
-    "`value` if it is a real number > 0; else a `TypeError` or `InputError` naming `name`."
+_DOMAINS = {'': lambda x: True, '> 0': lambda x: x > 0, '>= 0': lambda x: x >= 0, '<= 0': lambda x: x <= 0}
+
+def check_number(name: str, value, domain: str = '', optional: bool = False):
+    "`value` if it is a finite real number (not a bool) in `domain` ('', '> 0', '>= 0' or '<= 0'); else an error naming `name`."
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
-    if not value > 0:
-        raise InputError(f"`{name}` must be > 0, got {value}")
+    if not (math.isfinite(value) and _DOMAINS[domain](value)):
+        raise InputError(f"`{name}` must be {domain + ' and ' if domain else ''}finite, got {value!r}")
     return value
 
 

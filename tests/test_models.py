@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from myfla_gla import Cache, GLABlock, GLAConfig, GLAForCausalLM, GLAModel, GatedMLP, assert_close
+from myfla_gla import checks
 from myfla_gla.models import gla as models_gla
 from myfla_gla.models.gla import TRANSFORMERS_AVAILABLE, l2_warp, simple_generate
 
@@ -436,17 +437,17 @@ def test_cp_context_ignores_the_configs_use_cache(tmp_path):
 
 
 def test_unknown_keywords_are_warned_about_once_by_name(monkeypatch):
-    monkeypatch.setattr(models_gla, '_warned_kwargs', set())
+    monkeypatch.setattr(checks, '_WARNED', set())
     m = model_of()
     ids = torch.randint(0, 64, (2, 6))
-    for model, name, hint in ((m, 'cu_seqlen', ' (did you mean `cu_seqlens`?)'),
-                              (m.model, 'atention_mask', ' (did you mean `attention_mask`?)'),
-                              (m, 'shift_labels', ' (did you mean `labels`?)'), (m.model, 'seq_idx', '')):
+    for model, name, hint in ((m, 'cu_seqlen', '; did you mean `cu_seqlens`?'),
+                              (m.model, 'atention_mask', '; did you mean `attention_mask`?'),
+                              (m, 'shift_labels', '; did you mean `labels`?'), (m.model, 'seq_idx', '')):
         ref = model(ids)[0]
         owner = type(model).__name__
         with pytest.warns(UserWarning) as caught:
             out = model(ids, **{name: torch.ones(2, 6)})[0]
-        assert [str(w.message) for w in caught] == [f"`{owner}.forward` does not use the keyword `{name}`: it is ignored{hint}"]
+        assert [str(w.message) for w in caught] == [f"{owner}.forward() ignores the keyword argument `{name}`{hint}"]
         assert torch.equal(out, ref)
         with warnings.catch_warnings():
             warnings.simplefilter('error')

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from ..cache import check_cache, check_conv_state, get_layer_cache, require_cache_layer_idx, update_layer_cache
-from ..checks import InputError, check_int, check_positive, check_tensor, warn_unknown_kwargs
+from ..checks import InputError, check_int, check_number, check_tensor, warn_unknown_kwargs
 from ..modules.convolution import ShortConvolution
 from ..modules.norms import FusedRMSNormGated, RMSNorm
 from ..ops.chunk import chunk_gla, fused_chunk_gla
@@ -100,7 +100,11 @@ class GatedLinearAttention(nn.Module):
         check_int('num_kv_heads', num_kv_heads, 1, optional=True)
         check_int('gate_low_rank_dim', gate_low_rank_dim, 1)
         check_int('layer_idx', layer_idx, 0, optional=True)
-        check_positive('norm_eps', norm_eps)
+        check_number('norm_eps', norm_eps, '> 0')
+        check_number('expand_k', expand_k, '> 0')
+        check_number('expand_v', expand_v, '> 0')
+        check_number('gate_logit_normalizer', gate_logit_normalizer, '> 0')
+        check_number('clamp_min', clamp_min, '<= 0', optional=True)   # a log decay: positive would be growth
         if use_short_conv:
             check_int('conv_size', conv_size, 1)
         self.mode = mode

@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
-import inspect
 import math
 import os
 import warnings
@@ -21,7 +19,7 @@ from .._plain import (
     TRANSFORMERS_AVAILABLE, _BaseOutput, _BlockBase, _CACHE_FIELD, _CausalLMOutput, _ConfigBase, _GenerationBases,
     _ModelBase, _PlainPreTrainedModel, _TRANSFORMERS_V5)
 from ..cache import Cache
-from ..checks import InputError, check_int
+from ..checks import PASS_THROUGH_KWARGS, InputError, check_int, check_kwargs, check_number, warn_unknown_kwargs
 from .checkpoint import (
     check_checkpoint, checkpoint_shapes, folder_lock, load_state_dict_from_folder, save_in_place)
 from ..layers.gla import GatedLinearAttention
@@ -91,18 +89,6 @@ def get_hybrid_attention_spec(attn, layer_idx: int):
     return None
 
 # %% ../../nbs/10_models.ipynb #a570a890
-_DOMAINS = {'': lambda x: True, '> 0': lambda x: x > 0, '>= 0': lambda x: x >= 0, '<= 0': lambda x: x <= 0}
-
-def _check_number(name: str, value, domain: str, optional: bool = False):
-    "`value` if it is a finite real number (not a bool) in `domain` ('', '> 0', '>= 0' or '<= 0'); else an error naming `name`."
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
-    if not (math.isfinite(value) and _DOMAINS[domain](value)):
-        raise InputError(f"`{name}` must be {domain + ' and ' if domain else ''}finite, got {value!r}")
-    return value
-
 def _check_config_fields(c):
     "Every numeric field of a `GLAConfig`, checked when it is built: an error naming the field, not a failure later."
     for name, minimum in (('hidden_size', 1), ('num_hidden_layers', 0), ('num_heads', 1), ('vocab_size', 1),
@@ -117,7 +103,7 @@ def _check_config_fields(c):
             ('clamp_min', '<= 0', True),               # a lower bound of log decays, which are <= 0
             ('initializer_range', '>= 0', False),      # a standard deviation
             ('expand_k', '', False), ('expand_v', '', False)):   # (their sizes are checked below)
-        _check_number(name, getattr(c, name), domain, optional)
+        check_number(name, getattr(c, name), domain, optional)
     heads = c.num_heads if c.num_kv_heads is None else c.num_kv_heads
     if c.num_heads % heads:
         raise InputError(f"`num_heads` ({c.num_heads}) must be divisible by `num_kv_heads` ({heads})")
@@ -243,9 +229,9 @@ class GatedMLP(nn.Module):
         if hidden_act not in ('swish', 'powlu'):
             raise ValueError(f"Unsupported hidden_act: {hidden_act!r} (GatedMLP supports 'swish' and 'powlu')")
         check_int('hidden_size', hidden_size, 1)
-        hidden_ratio = _check_number('hidden_ratio', 4 if hidden_ratio is None else hidden_ratio, '> 0')
+        hidden_ratio = check_number('hidden_ratio', 4 if hidden_ratio is None else hidden_ratio, '> 0')
         check_int('intermediate_size', intermediate_size, 1, optional=True)
-        _check_number('powglu_power', powglu_power, '')
+        check_number('powglu_power', powglu_power, '')
         if intermediate_size is None:
             intermediate_size = 256 * math.ceil(int(hidden_size * hidden_ratio * 2 / 3) / 256)
         self.hidden_size, self.hidden_ratio, self.intermediate_size = hidden_size, hidden_ratio, intermediate_size
@@ -427,11 +413,10 @@ class GLAPreTrainedModel(_ModelBase):
 # %% ../../nbs/10_models.ipynb #bd4fb312
 # keywords that transformers' `generate` or `Trainer` pass and that mean nothing to GLA (no positions, no token
 # types; `num_items_in_batch` is the loss's): dropped without a word
-_IGNORED_KWARGS = ('cache_position', 'position_ids', 'next_sequence_length', 'is_first_iteration', 'token_type_ids',
-                   'num_items_in_batch')
+_IGNORED_KWARGS = PASS_THROUGH_KWARGS + ('num_items_in_batch',)
 # keywords the layers read (`GatedLinearAttention`): passed on to every block
 _LAYER_KWARGS = ('cu_seqlens', 'cp_context')
-_warned_kwargs = set()   # the (class, keyword) pairs warned about
+_warned_kwargs = set()   # the classes warned about `position_ids`
 
 def _layer_kwargs(module: nn.Module, kwargs: dict, attention_mask=None) -> dict:
     "The keywords the layers read; any other one (but transformers' own) is dropped with a warning, once per name."
@@ -445,14 +430,7 @@ def _layer_kwargs(module: nn.Module, kwargs: dict, attention_mask=None) -> dict:
         if bool(((positions[..., 1:] == 0) & (positions[..., :-1] > 0)).any()):
             warnings.warn(f"`{owner}.forward`: `position_ids` restart inside a row, as for packed sequences, but GLA "
                           "has no positions: it reads sequence boundaries only from `cu_seqlens`", stacklevel=3)
-    for name in sorted(kwargs.keys() - {*_LAYER_KWARGS, *_IGNORED_KWARGS}):
-        if (owner, name) in _warned_kwargs:
-            continue
-        _warned_kwargs.add((owner, name))
-        known = [p for p in inspect.signature(type(module).forward).parameters if p not in ('self', 'kwargs')]
-        close = difflib.get_close_matches(name, known + list(_LAYER_KWARGS), n=1)
-        warnings.warn(f"`{owner}.forward` does not use the keyword `{name}`: it is ignored"
-                      + (f" (did you mean `{close[0]}`?)" if close else ''), stacklevel=3)
+    warn_unknown_kwargs(type(module).forward, kwargs, used=_LAYER_KWARGS, silent=_IGNORED_KWARGS)
     return {k: v for k, v in kwargs.items() if k in _LAYER_KWARGS}
 
 def _pop_cache_kwarg(past_key_values, kwargs: dict):
@@ -606,11 +584,7 @@ def simple_generate(
 ) -> torch.LongTensor:                           # [B, T + new tokens]
     "Greedy or sampled decoding with the recurrent cache: transformers' `generate` for the common cases, in twenty lines."
     past_key_values = _pop_cache_kwarg(past_key_values, kwargs)
-    if kwargs:   # a setting of transformers' `generate` that this loop lacks would change nothing without a word
-        name = sorted(kwargs)[0]
-        close = difflib.get_close_matches(name, inspect.signature(simple_generate).parameters, n=1)
-        raise TypeError(f"simple_generate does not take the keyword `{name}`"
-                        + (f" (did you mean `{close[0]}`?)" if close else " (transformers' `generate` has more settings)"))
+    check_kwargs(simple_generate, kwargs)   # a setting of transformers' `generate` this loop lacks: a TypeError
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("`input_ids` must be a [batch_size, seq_len] tensor of token ids")
     if past_key_values is not None and not isinstance(past_key_values, Cache):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import (
-    InputError, autocast_off, check_gla_inputs, check_kwargs, check_no_head_first, check_tensor, first_order_only)
+    InputError, autocast_off, check_gla_inputs, check_int, check_kwargs, check_no_head_first, check_tensor, first_order_only)
 from ..utils import (
     _host, index_first_axis, index_put_first_axis, prepare_position_ids, prepare_sequence_ids)
 
@@ -270,8 +270,7 @@ def fused_recurrent_gla(
     B, T, H, K, V = check_gla_inputs(q, k, v, gk, gv, initial_state, state_v_first=state_v_first,
                                      cu_seqlens=cu_seqlens, g_name='gk', g_optional=True)
     N = B if cu_seqlens is None else len(_host(cu_seqlens, kwargs.get('cu_seqlens_cpu'))) - 1
-    if checkpoint_every < 1:
-        raise ValueError(f"`checkpoint_every` must be a positive number of tokens, got {checkpoint_every}")
+    check_int('checkpoint_every', checkpoint_every, 1)   # tokens between the states the backward recomputes from
     scale = K ** -0.5 if scale is None else scale
     acc = functools.reduce(torch.promote_types, [x.dtype for x in (q, k, v, gk, gv) if x is not None], torch.float32)
     if cu_seqlens is None:
