@@ -502,8 +502,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = make_parser()
     a = p.parse_args(argv)
     dtypes = [getattr(torch, d) for d in a.dtype] if a.dtype else None
-    if a.only and not any(any(s in c[1] for s in a.only)
-                          for c in plan(a.device, dtypes, not a.no_fla and fla_available(), a.seq_len)):
+    rows = plan(a.device, dtypes, not a.no_fla and fla_available(), a.seq_len)
+    names = [c[1] for c in rows]
+    if a.dtype and not any(c[2] for c in rows):   # (the build row has no dtype)
+        p.error(f"argument --dtype: no check runs in {', '.join(a.dtype)} on {', '.join(a.device or check_devices())}")
+    if a.only and not any(s in n for n in names for s in a.only):
         p.error(f"argument --only: no check's name contains {' or '.join(map(repr, a.only))} "
                 '(for the devices and dtypes asked for)')
     return a

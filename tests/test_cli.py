@@ -181,3 +181,24 @@ def test_argument_errors_in_a_real_process():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and 'Traceback' not in p.stderr and p.stdout == '', p.stderr
     assert p.stderr.splitlines()[-1] == DIST + f'--steps: {POS_INT} 0'
+
+
+FREE_TEXT = {('python -m myfla_gla', '--only')}   # any text is a valid filter (one that matches nothing is an error)
+
+
+def test_every_option_declares_its_domain():
+    "The class: an option that takes a value has a `type=` that checks it, or `choices`; only a filter takes any text."
+    for cli in (selfcheck_cli, bench, distributed):
+        p = cli.make_parser()
+        for action in p._actions:
+            if action.nargs == 0 or action.dest == 'help':   # flags
+                continue
+            opt = action.option_strings[-1]
+            assert action.type is not None or action.choices is not None or (p.prog, opt) in FREE_TEXT, (p.prog, opt)
+
+
+def test_selfcheck_dtype_the_device_lacks(monkeypatch):
+    "A dtype that no check runs in on the devices asked for (bfloat16 on an old GPU, float64 on mps) is an argument error."
+    monkeypatch.setattr(selfcheck_cli, 'check_dtypes', lambda device: [torch.float32])
+    assert parse(selfcheck_cli, ['--dtype', 'float16', '--device', 'cpu']) == (2, SELF + '--dtype: no check runs in float16 on cpu')
+    assert parse(selfcheck_cli, ['--dtype', 'float16', '--dtype', 'float32', '--device', 'cpu']) == (0, '')
