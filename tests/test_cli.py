@@ -202,3 +202,16 @@ def test_selfcheck_dtype_the_device_lacks(monkeypatch):
     monkeypatch.setattr(selfcheck_cli, 'check_dtypes', lambda device: [torch.float32])
     assert parse(selfcheck_cli, ['--dtype', 'float16', '--device', 'cpu']) == (2, SELF + '--dtype: no check runs in float16 on cpu')
     assert parse(selfcheck_cli, ['--dtype', 'float16', '--dtype', 'float32', '--device', 'cpu']) == (0, '')
+
+
+@pytest.mark.parametrize('kw, message', [
+    (dict(steps=0), '`steps` must be an int of at least 1, got 0'),
+    (dict(batch_size=-2), '`batch_size` must be an int of at least 1, got -2'),
+    (dict(seq_len=1), '`seq_len` must be an int of at least 2, got 1'),
+    (dict(lr=float('nan')), '`lr` must be a finite number above 0, got nan'),
+])
+def test_train_refuses_what_cannot_train(kw, message):
+    "`train` itself, as the command calls it: what would end in an IndexError or a NaN loss is a ValueError first."
+    with pytest.raises(ValueError, match=message.replace('`', '.').replace('(', r'\(')):
+        distributed.train('cp', **kw)      # raised before torch.distributed is started
+    assert not torch.distributed.is_initialized()
