@@ -154,7 +154,7 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     return a
 
 def main(argv=None):
-    "Train as the command line says; rank 0 prints the losses and writes them (--out)."
+    "Train as the command line says; rank 0 prints the losses and writes them (`--out`)."
     a = parse_args(argv)
     if a.out == '':
         print("python -m myfla_gla.distributed: --out '': no file is written", file=sys.stderr)
