@@ -115,6 +115,8 @@ def _bad_inputs(rank, world):
     q = torch.rand(1, P + (rank == 0), 2, 4)       # rank 0's shard is one token longer
     msgs = {'shard': _errors(lambda: chunk_gla(q, q, q, -q, cp_context=ctx))}
     msgs['cu_differs'] = _errors(lambda: build_cp_context(torch.tensor([0, 8 + rank, 16]), None))
+    msgs['cu_invalid_on_one'] = _errors(lambda: build_cp_context(torch.tensor([0, 9, 8 + 8 * (rank != 1)]), None))
+    msgs['cu_invalid'] = _errors(lambda: build_cp_context(torch.tensor([0, 9, 8]), None))
     msgs['not_divisible'] = _errors(lambda: build_cp_context(torch.tensor([0, 3, 4 * world + 1]), None))
     q = torch.rand(1, P, 2, 4)
     msgs['initial_state'] = _errors(lambda: chunk_gla(q, q, q, -q, initial_state=torch.zeros(2, 2, 4, 4),
@@ -179,6 +181,10 @@ def _check(results):
                 assert e <= bound, f'rank {rank} {case} {name}: relative error {e:.2e} > {bound:.0e}'
         assert msgs['shard'] and 'every rank' in msgs['shard'], msgs['shard']
         assert msgs['cu_differs'] and 'same global boundaries' in msgs['cu_differs'], msgs['cu_differs']
+        assert msgs['cu_differs'].endswith(f'on ranks {list(range(1, len(results)))} it differs from rank 0\'s '
+                                           f'(lengths {[3] * len(results)}, totals {[16] * len(results)})'), msgs['cu_differs']
+        assert msgs['cu_invalid_on_one'].endswith('never decreases, on every rank; on ranks [1] it is not')
+        assert msgs['cu_invalid'] == 'ValueError: `cu_seqlens` must start at 0 and never decrease, got [0, 9, 8]'
         assert msgs['not_divisible'] and 'multiple of the group size' in msgs['not_divisible'], msgs['not_divisible']
         assert msgs['initial_state'] and '`initial_state`' in msgs['initial_state']
         assert msgs['final_state'] and '`output_final_state=True`' in msgs['final_state']

@@ -87,18 +87,28 @@ def _rank_meta(cu: torch.Tensor, rank: int, part_len: int) -> dict:
                 is_first_rank=first_rank == rank, post_num_ranks=last_rank - rank, is_last_rank=last_rank == rank)
 
 # %% ../../nbs/12_cp.ipynb #3865b8cb
-def _check_same_on_all_ranks(cu: torch.Tensor, group, device) -> None:
-    "Every rank must pass the same global `cu_seqlens`: compare lengths and fingerprints (one small all-gather)."
-    n = cu.numel()
-    w = torch.arange(1, n + 1, dtype=torch.float64)
-    mine = torch.tensor([n, int(cu[-1]), float((cu.double() * w).sum()), float((cu.double() * w.square()).sum())],
-                        dtype=torch.float64, device=device)
+def _check_same_on_all_ranks(cu: torch.Tensor | None, problem: str | None, group, device) -> None:
+    """Every rank must pass the same valid global `cu_seqlens` (`problem`: why this rank's is not valid, else None): one
+    small all-gather of validity, length, total and two fingerprints, and the same error on every rank otherwise."""
+    if cu is None:
+        mine = [0., -1., -1., 0., 0.]
+    else:
+        w = torch.arange(1, cu.numel() + 1, dtype=torch.float64)
+        mine = [1., cu.numel(), int(cu[-1]), float((cu.double() * w).sum()), float((cu.double() * w.square()).sum())]
+    mine = torch.tensor(mine, dtype=torch.float64, device=_header_device(group, device))
     seen = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(seen, mine, group=group)
-    seen = torch.stack(seen).cpu()
-    if not bool((seen == seen[0]).all()):
-        raise ValueError("`cu_seqlens` must be the same global boundaries on every rank; got (length, total) "
-                         f"{[(int(a), int(b)) for a, b in seen[:, :2].tolist()]} across ranks (or different values)")
+    seen = torch.stack(seen).tolist()
+    invalid = [r for r, s in enumerate(seen) if not s[0]]
+    if invalid and len(invalid) == len(seen):   # every rank: each its own (usually the same) reason
+        raise ValueError(problem)
+    if invalid:
+        raise ValueError("`cu_seqlens` must be a 1-D integer tensor [N+1] of global boundaries that starts at 0 and never "
+                         f"decreases, on every rank; on ranks {invalid} it is not")
+    differ = [r for r, s in enumerate(seen) if s[1:] != seen[0][1:]]
+    if differ:
+        raise ValueError(f"`cu_seqlens` must be the same global boundaries on every rank; on ranks {differ} it differs "
+                         f"from rank 0's (lengths {[int(s[1]) for s in seen]}, totals {[int(s[2]) for s in seen]})")
 
 # %% ../../nbs/12_cp.ipynb #3599ad9d
 def build_cp_context(
@@ -118,14 +128,17 @@ def build_cp_context(
         raise RuntimeError("context parallelism needs an initialised torch.distributed process group")
     group = dist.group.WORLD if group is None else group
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    cu, problem = None, None   # a problem on some ranks only is raised on every rank (`_check_same_on_all_ranks`)
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
             or cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
-        raise ValueError("`cu_seqlens` must be a 1-D integer tensor [N+1] of global cumulative lengths, got "
-                         f"{getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
-    cu = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).to('cpu', torch.long)
-    if int(cu[0]) != 0 or bool((cu.diff() < 0).any()):
-        raise ValueError(f"`cu_seqlens` must start at 0 and never decrease, got {cu.tolist()}")
-    _check_same_on_all_ranks(cu, group, cu_seqlens.device)
+        problem = ("`cu_seqlens` must be a 1-D integer tensor [N+1] of global cumulative lengths, got "
+                   f"{getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
+    else:
+        cu = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).to('cpu', torch.long)
+        if int(cu[0]) != 0 or bool((cu.diff() < 0).any()):
+            cu, problem = None, f"`cu_seqlens` must start at 0 and never decrease, got {cu.tolist()}"
+    device = cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else torch.device('cpu')
+    _check_same_on_all_ranks(cu, problem, group, device)
     T = int(cu[-1])
     if T < world or T % world:
         raise ValueError(f"the packed length T = {T} must be a positive multiple of the group size W = {world}")
