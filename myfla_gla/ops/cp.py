@@ -326,7 +326,7 @@ def gla_cp(
     if q.dim() != 4 or q.shape[0] != 1:
         raise ValueError(f"{name}: with `cp_context` the input is this rank's shard [1, T/W, H, K] of the packed "
                          f"batch; got q of shape {tuple(q.shape)}")
-    _, T, H, K = q.shape
+    H, K = q.shape[2:]
     acc = torch.promote_types(q.dtype, torch.float32)
     scale = K ** -0.5 if scale is None else scale
     o, ht = local_op(q, k, v.to(acc), g)   # v in the compute dtype: o comes back unrounded, rounded once at the end
