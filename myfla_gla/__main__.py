@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import stat
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +26,10 @@ from .testing import (DEFAULT_RATIO, check_devices, check_dtypes, compare, fla_a
 
 # %% auto #0
 __all__ = ['GATE_ARG', 'LAYER_CONFIG', 'LAYER_RATIO', 'FLA_RATIO', 'FLA_LAYER_RATIO', 'OPS', 'MODULES', 'MODES', 'CheckResult',
-           'piece', 'memo', 'check_op', 'check_module', 'check_layer', 'check_decoding', 'check_padding',
-           'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check', 'format_row', 'format_header',
-           'selfcheck', 'positive_int', 'available_device', 'make_parser', 'parse_args', 'main']
+           'piece', 'memo', 'packed_boundaries', 'check_op', 'check_module', 'check_layer', 'check_decoding',
+           'check_padding', 'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check', 'format_row',
+           'format_header', 'selfcheck', 'positive_int', 'int_at_least', 'positive_float', 'available_device',
+           'unwritable', 'output_file', 'write_atomically', 'make_parser', 'parse_args', 'main']
 
 # %% ../nbs/07_selfcheck.ipynb #5887a571
 @dataclass
@@ -69,15 +75,23 @@ def memo(key, fn):
 # %% ../nbs/07_selfcheck.ipynb #8c9a9398
 GATE_ARG = {'naive_recurrent_gla': 'gk', 'fused_recurrent_gla': 'gk', 'chunk_gla': 'g', 'fused_chunk_gla': 'g'}
 
+def packed_boundaries(T: int) -> list[int]:
+    """`cu_seqlens` of the packed checks at length `T >= 1`: a sequence, an empty one, the rest ([0, 37, 37, 100] at
+    T=100); the first takes half of a short batch, so the boundaries stay valid for every T."""
+    if T < 1:
+        raise ValueError(f'`T` must be at least 1, got {T}')
+    first = min(37, (T + 1) // 2)
+    return [0, first, first, T]
+
 def check_op(name: str, device, dtype, varlen=False, normalizer=1., T=100, bound=None):
     "One op, forward and backward, against the float64 recurrence: (pairs, ms, bound, note)."
     op = piece(name)
-    cu = torch.tensor([0, 37, 37, T], device=device) if varlen else None  # includes a zero-length sequence
+    cu = torch.tensor(packed_boundaries(T), device=device) if varlen else None  # includes a zero-length sequence
     kw = {} if cu is None else {'cu_seqlens': cu}   # (naive_recurrent_gla takes no cu_seqlens)
     inputs = op_inputs(device, dtype, B=1 if varlen else 2, T=T, normalizer=normalizer, cu_seqlens=cu)
     ref = memo(('op', str(device), dtype, T, normalizer, varlen), lambda: run_reference(inputs, **kw))
     out, ms = _timed(device, lambda: run_op(op, inputs, GATE_ARG[name], **kw))
-    return {n: (ref[n], out[n]) for n in ref}, ms, bound or DEFAULT_RATIO[dtype], ''
+    return {n: (ref[n], out[n]) for n in ref}, ms, bound or DEFAULT_RATIO[dtype], f'cu_seqlens {cu.tolist()}' if varlen else ''
 
 # %% ../nbs/07_selfcheck.ipynb #da281608
 def _grads(out, leaves, grad_out):
@@ -162,35 +176,40 @@ def check_layer(mode, device, dtype, T=100):
 def check_decoding(device, dtype=torch.float32, T=100, steps=8):
     "Prefill with a `Cache`, then one token at a time, against the float64 full sequence: (pairs, ms, bound, note)."
     Cache = piece('Cache')
+    steps = min(steps, max(T - 1, 1))   # at least one token prefilled where T allows, at least one decoded
+    n = T - steps                       # tokens prefilled
     layer, ref = _layers('chunk', device, dtype)
     x, _ = _layer_inputs(device, dtype, T=T)
     want = ref(x.double())[0]
     def decode():
         cache = Cache()
-        outs = [layer(x[:, :T - steps], past_key_values=cache, use_cache=True)[0]]
-        for t in range(T - steps, T):
+        outs = [layer(x[:, :n], past_key_values=cache, use_cache=True)[0]] if n else []
+        for t in range(n, T):
             o, _, cache = layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)
             outs.append(o)
         return torch.cat(outs, 1)
     got, ms = _timed(device, decode)
-    return {'y (prefill)': (want[:, :T - steps], got[:, :T - steps]),
-            'y (decode)': (want[:, T - steps:], got[:, T - steps:])}, ms, LAYER_RATIO[dtype], f'{steps} decode steps'
+    pairs = {'y (prefill)': (want[:, :n], got[:, :n])} if n else {}
+    pairs['y (decode)'] = (want[:, n:], got[:, n:])
+    return pairs, ms, LAYER_RATIO[dtype], f'{n} tokens prefilled, {steps} decoded'
 
 @torch.no_grad()
 def check_padding(device, dtype=torch.float32, T=100):
     "Left and right padding against each row alone in float64, zeros at padding: (pairs, ms, bound, note)."
     layer, ref = _layers('chunk', device, dtype)
     x, _ = _layer_inputs(device, dtype, T=T)
+    left, right = min(13, T - 1), min(7, T - 1)   # every row keeps a token
     mask = torch.ones(2, T, dtype=torch.long, device=device)
-    mask[0, :13], mask[1, T - 7:] = 0, 0
+    mask[0, :left], mask[1, T - right:] = 0, 0
     got, ms = _timed(device, lambda: layer(x, attention_mask=mask)[0])
     pairs = {}
     for b in range(2):
         keep = mask[b].bool()
         pairs[f'row {b}'] = (ref(x[b:b + 1, keep].double())[0][0], got[b, keep])
     pad = got[~mask.bool()]
-    pairs['padding'] = (torch.zeros_like(pad, dtype=torch.float64), pad)  # any nonzero gives an infinite error
-    return pairs, ms, LAYER_RATIO[dtype], 'left and right padding'
+    if pad.numel():   # any nonzero gives an infinite error
+        pairs['padding'] = (torch.zeros_like(pad, dtype=torch.float64), pad)
+    return pairs, ms, LAYER_RATIO[dtype], f'{left} tokens of left padding, {right} of right padding'
 
 # %% ../nbs/07_selfcheck.ipynb #d088b16f
 FLA_RATIO = {torch.float32: 5e-3, torch.bfloat16: 8e-3, torch.float16: 8e-3}     # ops: outputs, states, gradients
@@ -373,15 +392,97 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f'expected a positive integer, got {n}')
     return n
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    "argparse type maker: an integer of at least `low`."
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected an integer of at least {low}, got {text!r}') from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f'expected an integer of at least {low}, got {n}')
+        return n
+    parse.__name__ = f'int_at_least_{low}'
+    return parse
+
+def positive_float(text: str) -> float:
+    "argparse type: a finite number above 0 (a time, a scale); nan, inf, 0 and negatives are refused."
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive number, got {text!r}') from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f'expected a finite number above 0, got {text}')
+    return x
+
 def available_device(name: str) -> str:
-    "argparse type: a device PyTorch can allocate on in this process ('cpu', 'cuda', 'cuda:1', 'mps', ...)."
+    """argparse type: a device PyTorch can compute on in this process ('cpu', 'cuda', 'cuda:1', 'mps', ...); not
+    'meta', whose tensors hold no data."""
     try:
         torch.empty(0, device=name)
     except (RuntimeError, AssertionError, ValueError) as e:   # unknown name, or a build/machine without it
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise argparse.ArgumentTypeError(f'device {name!r} is not available here: {why}') from None
+    if torch.device(name).type == 'meta':
+        raise argparse.ArgumentTypeError(f"device {name!r} holds no data: nothing can be computed or timed on it")
     return name
 
+# %% ../nbs/07_selfcheck.ipynb #ea6368cb
+_KINDS = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO'), (stat.S_ISCHR, 'a character device'),
+          (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'))
+
+def unwritable(path) -> str | None:
+    """Why `path` cannot be written as a regular file, or None. A symlink stands for its target (written through it,
+    never replaced); what exists there must be a regular file, and the folder that will hold it writable."""
+    target = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:   # absent: its nearest existing folder must take a new entry
+        mode = None
+    except OSError as e:        # a symlink loop, a path through a file, no permission
+        return e.strerror or str(e)
+    link = f'its target {target} ' if os.path.islink(path) else 'it '
+    kind = next((k for test, k in _KINDS if mode is not None and test(mode)), None)
+    if kind or (mode is not None and not stat.S_ISREG(mode)):
+        return f"{link}is {kind or 'not a regular file'}"
+    folder = target.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f'{folder} is not a directory'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f'{folder} is not writable'
+    return None
+
+def output_file(text: str) -> str:
+    """argparse type: a file the command will write, checked before it starts (`unwritable`); '' names no file."""
+    why = text and unwritable(text)
+    if why:
+        raise argparse.ArgumentTypeError(f'cannot write {text}: {why}')
+    return text
+
+def write_atomically(path, write: Callable[[str], None]) -> Path:
+    """`write(tmp)` fills a temporary file beside `path`'s target, which is then renamed onto the target: a reader
+    sees the old file or the new one, never a part. A symlink stays a symlink and its target gets the file; what is
+    not a regular file is refused (`ValueError`) and left alone. The written file's path."""
+    why = unwritable(path)
+    if why:
+        raise ValueError(f'cannot write {path}: {why}')
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = (target.stat().st_mode & 0o7777) if target.exists() else 0o644   # an existing file keeps its mode
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f'.{target.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+# %% ../nbs/07_selfcheck.ipynb #60b5e5f9
 def make_parser() -> argparse.ArgumentParser:
     "The command line of `python -m myfla_gla`."
     p = argparse.ArgumentParser(prog='python -m myfla_gla', description=(
@@ -397,7 +498,18 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return make_parser().parse_args(argv)
+    "The command line, every option checked (exit status 2 and one line of error otherwise) before any check runs."
+    p = make_parser()
+    a = p.parse_args(argv)
+    dtypes = [getattr(torch, d) for d in a.dtype] if a.dtype else None
+    rows = plan(a.device, dtypes, not a.no_fla and fla_available(), a.seq_len)
+    names = [c[1] for c in rows]
+    if a.dtype and not any(c[2] for c in rows):   # (the build row has no dtype)
+        p.error(f"argument --dtype: no check runs in {', '.join(a.dtype)} on {', '.join(a.device or check_devices())}")
+    if a.only and not any(s in n for n in names for s in a.only):
+        p.error(f"argument --only: no check's name contains {' or '.join(map(repr, a.only))} "
+                '(for the devices and dtypes asked for)')
+    return a
 
 def main(argv=None) -> int:
     "The self-check command: 0 if every check passed, 1 otherwise."

@@ -30,17 +30,17 @@ from torch.utils import benchmark
 from tqdm import tqdm
 
 import myfla_gla
-from .__main__ import available_device, positive_int
+from .__main__ import available_device, output_file, positive_float, positive_int, write_atomically
 from .floor import floor as measure_floor
 from .ops.recurrent import naive_recurrent_gla as reference_gla
 from .testing import fla_available, get_err_ratio, random_gla_inputs
 
 # %% auto #0
-__all__ = ['PRESETS', 'IMPLS', 'MiB', 'STEPS', 'SCALING_IMPLS', 'OPT_IN', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable',
-           'Case', 'Inputs', 'measure', 'machine_info', 'Progress', 'bench_floor', 'best_floor', 'floor_text',
-           'run_bench', 'floor_ms', 'flags', 'row_line', 'table_rows', 'describe', 'format_table', 'record_markdown',
-           'load_record', 'scaling', 'plot_scaling', 'impl_name', 'lengths', 'make_parser', 'parse_args',
-           'config_from_args', 'save_record', 'main']
+__all__ = ['PRESETS', 'IMPLS', 'MiB', 'STEPS', 'SCALING_IMPLS', 'OPT_IN', 'DEFAULT_TS', 'BenchConfig', 'time_fn', 'peak_memory',
+           'NotAvailable', 'Case', 'Inputs', 'measure', 'machine_info', 'Progress', 'bench_floor', 'best_floor',
+           'floor_text', 'run_bench', 'floor_ms', 'flags', 'row_line', 'table_rows', 'describe', 'format_table',
+           'record_markdown', 'load_record', 'scaling', 'plot_scaling', 'impl_name', 'lengths', 'make_parser',
+           'parse_args', 'config_from_args', 'save_record', 'save_plot', 'main']
 
 # %% ../nbs/08_bench.ipynb #c53030fd
 PRESETS = {
@@ -768,7 +768,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help='timed runs per measurement (default: 20 on CUDA, 5 otherwise)')
     p.add_argument('--warmup', type=positive_int, default=3 if cuda else 2,
                    help='untimed runs before timing (default: 3 on CUDA, 2 otherwise)')
-    p.add_argument('--budget', type=float, default=10., help='seconds a measurement may take: fewer repeats (default: 10)')
+    p.add_argument('--budget', type=positive_float, default=10., help='seconds a measurement may take: fewer repeats (default: 10)')
     p.add_argument('--rounds', type=positive_int, default=1,
                    help='time all implementations this many times in turn and keep the best: for busy machines')
     p.add_argument('--stat', choices=['median', 'min'], help="the table's time statistic (default: median on CUDA, min elsewhere)")
@@ -790,20 +790,51 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-floor', dest='floor', action='store_false', help='do not time the floor')
     p.add_argument('--naive-max-T', type=positive_int, default=4096, help='longest T naive_recurrent_gla runs at (default: 4096)')
     p.add_argument('--naive-bwd', action='store_true', help='also run the (memory-hungry) backward through naive_recurrent_gla')
-    p.add_argument('--normalizer', type=float, default=1., help='gate_logit_normalizer of the random inputs (default: 1)')
+    p.add_argument('--normalizer', type=positive_float, default=1., help='gate_logit_normalizer of the random inputs (default: 1)')
     p.add_argument('--scaling', action='store_true', help='measure against T instead (no errors)')
-    p.add_argument('--Ts', type=lengths, default=[256, 512, 1024, 2048, 4096, 8192, 16384], metavar='T,T,...',
-                   help='lengths for --scaling (default: 256,512,...,16384)')
-    p.add_argument('--max-s', type=float, default=5., help='--scaling: stop an implementation after a run this long (default: 5 s)')
-    p.add_argument('--json', metavar='PATH', help='write the record to this JSON file (also during the run)')
-    p.add_argument('--plot', metavar='PATH', help='--scaling: save the plot to this image file')
+    p.add_argument('--Ts', type=lengths, metavar='T,T,...', help='lengths for --scaling (default: 256,512,...,16384)')
+    p.add_argument('--max-s', type=positive_float, help='--scaling: stop an implementation after a run this long (default: 5 s)')
+    p.add_argument('--json', metavar='PATH', type=output_file, help=(
+        'write the record to this JSON file (also during the run): a regular file or a new one; a symlink is written '
+        'through'))
+    p.add_argument('--plot', metavar='PATH', type=output_file, help='--scaling: save the plot to this image file (as --json)')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress bar and no rows as measured')
     return p
 
-
 # %% ../nbs/08_bench.ipynb #86c03025
+DEFAULT_TS = [256, 512, 1024, 2048, 4096, 8192, 16384]
+
+def _plot_format(path) -> str:
+    "The image format matplotlib writes for `path` (from its suffix; its default where there is none)."
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+    fmt = Path(path).suffix[1:].lower() or matplotlib.rcParams['savefig.format']
+    if fmt not in FigureCanvasBase.get_supported_filetypes():
+        raise ValueError(f"matplotlib writes no {fmt!r} images; use one of "
+                         f"{', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))}")
+    return fmt
+
 def parse_args(argv=None) -> argparse.Namespace:
-    return make_parser().parse_args(argv)
+    "The command line, every option checked (exit status 2 and one line of error otherwise) before anything is timed."
+    p = make_parser()
+    a = p.parse_args(argv)
+    if not a.scaling:
+        for opt, given in (('--plot', a.plot), ('--Ts', a.Ts is not None), ('--max-s', a.max_s is not None)):
+            if given:
+                p.error(f'argument {opt}: only with --scaling')
+    if a.plot:
+        try:
+            _plot_format(a.plot)
+        except ValueError as e:
+            p.error(f'argument --plot: {e}')
+    a.Ts, a.max_s = a.Ts or DEFAULT_TS, 5. if a.max_s is None else a.max_s
+    if not _impls(a):
+        p.error(f"argument --skip: no implementation is left to run (--impl {a.impl or 'default'}, --skip {a.skip})")
+    return a
+
+def _impls(a: argparse.Namespace) -> list[str]:
+    impls = a.impl or [n for n in (SCALING_IMPLS if a.scaling else IMPLS) if n not in OPT_IN or getattr(a, OPT_IN[n])]
+    return [n for n in impls if n not in a.skip]
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
     "The `BenchConfig` the command line asks for."
@@ -813,40 +844,24 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
             shape[k] = getattr(a, k)
     if a.dtype:
         shape['dtype'] = a.dtype
-    impls = a.impl or [n for n in (SCALING_IMPLS if a.scaling else IMPLS) if n not in OPT_IN or getattr(a, OPT_IN[n])]
-    impls = [n for n in impls if n not in a.skip]
     return BenchConfig(**shape, device=a.device, repeats=a.repeats, warmup=a.warmup, budget=a.budget, stat=a.stat or '', rounds=a.rounds,
-                       backward=not a.no_backward, memory=not a.no_memory, error=not a.no_error, impls=impls,
+                       backward=not a.no_backward, memory=not a.no_memory, error=not a.no_error, impls=_impls(a),
                        naive_max_T=a.naive_max_T, naive_bwd=a.naive_bwd, normalizer=a.normalizer, floor=a.floor)
-
 
 # %% ../nbs/08_bench.ipynb #be841abb
 def save_record(record: dict, path):
-    "Write `record` to `path` atomically: a temporary file in the same folder, renamed over `path`."
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f'.{p.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(json.dumps(record, indent=1) + '\n')
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `record` to `path` atomically (`write_atomically`: a temporary file beside it, renamed onto it); a symlink
+    is written through, anything but a regular file refused."""
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + '\n'))
 
-def _unwritable(path) -> str | None:
-    "Why `path` cannot be written (checked before a run, not after it), or None."
-    p = Path(path)
-    if p.is_dir():
-        return 'it is a directory'
+def save_plot(record: dict, path):
+    "`plot_scaling(record)` saved to the image `path` (its format from the suffix), atomically as `save_record`."
+    import matplotlib.pyplot as plt
+    fig = plot_scaling(record)[0].figure
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=p.parent).close()
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
-
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format=_plot_format(path), dpi=120))
+    finally:
+        plt.close(fig)
 
 # %% ../nbs/08_bench.ipynb #836e75c8
 def _print_results(a, record):
@@ -863,14 +878,10 @@ def _print_results(a, record):
 
 def main(argv=None) -> int:
     "The benchmark command: 0, 1 if a row failed, 130 if interrupted (2 for a bad command line, from argparse)."
-    p = make_parser()
-    a = p.parse_args(argv)
+    a = parse_args(argv)
     for opt in ('json', 'plot'):
-        why = getattr(a, opt) and _unwritable(getattr(a, opt))
-        if why:
-            p.error(f'argument --{opt}: cannot write {getattr(a, opt)}: {why}')
-    if a.plot and not a.scaling:
-        p.error('argument --plot: only with --scaling')
+        if getattr(a, opt) == '':
+            print(f"python -m myfla_gla.bench: --{opt} '': no file is written", file=sys.stderr)
     cfg = config_from_args(a)
     command = 'python -m myfla_gla.bench ' + ' '.join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     latest = []
@@ -899,14 +910,13 @@ def main(argv=None) -> int:
     _print_results(a, record)
     if a.plot:
         import matplotlib
-        matplotlib.use('Agg')
-        plot_scaling(record)[0].figure.savefig(a.plot, dpi=120)
+        matplotlib.use('Agg')   # no window
+        save_plot(record, a.plot)
     if a.json:
         save_record(record, a.json)
     bad = [r for rows in ([record['results']] if not a.scaling else record['results'].values()) for r in rows
            if r['status'] == 'error']
     return 1 if bad else 0
-
 
 # %% ../nbs/08_bench.ipynb #003a81d5
 if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'myfla_gla.bench':

@@ -9,15 +9,18 @@ import argparse
 import json
 import math
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .__main__ import int_at_least, output_file, positive_int, write_atomically
 from .models.gla import GLAConfig, GLAForCausalLM
 from .ops.cp import build_cp_context
 
 # %% auto #0
-__all__ = ['progressions', 'tiny_model', 'train', 'main']
+__all__ = ['TORCHRUN_ENV', 'progressions', 'tiny_model', 'train', 'make_parser', 'parse_args', 'main']
 
 # %% ../nbs/13_distributed.ipynb #b2498ec3
 def progressions(n: int, T: int, generator: torch.Generator) -> torch.Tensor:
@@ -43,6 +46,15 @@ def _packed(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return ids.flatten()[None], cu, labels
 
 # %% ../nbs/13_distributed.ipynb #3aa0a5b4
+def _split_error(strategy: str, batch_size: int, seq_len: int, world: int) -> str | None:
+    "Why the global batch cannot be split over `world` ranks for `strategy`, or None."
+    if strategy in ('ddp', 'fsdp') and batch_size % world:
+        return f"`batch_size` {batch_size} must be divisible by the {world} ranks ({strategy} splits the sequences)"
+    if strategy == 'cp' and (batch_size * seq_len) % world:
+        return (f"`batch_size` * `seq_len` = {batch_size * seq_len} tokens must be divisible by the {world} ranks "
+                "(cp splits the packed batch)")
+    return None
+
 def train(
     strategy: str,            # 'single', 'ddp', 'fsdp' (FSDP2 `fully_shard`) or 'cp' (context parallel)
     steps: int = 40,
@@ -54,12 +66,18 @@ def train(
     "Train the tiny GLA on one global batch per step; data parallel, sharded, or context parallel (all on gloo)."
     if strategy not in ('single', 'ddp', 'fsdp', 'cp'):
         raise ValueError(f"`strategy` must be 'single', 'ddp', 'fsdp' or 'cp', got {strategy!r}")
+    for name, value, low in (('steps', steps, 1), ('batch_size', batch_size, 1), ('seq_len', seq_len, 2)):
+        if not isinstance(value, int) or value < low:   # one token a sequence has no next token: no loss
+            raise ValueError(f"`{name}` must be an int of at least {low}, got {value!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"`lr` must be a finite number above 0, got {lr!r}")
     distributed = strategy != 'single'
     if distributed and not dist.is_initialized():
         dist.init_process_group('gloo')            # torchrun's environment; NCCL on GPUs would be the same code
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if strategy in ('ddp', 'fsdp') and batch_size % world:
-        raise ValueError(f"`batch_size` {batch_size} must be divisible by the {world} ranks")
+    why = _split_error(strategy, batch_size, seq_len, world)
+    if why:
+        raise ValueError(why)
     model = tiny_model(seed)
     if strategy == 'ddp':
         net = torch.nn.parallel.DistributedDataParallel(model)
@@ -99,16 +117,47 @@ def train(
     return losses
 
 # %% ../nbs/13_distributed.ipynb #05cca02c
-def main(argv=None):
-    "`torchrun --nproc-per-node W -m myfla_gla.distributed --strategy ddp ...`: train; rank 0 writes the losses."
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument('--strategy', default='ddp', choices=['single', 'ddp', 'fsdp', 'cp'])
-    p.add_argument('--steps', type=int, default=40)
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--seq-len', type=int, default=24)
-    p.add_argument('--out', default=None, help='a JSON file for the losses')
+TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+
+def make_parser() -> argparse.ArgumentParser:
+    "The command line of `python -m myfla_gla.distributed`."
+    p = argparse.ArgumentParser(prog='python -m myfla_gla.distributed', description=(
+        '`torchrun --nproc-per-node W -m myfla_gla.distributed --strategy ddp ...`: train the tiny GLA model of chapter '
+        '11; rank 0 prints the first and last loss and writes the losses (--out).'))
+    p.add_argument('--strategy', default='ddp', choices=['single', 'ddp', 'fsdp', 'cp'],
+                   help='single: one process; ddp, fsdp, cp: under torchrun (default: ddp)')
+    p.add_argument('--steps', type=positive_int, default=40, help='optimizer steps (default: 40)')
+    p.add_argument('--batch-size', type=positive_int, default=8,
+                   help='sequences per step, all ranks together (default: 8)')
+    p.add_argument('--seq-len', type=int_at_least(2), default=24, help='tokens per sequence, at least 2 (default: 24)')
+    p.add_argument('--out', type=output_file, default=None, metavar='PATH',
+                   help='a JSON file for the losses (a regular file or a new one; a symlink is written through)')
     p.add_argument('--comm-bytes', action='store_true', help="print context parallelism's bytes per rank per layer")
+    return p
+
+def parse_args(argv=None, environ=None) -> argparse.Namespace:
+    """The command line, every option checked (exit status 2 and one line of error otherwise) before torch.distributed
+    starts: a strategy of several processes needs torchrun's environment (`environ`, default `os.environ`) and a batch
+    that its ranks can split."""
+    p = make_parser()
     a = p.parse_args(argv)
+    env = os.environ if environ is None else environ
+    if a.comm_bytes or a.strategy == 'single':
+        return a
+    missing = [k for k in TORCHRUN_ENV if k not in env]
+    if missing:
+        p.error(f"argument --strategy: {a.strategy} runs under torchrun, which sets {', '.join(missing)}: "
+                f"torchrun --nproc-per-node 2 -m myfla_gla.distributed --strategy {a.strategy}")
+    why = _split_error(a.strategy, a.batch_size, a.seq_len, int(env['WORLD_SIZE']))
+    if why:
+        p.error('argument --batch-size: ' + why)
+    return a
+
+def main(argv=None):
+    "Train as the command line says; rank 0 prints the losses and writes them (`--out`)."
+    a = parse_args(argv)
+    if a.out == '':
+        print("python -m myfla_gla.distributed: --out '': no file is written", file=sys.stderr)
     if a.comm_bytes:                # spawns its own gloo groups of 2 and 4 processes
         from myfla_gla.ops.cp import print_cp_comm_table
         return print_cp_comm_table()
@@ -118,8 +167,7 @@ def main(argv=None):
         world = 1 if a.strategy == 'single' else dist.get_world_size()
         print(f'{a.strategy} on {world} process(es): loss {losses[0]:.4f} -> {losses[-1]:.4f} in {a.steps} steps')
         if a.out:
-            with open(a.out, 'w') as f:
-                json.dump(losses, f)
+            write_atomically(a.out, lambda tmp: Path(tmp).write_text(json.dumps(losses)))
     if dist.is_initialized():
         dist.destroy_process_group()
 

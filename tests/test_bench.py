@@ -88,11 +88,12 @@ def test_fla_comparisons_with_a_stand_in(monkeypatch):
 
 
 def test_python_m_myfla_gla_exit_status():
-    "The real entry point: status 0 when the checks pass, 1 with a wrong op swapped in."
-    args = ['--device', 'cpu', '--dtype', 'float32', '--only', 'naive_recurrent_gla fwd', '-T', '30', '-q']
+    "The real entry point: status 0 when the checks pass (-T 36: its packed case once gave a false FAIL), 1 with a wrong op."
+    args = ['--device', 'cpu', '--dtype', 'float32', '--only', 'naive_recurrent_gla fwd', '--only', 'chunk_gla cu_seqlens',
+            '-T', '36', '-q']
     ok = subprocess.run([sys.executable, '-m', 'myfla_gla', *args], env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert '1 passed, 0 failed' in ok.stdout
+    assert '3 passed, 0 failed' in ok.stdout
     code = ('import runpy, myfla_gla, tests.test_bench as t; myfla_gla.naive_recurrent_gla = t.wrong_naive; '
             "runpy.run_module('myfla_gla', run_name='__main__')")
     bad = subprocess.run([sys.executable, '-c', code, *args], env=env, cwd=root, capture_output=True, text=True)
@@ -273,10 +274,14 @@ def test_bench_records_without_floor_still_format():
 
 
 def test_bench_scaling_json_and_plot(tmp_path):
-    out, png = tmp_path / 's.json', tmp_path / 's.png'
+    "The record and the plot; the plot through a symlink, which stays (its target gets the image)."
+    out, png, link = tmp_path / 's.json', tmp_path / 's.png', tmp_path / 'link.png'
+    link.symlink_to(png.name)
     code = bench.main([*tiny, '--scaling', '--Ts', '16,32', '--rounds', '2', '--impl', 'naive_recurrent_gla',
-                       '--impl', 'softmax attention (SDPA, causal)', '--json', str(out), '--plot', str(png)])
-    assert code == 0 and png.stat().st_size > 10_000
+                       '--impl', 'softmax attention (SDPA, causal)', '--json', str(out), '--plot', str(link)])
+    assert code == 0 and link.is_symlink() and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and sorted(p.name for p in tmp_path.iterdir()) == [
+        'link.png', 's.json', 's.png']
     rec = json.loads(out.read_text())
     assert rec['kind'] == 'scaling' and rec['config']['Ts'] == [16, 32] and rec['config']['rounds'] == 2
     assert [r['T'] for r in rec['results']['softmax attention (SDPA, causal)']] == [16, 32]

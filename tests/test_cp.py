@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from myfla_gla import (GatedLinearAttention, GLAConfig, GLAForCausalLM, ShortConvolution, causal_conv1d,
-                       chunk_gla)
+                       chunk_gla, fused_chunk_gla, fused_recurrent_gla)
 from myfla_gla.ops.cp import build_cp_context, cp_check_op, run_on_ranks
 from myfla_gla.testing import DEFAULT_RATIO, get_err_ratio
 
@@ -115,12 +115,29 @@ def _bad_inputs(rank, world):
     q = torch.rand(1, P + (rank == 0), 2, 4)       # rank 0's shard is one token longer
     msgs = {'shard': _errors(lambda: chunk_gla(q, q, q, -q, cp_context=ctx))}
     msgs['cu_differs'] = _errors(lambda: build_cp_context(torch.tensor([0, 8 + rank, 16]), None))
+    msgs['cu_invalid_on_one'] = _errors(lambda: build_cp_context(torch.tensor([0, 9, 8 + 8 * (rank != 1)]), None))
+    msgs['cu_invalid'] = _errors(lambda: build_cp_context(torch.tensor([0, 9, 8]), None))
     msgs['not_divisible'] = _errors(lambda: build_cp_context(torch.tensor([0, 3, 4 * world + 1]), None))
     q = torch.rand(1, P, 2, 4)
     msgs['initial_state'] = _errors(lambda: chunk_gla(q, q, q, -q, initial_state=torch.zeros(2, 2, 4, 4),
                                                       cp_context=ctx))
     msgs['final_state'] = _errors(lambda: chunk_gla(q, q, q, -q, output_final_state=True, cp_context=ctx))
     msgs['zigzag'] = _errors(lambda: build_cp_context(cu, None, layout='zigzag'))
+    # calls that differ between ranks: every rank raises the same error, naming what differs on which ranks
+    last = rank == world - 1
+    x = torch.rand(1, P, 2, 4, dtype=torch.float64 if rank == 0 else torch.float32)
+    msgs['dtype'] = _errors(lambda: chunk_gla(x, x, x, -x, cp_context=ctx))
+    x = torch.rand(1, P, 2, 8 if last else 4)                 # another head size K on the last rank
+    msgs['head_size'] = _errors(lambda: fused_chunk_gla(x, x, q, -x, cp_context=ctx))
+    msgs['gate'] = _errors(lambda: fused_recurrent_gla(q, q, q, gk=-q if rank == 0 else None, cp_context=ctx))
+    msgs['some_initial_state'] = _errors(lambda: chunk_gla(
+        q, q, q, -q, initial_state=torch.zeros(1, 2, 4, 4) if rank == 0 else None, cp_context=ctx))
+    x = q.clone().requires_grad_(rank == 0)
+    msgs['gradients'] = _errors(lambda: chunk_gla(x, q, q, -q, cp_context=ctx))
+    op = chunk_gla if rank == 0 else fused_recurrent_gla
+    msgs['ops'] = _errors(lambda: op(q, q, q, -q, cp_context=ctx))
+    x = torch.rand(1, P, 3)
+    msgs['conv_width'] = _errors(lambda: causal_conv1d(x, torch.rand(3, 4 if last else 3), cp_context=ctx))
     # the group still works after the errors: a correct call
     o, _ = chunk_gla(q, q, q, -q, cp_context=ctx)
     msgs['after'] = bool(torch.isfinite(o).all())
@@ -164,11 +181,30 @@ def _check(results):
                 assert e <= bound, f'rank {rank} {case} {name}: relative error {e:.2e} > {bound:.0e}'
         assert msgs['shard'] and 'every rank' in msgs['shard'], msgs['shard']
         assert msgs['cu_differs'] and 'same global boundaries' in msgs['cu_differs'], msgs['cu_differs']
+        assert msgs['cu_differs'].endswith(f'on ranks {list(range(1, len(results)))} it differs from rank 0\'s '
+                                           f'(lengths {[3] * len(results)}, totals {[16] * len(results)})'), msgs['cu_differs']
+        assert msgs['cu_invalid_on_one'].endswith('never decreases, on every rank; on ranks [1] it is not')
+        assert msgs['cu_invalid'] == 'ValueError: `cu_seqlens` must start at 0 and never decrease, got [0, 9, 8]'
         assert msgs['not_divisible'] and 'multiple of the group size' in msgs['not_divisible'], msgs['not_divisible']
         assert msgs['initial_state'] and '`initial_state`' in msgs['initial_state']
         assert msgs['final_state'] and '`output_final_state=True`' in msgs['final_state']
         assert msgs['zigzag'] and msgs['zigzag'].startswith('NotImplementedError')
         assert msgs['after'] is True
+        W = len(results)
+        others = lambda first: f"rank{'s' if W > 2 else ''} {', '.join(map(str, range(first, first + W - 1)))}"
+        expected = {
+            'dtype': f'`q` dtype: float64 on rank 0; float32 on {others(1)}. `k` dtype:',
+            'head_size': f'`q` shape: (1, {16 // W}, 2, 4) on {others(0)}; (1, {16 // W}, 2, 8) on rank {W - 1}',
+            'gate': f'`gk`: a tensor on rank 0; None on {others(1)}',
+            'some_initial_state': f'`initial_state` given: yes on rank 0; no on {others(1)}',
+            'gradients': f'inputs requiring gradients: yes on rank 0; no on {others(1)}',
+            'ops': f'every rank must run the same op at once; chunk_gla on rank 0; fused_recurrent_gla on {others(1)}',
+            'conv_width': f'`weight` shape: (3, 3) on {others(0)}; (3, 4) on rank {W - 1}',
+        }
+        for case, text in expected.items():
+            assert msgs[case] and msgs[case].startswith('ValueError') and text in msgs[case], (case, msgs[case])
+        for case, message in msgs.items():   # the same error on every rank
+            assert message == results[0][1][case], (case, rank, message, results[0][1][case])
 
 
 def test_cp_two_ranks():

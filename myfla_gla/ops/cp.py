@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -86,18 +87,28 @@ def _rank_meta(cu: torch.Tensor, rank: int, part_len: int) -> dict:
                 is_first_rank=first_rank == rank, post_num_ranks=last_rank - rank, is_last_rank=last_rank == rank)
 
 # %% ../../nbs/12_cp.ipynb #3865b8cb
-def _check_same_on_all_ranks(cu: torch.Tensor, group, device) -> None:
-    "Every rank must pass the same global `cu_seqlens`: compare lengths and fingerprints (one small all-gather)."
-    n = cu.numel()
-    w = torch.arange(1, n + 1, dtype=torch.float64)
-    mine = torch.tensor([n, int(cu[-1]), float((cu.double() * w).sum()), float((cu.double() * w.square()).sum())],
-                        dtype=torch.float64, device=device)
+def _check_same_on_all_ranks(cu: torch.Tensor | None, problem: str | None, group, device) -> None:
+    """Every rank must pass the same valid global `cu_seqlens` (`problem`: why this rank's is not valid, else None): one
+    small all-gather of validity, length, total and two fingerprints, and the same error on every rank otherwise."""
+    if cu is None:
+        mine = [0., -1., -1., 0., 0.]
+    else:
+        w = torch.arange(1, cu.numel() + 1, dtype=torch.float64)
+        mine = [1., cu.numel(), int(cu[-1]), float((cu.double() * w).sum()), float((cu.double() * w.square()).sum())]
+    mine = torch.tensor(mine, dtype=torch.float64, device=_header_device(group, device))
     seen = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(seen, mine, group=group)
-    seen = torch.stack(seen).cpu()
-    if not bool((seen == seen[0]).all()):
-        raise ValueError("`cu_seqlens` must be the same global boundaries on every rank; got (length, total) "
-                         f"{[(int(a), int(b)) for a, b in seen[:, :2].tolist()]} across ranks (or different values)")
+    seen = torch.stack(seen).tolist()
+    invalid = [r for r, s in enumerate(seen) if not s[0]]
+    if invalid and len(invalid) == len(seen):   # every rank: each its own (usually the same) reason
+        raise ValueError(problem)
+    if invalid:
+        raise ValueError("`cu_seqlens` must be a 1-D integer tensor [N+1] of global boundaries that starts at 0 and never "
+                         f"decreases, on every rank; on ranks {invalid} it is not")
+    differ = [r for r, s in enumerate(seen) if s[1:] != seen[0][1:]]
+    if differ:
+        raise ValueError(f"`cu_seqlens` must be the same global boundaries on every rank; on ranks {differ} it differs "
+                         f"from rank 0's (lengths {[int(s[1]) for s in seen]}, totals {[int(s[2]) for s in seen]})")
 
 # %% ../../nbs/12_cp.ipynb #3599ad9d
 def build_cp_context(
@@ -117,14 +128,17 @@ def build_cp_context(
         raise RuntimeError("context parallelism needs an initialised torch.distributed process group")
     group = dist.group.WORLD if group is None else group
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    cu, problem = None, None   # a problem on some ranks only is raised on every rank (`_check_same_on_all_ranks`)
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
             or cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
-        raise ValueError("`cu_seqlens` must be a 1-D integer tensor [N+1] of global cumulative lengths, got "
-                         f"{getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
-    cu = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).to('cpu', torch.long)
-    if int(cu[0]) != 0 or bool((cu.diff() < 0).any()):
-        raise ValueError(f"`cu_seqlens` must start at 0 and never decrease, got {cu.tolist()}")
-    _check_same_on_all_ranks(cu, group, cu_seqlens.device)
+        problem = ("`cu_seqlens` must be a 1-D integer tensor [N+1] of global cumulative lengths, got "
+                   f"{getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
+    else:
+        cu = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).to('cpu', torch.long)
+        if int(cu[0]) != 0 or bool((cu.diff() < 0).any()):
+            cu, problem = None, f"`cu_seqlens` must start at 0 and never decrease, got {cu.tolist()}"
+    device = cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else torch.device('cpu')
+    _check_same_on_all_ranks(cu, problem, group, device)
     T = int(cu[-1])
     if T < world or T % world:
         raise ValueError(f"the packed length T = {T} must be a positive multiple of the group size W = {world}")
@@ -177,27 +191,110 @@ class _AllGather(torch.autograd.Function):
         return mine, None
 
 # %% ../../nbs/12_cp.ipynb #ae41b10e
-def _exchange(x: torch.Tensor, tokens: int, ctx: FLACPContext, what: str) -> torch.Tensor:
-    "All-gather `x` (differentiably) with this rank's token count; every rank raises if any count is off."
-    flag = torch.full((1,), float(tokens), dtype=x.dtype, device=x.device)
-    got = _AllGather.apply(torch.cat([x.flatten(), flag]), ctx.group)
-    counts = got[:, -1].detach().tolist()
-    if any(c != ctx.part_len for c in counts):
+_HEADER = 64   # int64 slots of a call's description: a fixed size, so that this all-gather itself always matches
+
+def _code(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+_OPS = ('chunk_gla', 'fused_chunk_gla', 'fused_recurrent_gla', 'causal_conv1d')
+_DEVICE_TYPES = ('cpu', 'cuda', 'mps', 'xpu', 'hpu', 'meta', 'xla', 'mtia', 'privateuseone')
+_NAMES = {_code(n): n for n in (*_OPS, *_DEVICE_TYPES, *(str(d).removeprefix('torch.') for d in vars(torch).values()
+                                                          if isinstance(d, torch.dtype)))}
+
+def _describe(what: str, tokens: int, tensors: dict, options: dict) -> list[tuple[str, tuple, str | None]]:
+    """This rank's call as fields `(label, ints, parent)`, in an order every rank running `what` shares: the op, the
+    token count, each tensor's presence, dtype, device and shape, then each option (a bool)."""
+    fields = [('op', (_code(what),), None), ('tokens', (tokens,), None)]
+    for n, t in tensors.items():
+        t = t if isinstance(t, torch.Tensor) else None
+        shape = () if t is None else tuple(t.shape)
+        fields += [(f'`{n}`', (int(t is not None),), None),
+                   (f'`{n}` dtype', (0 if t is None else _code(str(t.dtype).removeprefix('torch.')),), f'`{n}`'),
+                   (f'`{n}` device', (0 if t is None else _code(t.device.type),), f'`{n}`'),
+                   (f'`{n}` shape', (len(shape), *shape[:5], *(-1,) * (5 - len(shape[:5]))), f'`{n}`')]
+    return fields + [(n, (int(bool(v)),), None) for n, v in options.items()]
+
+def _render(label: str, v: list) -> str:
+    if label in ('op', 'tokens') or label.endswith(('dtype', 'device')):
+        return str(v[0]) if label == 'tokens' else _NAMES.get(v[0], '?')
+    if label.endswith('shape'):
+        return str(tuple(v[1:1 + min(v[0], 5)]))[:-1] + (', ...)' if v[0] > 5 else ')')
+    if label.startswith('`') and label.endswith('`'):
+        return 'a tensor' if v[0] else 'None'
+    return 'yes' if v[0] else 'no'
+
+def _by_rank(label: str, values: list[list]) -> str:
+    "'float32 on ranks 0, 2; float64 on rank 1'."
+    groups = {}
+    for r, v in enumerate(values):
+        groups.setdefault(tuple(v), []).append(r)
+    return '; '.join(f"{_render(label, list(v))} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
+                     for v, rs in groups.items())
+
+def _header_device(group, device) -> torch.device:
+    "Where the description goes: the host for gloo, the current GPU for NCCL (whatever device the inputs are on)."
+    backend = str(dist.get_backend(group)).lower()
+    if 'gloo' in backend:
+        return torch.device('cpu')
+    return torch.device('cuda', torch.cuda.current_device()) if 'nccl' in backend else device
+
+def _agree(what: str, ctx: FLACPContext, tokens: int, tensors: dict, options: dict, device) -> None:
+    """Every rank describes its call (`_describe`) in one all-gather of fixed size, before any collective whose size
+    depends on the call; every rank then raises the same error where a shard is not T/W tokens or the ranks differ
+    (the op, a dtype, a device, a shape, an optional input or option), naming what differs on which ranks."""
+    fields = _describe(what, tokens, tensors, options)
+    flat = [x for _, v, _ in fields for x in v]
+    if len(flat) > _HEADER:
+        raise RuntimeError(f'{what}: the call description needs {len(flat)} > {_HEADER} slots')
+    world = dist.get_world_size(ctx.group)
+    mine = torch.tensor(flat + [-1] * (_HEADER - len(flat)), dtype=torch.long, device=_header_device(ctx.group, device))
+    seen = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(seen, mine, group=ctx.group)
+    _count(mine.numel() * mine.element_size(), world)
+    seen = torch.stack(seen).tolist()
+    if len({s[0] for s in seen}) > 1:   # different ops: their descriptions do not line up beyond the first slot
+        raise ValueError(f"context parallel: every rank must run the same op at once; {_by_rank('op', [s[:1] for s in seen])}")
+    at, values = 0, {}
+    for label, v, _ in fields:
+        values[label], at = [s[at:at + len(v)] for s in seen], at + len(v)
+    counts = [v[0] for v in values['tokens']]
+    if all(c >= 0 for c in counts) and any(c != ctx.part_len for c in counts):
         raise ValueError(f"{what}: every rank's shard must hold T / W = {ctx.part_len} tokens as its `cp_context` "
-                         f"says; the ranks hold {[int(c) for c in counts]}")
-    return got[:, :-1].reshape(-1, *x.shape)
+                         f"says; the ranks hold {counts}")
+    differ = [label for label, _, parent in fields if any(v != values[label][0] for v in values[label])
+              and (parent is None or (all(p == [1] for p in values[parent])))]   # a tensor's parts where all have it
+    if differ:
+        raise ValueError(f"{what} with `cp_context`: every rank must call it with the same kinds of inputs; "
+                         + '. '.join(f'{label}: {_by_rank(label, values[label])}' for label in differ))
 
 # %% ../../nbs/12_cp.ipynb #4bfbc7a2
-def _check_cp_call(name, ctx, initial_state, output_final_state):
-    if not isinstance(ctx, FLACPContext):
+_REFUSED = {   # options refused with a context: (error, why)
+    'initial_state': (ValueError, ' (as in FLA): the state entering a rank comes from the ranks before it'),
+    'output_final_state': (ValueError, ' (as in FLA)'),
+    'gv': (NotImplementedError, ' (value-side decay)'),
+    'reverse': (NotImplementedError, ''),
+}
+
+def _check_cp_call(name, ctx, tensors: dict, **refused):
+    """The checks of a call with `cp_context`, the same on every rank: the ranks agree on the call (`_agree`: one small
+    all-gather), then an option refused with a context (`_REFUSED`) raises on every rank alike."""
+    if not isinstance(ctx, FLACPContext):   # (no group to tell the other ranks)
         raise TypeError(f"{name}: `cp_context` must be an FLACPContext (see `build_cp_context`), got {type(ctx).__name__}")
     if ctx.layout != 'contiguous':
         raise NotImplementedError(f"{name}: only the contiguous layout is supported with `cp_context`")
-    if initial_state is not None:
-        raise ValueError(f"{name}: `initial_state` is not supported with `cp_context` (as in FLA): the state "
-                         "entering a rank comes from the ranks before it")
-    if output_final_state:
-        raise ValueError(f"{name}: `output_final_state=True` is not supported with `cp_context` (as in FLA)")
+    given = {k: v is not None and v is not False for k, v in refused.items()}
+    ts = [t for t in tensors.values() if isinstance(t, torch.Tensor)]
+    first = next(iter(tensors.values()))
+    ndim = 3 if name == 'causal_conv1d' else 4   # [1, T/W, D] or [1, T/W, H, K]
+    tokens = first.shape[1] if isinstance(first, torch.Tensor) and first.dim() == ndim and first.shape[0] == 1 else -1
+    options = {f'`{k}` given': g for k, g in given.items()}
+    options['inputs requiring gradients'] = torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+    _agree(name, ctx, tokens, tensors, options, ts[0].device if ts else torch.device('cpu'))
+    for k, g in given.items():
+        if g:
+            error, why = _REFUSED[k]
+            shown = f'`{k}=True`' if refused[k] is True else f'`{k}`'
+            raise error(f"{name}: {shown} is not supported with `cp_context`{why}")
 
 # %% ../../nbs/12_cp.ipynb #a7ba6932
 def _incoming_state(summaries: torch.Tensor, ctx: FLACPContext) -> torch.Tensor:
@@ -223,23 +320,19 @@ def gla_cp(
     cp_context: FLACPContext,
     name: str = 'chunk_gla',
 ) -> torch.Tensor:                                # o [1, T/W, H, V] in v's dtype: this rank's slice of the output
-    "Context-parallel GLA: local op from a zero state, one all-gather of `[h | sum g]`, the first sequence corrected."
+    """Context-parallel GLA: local op from a zero state, one all-gather of `[h | sum g]`, the first sequence corrected.
+    The caller has checked the call on every rank alike (`_check_cp_call`), so the all-gather's sizes match."""
     ctx = cp_context
     if q.dim() != 4 or q.shape[0] != 1:
         raise ValueError(f"{name}: with `cp_context` the input is this rank's shard [1, T/W, H, K] of the packed "
                          f"batch; got q of shape {tuple(q.shape)}")
-    _, T, H, K = q.shape
-    V = v.shape[-1]
+    H, K = q.shape[2:]
     acc = torch.promote_types(q.dtype, torch.float32)
     scale = K ** -0.5 if scale is None else scale
-    ok = T == ctx.part_len
-    if ok:      # v in the compute dtype: o comes back unrounded, and is rounded once after the correction
-        o, ht = local_op(q, k, v.to(acc), g)
-        gl = g[0, int(ctx.cu_seqlens_cpu[-2]):] if g is not None else q.new_zeros(0, H, K)
-        summary = torch.cat([ht[-1].to(acc), gl.to(acc).sum(0)[..., None]], -1)    # [H, K, V+1]
-    else:       # still take part in the exchange, so that every rank raises the same error
-        summary = q.new_zeros(H, K, V + 1, dtype=acc)
-    h0 = _incoming_state(_exchange(summary, T, ctx, name), ctx)
+    o, ht = local_op(q, k, v.to(acc), g)   # v in the compute dtype: o comes back unrounded, rounded once at the end
+    gl = g[0, int(ctx.cu_seqlens_cpu[-2]):] if g is not None else q.new_zeros(0, H, K)
+    summary = torch.cat([ht[-1].to(acc), gl.to(acc).sum(0)[..., None]], -1)    # [H, K, V+1]
+    h0 = _incoming_state(_AllGather.apply(summary, ctx.group), ctx)
     n1 = int(ctx.cu_seqlens_cpu[1])                                   # the first local sequence
     q1 = q[0, :n1].to(acc)
     if g is not None:
@@ -251,7 +344,8 @@ def gla_cp(
 def chunk_gla_cp(q, k, v, g, scale, cp_context, initial_state=None, output_final_state=False, fused=False):
     "`chunk_gla` (or `fused_chunk_gla`) with `cp_context`: this rank's shard in, this rank's output out."
     op, name = (fused_chunk_gla, 'fused_chunk_gla') if fused else (chunk_gla, 'chunk_gla')
-    _check_cp_call(name, cp_context, initial_state, output_final_state)
+    _check_cp_call(name, cp_context, dict(q=q, k=k, v=v, g=g), initial_state=initial_state,
+                   output_final_state=output_final_state)
     local = lambda q, k, v, g: op(q, k, v, g, scale=scale, output_final_state=True, cu_seqlens=cp_context.cu_seqlens,
                                   cu_seqlens_cpu=cp_context.cu_seqlens_cpu)
     return gla_cp(local, q, k, v, g, scale, cp_context, name), None
@@ -259,11 +353,8 @@ def chunk_gla_cp(q, k, v, g, scale, cp_context, initial_state=None, output_final
 def fused_recurrent_gla_cp(q, k, v, gk, gv, scale, cp_context, initial_state=None, output_final_state=False,
                            reverse=False, **kwargs):
     "`fused_recurrent_gla` with `cp_context` (key-side decay `gk` only, forward in time)."
-    _check_cp_call('fused_recurrent_gla', cp_context, initial_state, output_final_state)
-    if gv is not None:
-        raise NotImplementedError("fused_recurrent_gla: `gv` (value-side decay) is not supported with `cp_context`")
-    if reverse:
-        raise NotImplementedError("fused_recurrent_gla: `reverse=True` is not supported with `cp_context`")
+    _check_cp_call('fused_recurrent_gla', cp_context, dict(q=q, k=k, v=v, gk=gk), initial_state=initial_state,
+                   output_final_state=output_final_state, gv=gv, reverse=reverse)
     acc = torch.promote_types(q.dtype, torch.float32)
     local = lambda q_, k, v, g: fused_recurrent_gla(q_.to(acc), k, v, gk=g, scale=scale, output_final_state=True,
                                                     cu_seqlens=cp_context.cu_seqlens, **kwargs)
@@ -284,7 +375,8 @@ def causal_conv1d_cp(x, weight, bias=None, residual=None, activation=None, cp_co
                      initial_state=None, output_final_state=False):
     "`causal_conv1d` with `cp_context`: the first sequence continues the W-1 inputs of the ranks before."
     ctx = cp_context
-    _check_cp_call('causal_conv1d', ctx, initial_state, output_final_state)
+    _check_cp_call('causal_conv1d', ctx, dict(x=x, weight=weight, bias=bias, residual=residual),
+                   initial_state=initial_state, output_final_state=output_final_state)
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != 1:
         raise ValueError("causal_conv1d: with `cp_context` `x` is this rank's shard [1, T/W, D], got shape "
                          f"{tuple(getattr(x, 'shape', ()))}")
@@ -298,7 +390,7 @@ def causal_conv1d_cp(x, weight, bias=None, residual=None, activation=None, cp_co
     acc = torch.promote_types(x.dtype, torch.float32)
     tail = x[0, -(W - 1):].to(acc)
     tail = torch.cat([tail.new_zeros(W - 1 - tail.shape[0], D), tail])        # [W-1, D], zeros before a short shard
-    heads = _preceding_tokens(_exchange(tail, T, ctx, 'causal_conv1d'), ctx, T)
+    heads = _preceding_tokens(_AllGather.apply(tail, ctx.group), ctx, T)
     n = ctx.num_seqs
     h0 = torch.cat([heads.new_zeros(1, D), heads]).T[None]                      # [1, D, W], newest in slot W-1
     h0 = torch.cat([h0, h0.new_zeros(n - 1, D, W)]).to(x.dtype)
