@@ -202,7 +202,8 @@ class GatedLinearAttention(nn.Module):
         if past_key_values is not None:
             check_cache(past_key_values)   # a legacy tuple could be read, but not written
         batch_size, q_len, _ = hidden_states.shape
-        mode = 'fused_recurrent' if q_len <= 64 else self.mode
+        # exported, one op serves every length (`ops.chunk.loop_free_gla`): no branch on q_len
+        mode = self.mode if torch.compiler.is_exporting() or q_len > 64 else 'fused_recurrent'
         use_cache = bool(use_cache)
 
         cp_context = kwargs.get('cp_context')  # context parallel (beyond FLA): this rank's shard [1, T/W, hidden_size]

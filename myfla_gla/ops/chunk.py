@@ -581,7 +581,7 @@ def fused_chunk_gla(
     return _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                         kwargs.get('cu_seqlens_cpu'), True)
 
-# %% ../../nbs/04_chunk.ipynb #597a2f6d
+# %% ../../nbs/04_chunk.ipynb #adfb5170
 _EXPORT_CHUNK, _EXPORT_SUB = 64, 16   # chunk and sub-chunk sizes of `loop_free_gla`
 
 
