@@ -588,11 +588,11 @@ _EXPORT_CHUNK, _EXPORT_SUB = 64, 16   # chunk and sub-chunk sizes of `loop_free_
 def _segsum(x: torch.Tensor) -> torch.Tensor:
     "`x` [..., N, K] -> [..., N, N, K]: out[i, j] = x[j+1] + ... + x[i] for j <= i, -inf above the diagonal."
     N = x.shape[-2]
-    below = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
-    xx = x[..., :, None, :].expand(*x.shape[:-2], N, N, x.shape[-1])   # xx[l, j] = x[l]
+    n = torch.arange(N, device=x.device)
+    i, j = n[:, None, None], n[None, :, None]   # [N, 1, 1] and [1, N, 1] (XNNPACK reshapes one dynamic dim only)
+    xx = x[..., :, None, :].expand(*x.shape[:-2], N, N, x.shape[-1])   # xx[i, j] = x[i]
     # a masked sum of the terms themselves, not a difference of prefix sums: exact for any decay
-    s = xx.masked_fill(~below.tril(-1)[..., None], 0).cumsum(-3)
-    return s.masked_fill(~below[..., None], float('-inf'))
+    return xx.masked_fill(j >= i, 0).cumsum(-3).masked_fill(j > i, float('-inf'))
 
 
 def _loop_free(q, k, v, g, scale, h0):
