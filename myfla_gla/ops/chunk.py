@@ -604,35 +604,38 @@ def _loop_free(q, k, v, g, scale, h0):
     pos = torch.arange(N * C, device=q.device)
     real = (pos < T)[:, None]
     pos = pos.clamp(max=T - 1)
-    def chunks(x):   # [B, T, H, D] -> [B, H, N, NS, c, D], zeros after the last token (no input, no decay)
-        x = x.transpose(1, 2).index_select(2, pos).masked_fill(~real, 0)
-        return x.reshape(B, H, N, NS, c, x.shape[-1])
+    # few dimensions (sequences x heads first): tracing reasons about every size symbolically, per dimension
+    def chunks(x):   # [B, T, H, D] -> [B*H, N, NS, c, D], zeros after the last token (no input, no decay)
+        x = x.transpose(1, 2).reshape(B * H, T, x.shape[-1]).index_select(1, pos).masked_fill(~real, 0)
+        return x.reshape(B * H, N, NS, c, x.shape[-1])
     q, k, v, g = map(chunks, (q, k, v, g))
     cum = g.cumsum(-2)                           # decay from the start of the sub-chunk, inclusive
-    tot = cum[..., -1, :]                        # [B, H, N, NS, K] each sub-chunk's total
+    tot = cum[..., -1, :]                        # [B*H, N, NS, K] each sub-chunk's total
     to_end = tot[..., None, :] - cum             # decay from after token j to the end of its sub-chunk
     # within a sub-chunk: every pair's decay exactly (c x c x K)
-    A_diag = torch.einsum('...ik,...ijk,...jk->...ij', q, _segsum(g).exp(), k)
+    A_diag = (q[..., :, None, :] * _segsum(g).exp() * k[..., None, :, :]).sum(-1)          # [.., NS, c, c]
     # sub-chunk I against an earlier J: q decayed from the start of I, k from j to the end of I-1 (exponents <= 0)
     between = F.pad(_segsum(tot), (0, 0, 0, 0, 1, 0), value=float('-inf'))[..., :NS, :, :]  # [.., I, J, K]: J+1..I-1
     k_dec = k[..., None, :, :, :] * (to_end[..., None, :, :, :] + between[..., :, :, None, :]).exp()
-    A = torch.einsum('...Iik,...IJjk->...IiJj', q * cum.exp(), k_dec)
-    A = A + A_diag[..., :, :, None, :] * torch.eye(NS, dtype=q.dtype, device=q.device)[:, None, :, None]
-    vc = v.reshape(B, H, N, C, V)
-    o = A.reshape(B, H, N, C, C) @ vc
+    A = (q * cum.exp()) @ k_dec.reshape(B * H, N, NS, C, K).transpose(-1, -2)              # [.., I, c, J*c]
+    A = A.reshape(B * H, N, NS, c, NS, c) + A_diag[..., None, :] * torch.eye(NS, dtype=q.dtype,
+                                                                                device=q.device)[:, None, :, None]
+    vc = v.reshape(B * H, N, C, V)
+    o = A.reshape(B * H, N, C, C) @ vc
     # between chunks: each chunk's own state, then the state entering every chunk as one product over chunk
     # pairs with decays exp(sum of the gates in between) <= 1: quadratic in the number of chunks, no loop
     before = F.pad(tot.cumsum(-2)[..., :-1, :], (0, 0, 1, 0))          # earlier sub-chunks of the chunk
     after = tot.sum(-2, keepdim=True) - tot.cumsum(-2)                  # later sub-chunks of the chunk
-    q_in = (q * (cum + before[..., None, :]).exp()).reshape(B, H, N, C, K)
-    k_out = (k * (to_end + after[..., None, :]).exp()).reshape(B, H, N, C, K)
-    h = q.new_zeros(B, H, K, V) if h0 is None else h0
-    U = torch.cat([h[:, :, None], k_out.transpose(-1, -2) @ vc], 2)     # [B, H, 1 + N, K, V], the initial state first
-    G = F.pad(tot.sum(-2), (0, 0, 1, 0))                                # [B, H, 1 + N, K] each one's total decay
-    S = torch.einsum('bhnmk,bhmkv->bhnkv', _segsum(G).exp(), U)         # the state after each
-    o = (o + q_in @ S[:, :, :-1]) * scale
+    q_in = (q * (cum + before[..., None, :]).exp()).reshape(B * H, N, C, K)
+    k_out = (k * (to_end + after[..., None, :]).exp()).reshape(B * H, N, C, K)
+    h = q.new_zeros(B * H, K, V) if h0 is None else h0.reshape(B * H, K, V)
+    U = torch.cat([h[:, None], k_out.transpose(-1, -2) @ vc], 1)       # [B*H, 1 + N, K, V], the initial state first
+    G = F.pad(tot.sum(-2), (0, 0, 1, 0))                                # [B*H, 1 + N, K] each one's total decay
+    W = _segsum(G).exp().permute(0, 3, 1, 2)                            # [B*H, K, 1 + N (after), 1 + N (from)]
+    S = (W @ U.transpose(1, 2)).transpose(1, 2)                         # [B*H, 1 + N, K, V] the state after each
+    o = (o + q_in @ S[:, :-1]) * scale
     o = o.reshape(B, H, N * C, V).index_select(2, torch.arange(T, device=o.device)).transpose(1, 2)
-    return o, S[:, :, -1]
+    return o, S[:, -1].reshape(B, H, K, V)
 
 
 def loop_free_gla(
