@@ -63,11 +63,29 @@ def test_loop_free_gla_matches_the_recurrence(T, normalizer):
     torch.testing.assert_close(ht, rt, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize('op', [chunk_gla, fused_chunk_gla, fused_recurrent_gla])
-def test_ops_export_with_dynamic_batch_and_length(op):
+def test_ops_and_layer_modes_dispatch_to_loop_free_gla_while_exporting(monkeypatch):
+    "Every op (so the layer in every mode) runs `loop_free_gla` while exporting; here in eager, the switch forced on."
+    q, k, v, g = random_gla_inputs(2, 70, 2, 8, 4, gate_logit_normalizer=0.1)
+    h0 = torch.randn(2, 2, 8, 4)
+    want = loop_free_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    layer = GatedLinearAttention(hidden_size=16, num_heads=2, use_short_conv=True, gate_logit_normalizer=0.1).eval()
+    x = torch.randn(2, 70, 16)
+    with torch.no_grad():
+        eager = layer(x)[0]
+    monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: True)
+    for op in (chunk_gla, fused_chunk_gla, fused_recurrent_gla):
+        for got, ref in zip(op(q, k, v, g, initial_state=h0, output_final_state=True), want):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    for mode in ('chunk', 'fused_chunk', 'fused_recurrent'):
+        layer.mode = mode
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x)[0], eager, rtol=1e-5, atol=1e-6)
+
+
+def test_op_exports_with_dynamic_batch_and_length():
     class Op(torch.nn.Module):
         def forward(self, q, k, v, g, h0):
-            return op(q, k, v, g, initial_state=h0, output_final_state=True)
+            return chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
     b, t = dims()
     q, k, v, g = random_gla_inputs(2, 100, 2, 8, 4, gate_logit_normalizer=0.1)
     h0 = torch.randn(2, 2, 8, 4)
@@ -81,15 +99,13 @@ def test_ops_export_with_dynamic_batch_and_length(op):
         torch.testing.assert_close(ht, rt, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('mode', ['chunk', 'fused_chunk', 'fused_recurrent'])
-def test_layer_exports_under_no_grad_with_parameters_that_require_grad(mode):
-    layer = GatedLinearAttention(mode=mode, hidden_size=16, num_heads=2, use_short_conv=True,
-                                 gate_logit_normalizer=0.1).eval()
+def test_layer_exports_under_no_grad_with_parameters_that_require_grad():
+    layer = GatedLinearAttention(hidden_size=16, num_heads=2, use_short_conv=True, gate_logit_normalizer=0.1).eval()
     assert all(p.requires_grad for p in layer.parameters())
     b, t = dims()
     with torch.no_grad():
         ep = torch.export.export(layer, (torch.randn(2, 100, 16),), dynamic_shapes=({0: b, 1: t},))
-        for T in (LENGTHS if mode == 'chunk' else (1, 65)):
+        for T in LENGTHS:
             x = torch.randn(3, T, 16)
             want = layer(x)[0]
             torch.testing.assert_close(ep.module()(x)[0], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -99,7 +115,7 @@ def test_model_forward_exports(model):
     b, t = dims()
     with torch.inference_mode():
         ep = torch.export.export(model, (torch.zeros(2, 100, dtype=torch.long),), dynamic_shapes=({0: b, 1: t},))
-        for T in LENGTHS:
+        for T in (1, 65, 300):
             ids = torch.randint(0, 64, (3, T))
             want = model(ids, use_cache=False).logits
             torch.testing.assert_close(ep.module()(ids).logits, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -140,22 +156,29 @@ def test_exported_step_equals_generate_and_eager(model, program, prompt, referen
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=lambda m: f'{name}: {m}')
 
 
-@pytest.mark.parametrize('what', ['attention_mask', 'cu_seqlens', 'Cache'])
+@pytest.mark.parametrize('what', ['attention_mask', 'cu_seqlens', 'past_key_values', 'use_cache'])
 def test_exporting_what_a_graph_cannot_carry_says_so(model, what):
     ids = torch.zeros(2, 8, dtype=torch.long)
     kwargs = {'attention_mask': {'attention_mask': torch.ones(2, 8, dtype=torch.long)},
               'cu_seqlens': {'cu_seqlens': torch.tensor([0, 8])},
-              'Cache': {'past_key_values': Cache(), 'use_cache': True}}[what]
+              'past_key_values': {'past_key_values': Cache(), 'use_cache': True},
+              'use_cache': {'use_cache': True}}[what]
     if what == 'cu_seqlens':
         ids = ids[:1]
-    with pytest.raises(InputError, match=what if what != 'Cache' else 'DecodeStep'):
-        torch.export.export(model, (ids,), kwargs)
+
+    class Call(torch.nn.Module):   # what reaches the model while tracing (a Cache can't even be a graph input)
+        def forward(self, ids):
+            return model(ids, **kwargs)
+    with pytest.raises(InputError, match=f'`{what}.*cannot be exported'):
+        torch.export.export(Call(), (ids,))
+    with pytest.raises(ValueError, match='Cache'):   # torch's own error for a Cache as an input
+        torch.export.export(model, (ids,), {'past_key_values': Cache(), 'use_cache': True})
 
 
 @pytest.fixture(scope='module')
-def onnx_path(model, tmp_path_factory):
+def onnx_path(model, program, tmp_path_factory):
     pytest.importorskip('onnxruntime', reason='onnxruntime is not installed (pip install myfla_gla[export])')
-    return to_onnx(model, tmp_path_factory.mktemp('onnx') / 'gla.onnx')
+    return to_onnx(model, tmp_path_factory.mktemp('onnx') / 'gla.onnx', program=program)
 
 
 def test_onnx_runtime_equals_generate(model, onnx_path, prompt, reference):
@@ -170,7 +193,7 @@ def test_onnx_runtime_equals_generate(model, onnx_path, prompt, reference):
 
 
 def test_aoti_package_equals_generate(model, program, prompt, reference, tmp_path):
-    step = load_aoti(to_aoti(model, tmp_path / 'gla.pt2', program=program))
+    step = load_aoti(to_aoti(model, tmp_path / 'gla.pt2', program=program))   # C++ compilation: minutes on 2 cores
     states = DecodeStep(model).initial_states(2)
     torch.testing.assert_close(greedy_decode(step, prompt, states, NEW), reference, rtol=0, atol=0)
 
