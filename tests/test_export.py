@@ -111,6 +111,22 @@ def test_layer_exports_under_no_grad_with_parameters_that_require_grad():
             torch.testing.assert_close(ep.module()(x)[0], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+def test_training_export_gives_eager_gradients():
+    layer = GatedLinearAttention(hidden_size=16, num_heads=2, use_short_conv=True, gate_logit_normalizer=0.1)
+    b, t = dims()
+    module = torch.export.export(layer, (torch.randn(2, 100, 16),), dynamic_shapes=({0: b, 1: t},)).module()
+    for T in (1, 65):
+        x = torch.randn(3, T, 16, requires_grad=True)
+        layer(x)[0].square().sum().backward()
+        want_x, want_w, x.grad = x.grad, layer.q_proj.weight.grad, None
+        layer.zero_grad()
+        module(x)[0].square().sum().backward()
+        torch.testing.assert_close(x.grad, want_x, rtol=1e-5, atol=1e-5 * want_x.abs().max().item())
+        got_w = dict(module.named_parameters())['q_proj.weight'].grad
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-5 * want_w.abs().max().item())
+        module.zero_grad()
+
+
 def test_model_forward_exports(model):
     b, t = dims()
     with torch.inference_mode():
