@@ -49,7 +49,7 @@ def reference(model, prompt):
 
 @pytest.fixture(scope='module')
 def program(model):
-    return export_step(model)
+    return export_step(model, one_token_branch=True)   # both branches: one token, and any length
 
 
 @pytest.mark.parametrize('T', LENGTHS[:-1])
@@ -82,36 +82,8 @@ def test_ops_and_layer_modes_dispatch_to_loop_free_gla_while_exporting(monkeypat
             torch.testing.assert_close(layer(x)[0], eager, rtol=1e-5, atol=1e-6)
 
 
-def test_op_exports_with_dynamic_batch_and_length():
-    class Op(torch.nn.Module):
-        def forward(self, q, k, v, g, h0):
-            return chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
-    b, t = dims()
-    q, k, v, g = random_gla_inputs(2, 100, 2, 8, 4, gate_logit_normalizer=0.1)
-    h0 = torch.randn(2, 2, 8, 4)
-    ep = torch.export.export(Op(), (q, k, v, g, h0), dynamic_shapes=[{0: b, 1: t}] * 4 + [{0: b}])
-    for T in (1, 65, 300):
-        q, k, v, g = random_gla_inputs(3, T, 2, 8, 4, gate_logit_normalizer=0.1)
-        h0 = torch.randn(3, 2, 8, 4)
-        o, ht = ep.module()(q, k, v, g, h0)
-        ro, rt = fused_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True)
-        torch.testing.assert_close(o, ro, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ht, rt, rtol=1e-5, atol=1e-5)
-
-
-def test_layer_exports_under_no_grad_with_parameters_that_require_grad():
-    layer = GatedLinearAttention(hidden_size=16, num_heads=2, use_short_conv=True, gate_logit_normalizer=0.1).eval()
-    assert all(p.requires_grad for p in layer.parameters())
-    b, t = dims()
-    with torch.no_grad():
-        ep = torch.export.export(layer, (torch.randn(2, 100, 16),), dynamic_shapes=({0: b, 1: t},))
-        for T in LENGTHS:
-            x = torch.randn(3, T, 16)
-            want = layer(x)[0]
-            torch.testing.assert_close(ep.module()(x)[0], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-
-
-def test_training_export_gives_eager_gradients():
+def test_layer_exports_for_training_and_inference():
+    "Exported with gradients on (parameters require grad): eager's gradients, and eager's outputs at every length."
     layer = GatedLinearAttention(hidden_size=16, num_heads=2, use_short_conv=True, gate_logit_normalizer=0.1)
     b, t = dims()
     module = torch.export.export(layer, (torch.randn(2, 100, 16),), dynamic_shapes=({0: b, 1: t},)).module()
@@ -125,6 +97,11 @@ def test_training_export_gives_eager_gradients():
         got_w = dict(module.named_parameters())['q_proj.weight'].grad
         torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-5 * want_w.abs().max().item())
         module.zero_grad()
+    with torch.no_grad():
+        for T in LENGTHS:
+            x = torch.randn(3, T, 16)
+            want = layer(x)[0]
+            torch.testing.assert_close(module(x)[0], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_model_forward_exports(model):
@@ -209,13 +186,15 @@ def test_onnx_runtime_equals_generate(model, onnx_path, prompt, reference):
 
 
 def test_aoti_package_equals_generate(model, program, prompt, reference, tmp_path):
-    step = load_aoti(to_aoti(model, tmp_path / 'gla.pt2', program=program))   # C++ compilation: minutes on 2 cores
+    with pytest.raises(InputError, match='torch.cond'):   # computed wrongly by AOTInductor: refused
+        to_aoti(model, tmp_path / 'gla.pt2', program=program)
+    step = load_aoti(to_aoti(model, tmp_path / 'gla.pt2'))   # C++ compilation: 20 s to minutes on 2 cores
     states = DecodeStep(model).initial_states(2)
     torch.testing.assert_close(greedy_decode(step, prompt, states, NEW), reference, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec('executorch') is None, reason='executorch is not installed')
 def test_executorch_equals_generate(model, program, prompt, reference, tmp_path):
-    step = ExecuTorchStep(to_executorch(model, tmp_path / 'gla.pte', program=program))
+    step = ExecuTorchStep(to_executorch(model, tmp_path / 'gla.pte'))
     states = DecodeStep(model).initial_states(2)
     torch.testing.assert_close(greedy_decode(step, prompt, states, NEW), reference, rtol=0, atol=0)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -16,7 +17,7 @@ from ..checks import InputError, check_gla_inputs, check_no_double_backward, che
 from ..utils import prepare_token_indices
 
 # %% auto #0
-__all__ = ['ChunkGLAFunction', 'chunk_gla', 'fused_chunk_gla', 'loop_free_gla']
+__all__ = ['ChunkGLAFunction', 'chunk_gla', 'fused_chunk_gla', 'one_token_branch', 'loop_free_gla']
 
 # %% ../../nbs/04_chunk.ipynb #03fd4875
 def _halves(x, m):
@@ -638,6 +639,34 @@ def _loop_free(q, k, v, g, scale, h0):
     return o, S[:, -1].reshape(B, H, K, V)
 
 
+_ONE_TOKEN_BRANCH = False   # `loop_free_gla`: one token through the recurrence's step (`torch.cond`); see below
+
+
+@contextlib.contextmanager
+def one_token_branch(on: bool = True):
+    """While tracing inside, `loop_free_gla` gives one token (decoding) the recurrence's step through `torch.cond`
+    instead of a padded chunk. ONNX Runtime runs it (4x faster decoding); AOTInductor (torch 2.13) computes the
+    other branch wrongly and ExecuTorch 1.5.1 cannot lower it, hence off by default."""
+    global _ONE_TOKEN_BRANCH
+    before, _ONE_TOKEN_BRANCH = _ONE_TOKEN_BRANCH, on
+    try:
+        yield
+    finally:
+        _ONE_TOKEN_BRANCH = before
+
+
+def _one_token(q, k, v, g, h0, scale):
+    "`_loop_free` for T = 1 (decoding): the recurrence's one step, contiguous as the other branch."
+    S = h0 * g[:, 0].exp()[..., None] + k[:, 0, ..., None] * v[:, 0, ..., None, :]   # [B, H, K, V]
+    o = (q[:, 0, ..., None, :] @ S).squeeze(-2) * scale                              # [B, H, V]
+    return o[:, None].expand_as(v).contiguous(), S.contiguous()   # v's shape [B, T, H, V] (T is 1): the branches' shapes agree
+
+
+def _any_length(q, k, v, g, h0, scale):
+    o, S = _loop_free(q, k, v, g, scale, h0)
+    return o.contiguous(), S.contiguous()
+
+
 def loop_free_gla(
     q: torch.Tensor,                             # [B, T, H, K]
     k: torch.Tensor,                             # [B, T, H, K]
@@ -648,18 +677,24 @@ def loop_free_gla(
     output_final_state: bool = False,
     state_v_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:   # o [B, T, H, V] in v's dtype; final state (float32 at least) or None
-    """GLA without a Python loop or a branch on the length: the form `torch.export` traces with a dynamic batch and
-    length (every op dispatches here while exporting). Chunks of 64 tokens, padded; exact decays within
-    sub-chunks of 16; the chunk states as one product over chunk pairs."""
+    """GLA without a Python loop or a branch on the length's value: the form `torch.export` traces with a dynamic
+    batch and length (every op dispatches here while exporting). Chunks of 64 tokens, padded; exact decays
+    within sub-chunks of 16; the chunk states as one product over chunk pairs. One token (decoding) takes the
+    recurrence's step instead under `one_token_branch()`, through `torch.cond`: a branch in the graph, not in Python."""
     B, T, H, K, V = check_gla_inputs(q, k, v, g, initial_state=initial_state, state_v_first=state_v_first)
     acc = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
-    h0 = None
-    if initial_state is not None:
-        h0 = (initial_state.transpose(-1, -2) if state_v_first else initial_state).to(acc)
+    h0 = q.new_zeros(B, H, K, V, dtype=acc) if initial_state is None else \
+        (initial_state.transpose(-1, -2) if state_v_first else initial_state).to(acc)
+    scale = K ** -0.5 if scale is None else scale
     # Padding to whole chunks makes the chunk count N = ceil(T / 64) a symbol that is 1 for T <= 64; the graph
     # is the same for N = 1, so its reasoning treats sizes as general ("size oblivious") instead of specialising
+    args = (*(x.to(acc) for x in (q, k, v, g)), h0)
     with _fx_config.patch(backed_size_oblivious=True):
-        o, S = _loop_free(*(x.to(acc) for x in (q, k, v, g)), K ** -0.5 if scale is None else scale, h0)
+        if _ONE_TOKEN_BRANCH:
+            o, S = torch.cond(T == 1, functools.partial(_one_token, scale=scale),
+                              functools.partial(_any_length, scale=scale), args)
+        else:
+            o, S = _loop_free(*args[:4], scale, h0)
     if not output_final_state:
         return o.to(v.dtype), None
     return o.to(v.dtype), (S.transpose(-1, -2) if state_v_first else S)
