@@ -24,7 +24,7 @@ class DecodeStep(nn.Module):
     logits `[B, vocab_size]` of the last token. One graph serves the prompt (any length >= 1) and every decoding
     step (length 1). The states are plain, batch-first tensors, layer by layer: with short convolutions, the
     windows of q, k and v (`[B, width, conv_size]`, the model's dtype), then the recurrent state
-    (`[B, num_heads, head_v_dim, head_k_dim]`, float32): `state_names` lists them."""
+    (`[B, num_heads, head_v_dim, head_k_dim]`, float32 at least): `state_names` lists them."""
     def __init__(self, model: nn.Module):
         super().__init__()
         if not isinstance(model, GLAForCausalLM):
@@ -39,7 +39,8 @@ class DecodeStep(nn.Module):
                 self.specs += [(f'layer{i}_conv_q', (attn.key_dim, W), dtype),
                                (f'layer{i}_conv_k', (attn.key_dim_per_group, W), dtype),
                                (f'layer{i}_conv_v', (attn.value_dim_per_group, W), dtype)]
-            self.specs.append((f'layer{i}_recurrent', (attn.num_heads, attn.head_v_dim, attn.head_k_dim), torch.float32))
+            self.specs.append((f'layer{i}_recurrent', (attn.num_heads, attn.head_v_dim, attn.head_k_dim),
+                               torch.promote_types(dtype, torch.float32)))   # float32 (float64 stays)
 
     @property
     def state_names(self) -> list[str]:
@@ -68,8 +69,8 @@ class DecodeStep(nn.Module):
             check_tensor(name, state, device=input_ids.device, device_of='input_ids')
             if tuple(state.shape) != (B, *shape):
                 raise InputError(f"state `{name}` must be {[B, *shape]} (batch first), got {list(state.shape)}")
-            if name.endswith('recurrent') and state.dtype != torch.float32:
-                raise DTypeError(f"state `{name}` must be float32 (the recurrent state's dtype), got {state.dtype}")
+            if name.endswith('recurrent') and state.dtype != dtype:
+                raise DTypeError(f"state `{name}` must be {dtype} (the recurrent state's dtype), got {state.dtype}")
             if not state.is_floating_point():
                 raise DTypeError(f"state `{name}` must be a floating-point tensor, got {state.dtype}")
 
