@@ -62,6 +62,13 @@ def _check_layer_inputs(hidden_states, hidden_size: int, attention_mask=None, cu
             f"(0 indicating padding), got shape {tuple(attention_mask.shape)}. "
             "Arbitrary attention masks of shape [batch_size, seq_len, seq_len] are not allowed.")
     check_tensor('hidden_states', hidden_states, floating=True)
+    if torch.compiler.is_exporting() and cu_seqlens is not None:
+        raise InputError("`cu_seqlens` (packed sequences) cannot be exported: the graph would depend on their "
+                         "boundaries' values. Export with a [batch_size, seq_len] batch of one length instead.")
+    if torch.compiler.is_exporting() and attention_mask is not None:
+        raise InputError("`attention_mask` (a padding mask, e.g. left padding) cannot be exported: unpadding makes "
+                         "shapes depend on the mask's values. Export without it and run prompts of one length "
+                         "together (or one prompt at a time).")
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_size:
         raise ValueError(f"`hidden_states` must be [batch_size, seq_len, hidden_size={hidden_size}], "
                          f"got shape {tuple(hidden_states.shape)}")
@@ -208,7 +215,8 @@ class GatedLinearAttention(nn.Module):
             require_cache_layer_idx(self, past_key_values)   # FLA's ValueError first, whatever the cache
             check_cache(past_key_values)   # a legacy tuple could be read, but not written
         batch_size, q_len, _ = hidden_states.shape
-        mode = 'fused_recurrent' if q_len <= 64 else self.mode
+        # exported, one op serves every length (`ops.chunk.loop_free_gla`): no branch on q_len
+        mode = self.mode if torch.compiler.is_exporting() or q_len > 64 else 'fused_recurrent'
         use_cache = bool(use_cache)
 
         cp_context = kwargs.get('cp_context')  # context parallel (beyond FLA): this rank's shard [1, T/W, hidden_size]

@@ -489,6 +489,14 @@ class GLAModel(GLAPreTrainedModel):
         **kwargs,                                    # `cu_seqlens`, `cp_context`: passed to every layer
     ):
         past_key_values = _pop_cache_kwarg(past_key_values, kwargs)
+        if torch.compiler.is_exporting():   # a graph takes and returns tensors (and lists and dicts of them)
+            if past_key_values is not None and not isinstance(past_key_values, (list, tuple)):
+                raise InputError(f"`past_key_values` (a {type(past_key_values).__name__}) cannot be exported: a graph "
+                                 "takes tensors. Export `myfla_gla.export.DecodeStep(model)`, whose states are tensors.")
+            if use_cache and past_key_values is None:
+                raise InputError("`use_cache=True` cannot be exported: the new Cache would be an output of the graph. "
+                                 "Export `myfla_gla.export.DecodeStep(model)`, which returns the states as tensors.")
+            use_cache = bool(use_cache)   # None, the config's default, means no Cache
         kwargs = _layer_kwargs(self, kwargs, attention_mask)
         if output_attentions:
             warnings.warn("`GLAModel` does not `output_attentions` now, setting it to `False`.", stacklevel=2)

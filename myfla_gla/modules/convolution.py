@@ -195,7 +195,8 @@ class ShortConvolution(nn.Conv1d):
             x = x * mask[..., None].to(x.dtype)     # a new tensor: the caller's `x` stays as it was
         N = _check_conv_args(x, self.weight[:, 0], residual, cache, cu_seqlens, state_name='cache')
         T = x.shape[1]
-        one_token_each = T == 1 if cu_seqlens is None else T == N > 0 and bool((torch.diff(cu_seqlens) == 1).all())
+        # while exporting, one graph serves every length: no branch on T (the general path does one token too)
+        one_token_each = False if torch.compiler.is_exporting() else T == 1 if cu_seqlens is None else T == N > 0 and bool((torch.diff(cu_seqlens) == 1).all())
         if one_token_each and not torch.is_grad_enabled() and cp_context is None:
             return self.step(x, residual, cache, output_final_state, cu_seqlens)
         return causal_conv1d(x, self.weight[:, 0], self.bias, residual, cache, output_final_state,

@@ -6,16 +6,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
+from torch.fx.experimental import _config as _fx_config
 
 from ..checks import (
     InputError, autocast_off, check_gla_inputs, check_kwargs, check_no_double_backward, check_no_head_first)
 from ..utils import _host, prepare_token_indices
 
 # %% auto #0
-__all__ = ['ChunkGLAFunction', 'chunk_gla', 'fused_chunk_gla']
+__all__ = ['ChunkGLAFunction', 'chunk_gla', 'fused_chunk_gla', 'one_token_branch', 'loop_free_gla']
 
 # %% ../../nbs/04_chunk.ipynb #03fd4875
 def _halves(x, m):
@@ -519,6 +522,9 @@ class ChunkGLAFunction(torch.autograd.Function):
 # %% ../../nbs/04_chunk.ipynb #bf3a8146
 def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
                  fused):
+    if torch.compiler.is_exporting():   # one graph for every length: no loop over chunks
+        return _gla_while_exporting('fused_chunk_gla' if fused else 'chunk_gla', q, k, v, g, scale, initial_state,
+                                    output_final_state, state_v_first, cu_seqlens)
     B, T, H, K, V = check_gla_inputs(q, k, v, g, initial_state=initial_state, state_v_first=state_v_first,
                                      cu_seqlens=cu_seqlens)
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -581,3 +587,134 @@ def fused_chunk_gla(
         return chunk_gla_cp(q, k, v, g, scale, cp_context, initial_state, output_final_state, fused=True)
     return _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                         kwargs.get('cu_seqlens_cpu'), True)
+
+# %% ../../nbs/04_chunk.ipynb #adfb5170
+_EXPORT_CHUNK, _EXPORT_SUB = 64, 16   # chunk and sub-chunk sizes of `loop_free_gla`
+
+
+def _segsum(x: torch.Tensor) -> torch.Tensor:
+    "`x` [..., N, K] -> [..., N, N, K]: out[i, j] = x[j+1] + ... + x[i] for j <= i, -inf above the diagonal."
+    N = x.shape[-2]
+    n = torch.arange(N, device=x.device)
+    i, j = n[:, None, None], n[None, :, None]   # [N, 1, 1] and [1, N, 1] (XNNPACK reshapes one dynamic dim only)
+    xx = x[..., :, None, :].expand(*x.shape[:-2], N, N, x.shape[-1])   # xx[i, j] = x[i]
+    # a masked sum of the terms themselves, not a difference of prefix sums: exact for any decay
+    return xx.masked_fill(j >= i, 0).cumsum(-3).masked_fill(j > i, float('-inf'))
+
+
+def _loop_free(q, k, v, g, scale, h0):
+    "`loop_free_gla` on `[B, T, H, D]` inputs and a `[B, H, K, V]` state (or None), in the compute dtype."
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C, c = _EXPORT_CHUNK, _EXPORT_SUB
+    NS, N = C // c, (T + C - 1) // C
+    pos = torch.arange(N * C, device=q.device)
+    real = (pos < T)[:, None]
+    pos = pos.clamp(max=T - 1)
+    # few dimensions (sequences x heads first): tracing reasons about every size symbolically, per dimension
+    def chunks(x):   # [B, T, H, D] -> [B*H, N, NS, c, D], zeros after the last token (no input, no decay)
+        x = x.transpose(1, 2).reshape(B * H, T, x.shape[-1]).index_select(1, pos).masked_fill(~real, 0)
+        return x.reshape(B * H, N, NS, c, x.shape[-1])
+    q, k, v, g = map(chunks, (q, k, v, g))
+    cum = g.cumsum(-2)                           # decay from the start of the sub-chunk, inclusive
+    tot = cum[..., -1, :]                        # [B*H, N, NS, K] each sub-chunk's total
+    to_end = tot[..., None, :] - cum             # decay from after token j to the end of its sub-chunk
+    # within a sub-chunk: every pair's decay exactly (c x c x K)
+    A_diag = (q[..., :, None, :] * _segsum(g).exp() * k[..., None, :, :]).sum(-1)          # [.., NS, c, c]
+    # sub-chunk I against an earlier J: q decayed from the start of I, k from j to the end of I-1 (exponents <= 0)
+    between = F.pad(_segsum(tot), (0, 0, 0, 0, 1, 0), value=float('-inf'))[..., :NS, :, :]  # [.., I, J, K]: J+1..I-1
+    k_dec = k[..., None, :, :, :] * (to_end[..., None, :, :, :] + between[..., :, :, None, :]).exp()
+    A = (q * cum.exp()) @ k_dec.reshape(B * H, N, NS, C, K).transpose(-1, -2)              # [.., I, c, J*c]
+    A = A.reshape(B * H, N, NS, c, NS, c) + A_diag[..., None, :] * torch.eye(NS, dtype=q.dtype,
+                                                                                device=q.device)[:, None, :, None]
+    vc = v.reshape(B * H, N, C, V)
+    o = A.reshape(B * H, N, C, C) @ vc
+    # between chunks: each chunk's own state, then the state entering every chunk as one product over chunk
+    # pairs with decays exp(sum of the gates in between) <= 1: quadratic in the number of chunks, no loop
+    before = F.pad(tot.cumsum(-2)[..., :-1, :], (0, 0, 1, 0))          # earlier sub-chunks of the chunk
+    after = tot.sum(-2, keepdim=True) - tot.cumsum(-2)                  # later sub-chunks of the chunk
+    q_in = (q * (cum + before[..., None, :]).exp()).reshape(B * H, N, C, K)
+    k_out = (k * (to_end + after[..., None, :]).exp()).reshape(B * H, N, C, K)
+    h = q.new_zeros(B * H, K, V) if h0 is None else h0.reshape(B * H, K, V)
+    U = torch.cat([h[:, None], k_out.transpose(-1, -2) @ vc], 1)       # [B*H, 1 + N, K, V], the initial state first
+    G = F.pad(tot.sum(-2), (0, 0, 1, 0))                                # [B*H, 1 + N, K] each one's total decay
+    W = _segsum(G).exp().permute(0, 3, 1, 2)                            # [B*H, K, 1 + N (after), 1 + N (from)]
+    S = (W @ U.transpose(1, 2)).transpose(1, 2)                         # [B*H, 1 + N, K, V] the state after each
+    o = (o + q_in @ S[:, :-1]) * scale
+    o = o.reshape(B, H, N * C, V).index_select(2, torch.arange(T, device=o.device)).transpose(1, 2)
+    return o, S[:, -1].reshape(B, H, K, V)
+
+
+_ONE_TOKEN_BRANCH = False   # `loop_free_gla`: one token through the recurrence's step (`torch.cond`); see below
+
+
+@contextlib.contextmanager
+def one_token_branch(on: bool = True):
+    """While tracing inside, `loop_free_gla` gives one token (decoding) the recurrence's step through `torch.cond`
+    instead of a padded chunk. ONNX Runtime runs it (4x faster decoding); AOTInductor (torch 2.13) computes the
+    other branch wrongly and ExecuTorch 1.5.1 cannot lower it, hence off by default."""
+    global _ONE_TOKEN_BRANCH
+    before, _ONE_TOKEN_BRANCH = _ONE_TOKEN_BRANCH, on
+    try:
+        yield
+    finally:
+        _ONE_TOKEN_BRANCH = before
+
+
+def _one_token(q, k, v, g, h0, scale):
+    "`_loop_free` for T = 1 (decoding): the recurrence's one step, contiguous as the other branch."
+    S = h0 * g[:, 0].exp()[..., None] + k[:, 0, ..., None] * v[:, 0, ..., None, :]   # [B, H, K, V]
+    o = (q[:, 0, ..., None, :] @ S).squeeze(-2) * scale                              # [B, H, V]
+    return o[:, None].expand_as(v).contiguous(), S.contiguous()   # v's shape [B, T, H, V] (T is 1): the branches' shapes agree
+
+
+def _any_length(q, k, v, g, h0, scale):
+    o, S = _loop_free(q, k, v, g, scale, h0)
+    return o.contiguous(), S.contiguous()
+
+
+def loop_free_gla(
+    q: torch.Tensor,                             # [B, T, H, K]
+    k: torch.Tensor,                             # [B, T, H, K]
+    v: torch.Tensor,                             # [B, T, H, V]
+    g: torch.Tensor,                             # [B, T, H, K] log decays (<= 0)
+    scale: float | None = None,                  # default K ** -0.5
+    initial_state: torch.Tensor | None = None,   # [B, H, K, V] ([B, H, V, K] if state_v_first)
+    output_final_state: bool = False,
+    state_v_first: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:   # o [B, T, H, V] in v's dtype; final state (float32 at least) or None
+    """GLA without a Python loop or a branch on the length's value: the form `torch.export` traces with a dynamic
+    batch and length (every op dispatches here while exporting). Chunks of 64 tokens, padded; exact decays
+    within sub-chunks of 16; the chunk states as one product over chunk pairs. One token (decoding) takes the
+    recurrence's step instead under `one_token_branch()`, through `torch.cond`: a branch in the graph, not in Python."""
+    B, T, H, K, V = check_gla_inputs(q, k, v, g, initial_state=initial_state, state_v_first=state_v_first)
+    acc = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+    h0 = q.new_zeros(B, H, K, V, dtype=acc) if initial_state is None else \
+        (initial_state.transpose(-1, -2) if state_v_first else initial_state).to(acc)
+    scale = K ** -0.5 if scale is None else scale
+    # Padding to whole chunks makes the chunk count N = ceil(T / 64) a symbol that is 1 for T <= 64; the graph
+    # is the same for N = 1, so its reasoning treats sizes as general ("size oblivious") instead of specialising
+    args = (*(x.to(acc) for x in (q, k, v, g)), h0)
+    with _fx_config.patch(backed_size_oblivious=True):
+        if _ONE_TOKEN_BRANCH:
+            o, S = torch.cond(T == 1, functools.partial(_one_token, scale=scale),
+                              functools.partial(_any_length, scale=scale), args)
+        else:
+            o, S = _loop_free(*args[:4], scale, h0)
+    if not output_final_state:
+        return o.to(v.dtype), None
+    return o.to(v.dtype), (S.transpose(-1, -2) if state_v_first else S)
+
+
+def _gla_while_exporting(op: str, q, k, v, g, scale, initial_state, output_final_state, state_v_first,
+                         cu_seqlens=None, gv=None, reverse=False):
+    "`op` (a GLA op's name) while `torch.export` traces: `loop_free_gla`, or an error for what a graph cannot carry."
+    if cu_seqlens is not None:
+        raise InputError(f"{op}: `cu_seqlens` (packed sequences) cannot be exported: their boundaries are data, and "
+                         "the chunking depends on them. Export with a [batch_size, seq_len] batch instead.")
+    if gv is not None or reverse:
+        raise InputError(f"{op}: {'`gv`' if gv is not None else '`reverse=True`'} is not supported while exporting; "
+                         "only the key-side gate `gk`, forward in time, is.")
+    g = torch.zeros_like(q) if g is None else g   # the recurrent op's gate is optional
+    return loop_free_gla(q, k, v, g, scale, initial_state, output_final_state, state_v_first)
+

@@ -267,6 +267,10 @@ def fused_recurrent_gla(
         from myfla_gla.ops.cp import fused_recurrent_gla_cp
         return fused_recurrent_gla_cp(q, k, v, gk, gv, scale, cp_context, initial_state, output_final_state, reverse,
                                       checkpoint_every=checkpoint_every)
+    if torch.compiler.is_exporting():   # one graph for every length: no loop over tokens (`ops.chunk.loop_free_gla`)
+        from myfla_gla.ops.chunk import _gla_while_exporting
+        return _gla_while_exporting('fused_recurrent_gla', q, k, v, gk, scale, initial_state, output_final_state,
+                                    state_v_first, cu_seqlens, gv, reverse)
     B, T, H, K, V = check_gla_inputs(q, k, v, gk, gv, initial_state, state_v_first=state_v_first,
                                      cu_seqlens=cu_seqlens, g_name='gk', g_optional=True)
     N = B if cu_seqlens is None else len(_host(cu_seqlens, kwargs.get('cu_seqlens_cpu'))) - 1
