@@ -206,7 +206,12 @@ def test_config_values(kw, match):
 @pytest.mark.parametrize('kw, name', [(dict(num_heads=0), 'num_heads'), (dict(norm_eps=0.), 'norm_eps'),
                                       (dict(use_short_conv=True, conv_size=0), 'conv_size'),
                                       (dict(hidden_size=18, num_heads=4), 'divisible'),
-                                      (dict(expand_k=0.), 'key dim'),
+                                      (dict(expand_k=0.), '`expand_k` must be > 0'),
+                                      (dict(expand_v=float('inf')), '`expand_v` must be > 0 and finite'),
+                                      (dict(gate_logit_normalizer=0), '`gate_logit_normalizer` must be > 0'),
+                                      (dict(gate_logit_normalizer=-16), '`gate_logit_normalizer` must be > 0'),
+                                      (dict(clamp_min=0.5), '`clamp_min` must be <= 0'),
+                                      (dict(norm_eps=float('inf')), '`norm_eps` must be > 0 and finite'),
                                       (dict(layer_idx=-1), '`layer_idx` must be at least 0'),
                                       (dict(layer_idx='0'), '`layer_idx` must be an integer')])
 def test_layer_construction(kw, name):
