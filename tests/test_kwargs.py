@@ -100,7 +100,7 @@ def test_the_walk_finds_the_ops_and_modules():
     assert set(PASS_THROUGH) - {'GatedLinearAttention.forward'} <= names   # no stale entries
 
 
-@pytest.mark.parametrize('name,fn,call', [c for c in CASES if c[0] not in PASS_THROUGH], ids=lambda c: str(c)[:40])
+@pytest.mark.parametrize('name,fn,call', [pytest.param(*c, id=c[0]) for c in CASES if c[0] not in PASS_THROUGH])
 def test_every_op_and_module_rejects_a_misspelt_keyword(name, fn, call):
     "A near miss of a real keyword: a `TypeError` naming it, before any work (placeholders for the inputs)."
     bad = misspelling(fn)
@@ -170,7 +170,7 @@ def _packed():
     return q, k, v, g, torch.tensor([0, 5, 12])
 
 
-@pytest.mark.parametrize('op', [chunk_gla, fused_chunk_gla, fused_recurrent_gla])
+@pytest.mark.parametrize('op', [chunk_gla, fused_chunk_gla, fused_recurrent_gla], ids=lambda op: op.__name__)
 def test_cu_seqlens_cpu_must_agree(op):
     "On the CPU the values are compared, and the length always: a stale copy is a ValueError, not wrong boundaries."
     q, k, v, g, cu = _packed()
