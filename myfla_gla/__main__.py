@@ -25,10 +25,10 @@ from .testing import (DEFAULT_RATIO, check_devices, check_dtypes, compare, fla_a
                                op_inputs, reference_op, run_op, run_reference)
 
 # %% auto #0
-__all__ = ['GATE_ARG', 'LAYER_CONFIG', 'LAYER_RATIO', 'FLA_RATIO', 'FLA_LAYER_RATIO', 'OPS', 'MODULES', 'MODES', 'CheckResult',
-           'piece', 'memo', 'packed_boundaries', 'check_op', 'check_module', 'check_layer', 'check_decoding',
-           'check_padding', 'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check', 'format_row',
-           'format_header', 'selfcheck', 'positive_int', 'int_at_least', 'positive_float', 'available_device',
+__all__ = ['GATE_ARG', 'LAYER_CONFIG', 'LAYER_RATIO', 'FLA_RATIO', 'FLA_LAYER_RATIO', 'OPS', 'MODULES', 'MODES', 'positive_int',
+           'CheckResult', 'piece', 'memo', 'packed_boundaries', 'check_op', 'check_module', 'check_layer',
+           'check_decoding', 'check_padding', 'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check',
+           'format_row', 'format_header', 'selfcheck', 'int_at_least', 'positive_float', 'available_device',
            'unwritable', 'output_file', 'write_atomically', 'make_parser', 'parse_args', 'main']
 
 # %% ../nbs/07_selfcheck.ipynb #5887a571
@@ -382,16 +382,6 @@ def _no_fla_reason(fla):
     return 'FLA not importable'
 
 # %% ../nbs/07_selfcheck.ipynb #5c261c9a
-def positive_int(text: str) -> int:
-    "argparse type: an integer of at least 1 (a size, a count)."
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {n}')
-    return n
-
 def int_at_least(low: int) -> Callable[[str], int]:
     "argparse type maker: an integer of at least `low`."
     def parse(text: str) -> int:
@@ -404,6 +394,8 @@ def int_at_least(low: int) -> Callable[[str], int]:
         return n
     parse.__name__ = f'int_at_least_{low}'
     return parse
+
+positive_int = int_at_least(1)   # argparse type: a size, a count
 
 def positive_float(text: str) -> float:
     "argparse type: a finite number above 0 (a time, a scale); nan, inf, 0 and negatives are refused."

@@ -349,7 +349,7 @@ def test_bench_ctrl_c_in_a_real_process(tmp_path):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['-B', '-1'], 'argument -B: expected a positive integer, got -1'),
+    (['-B', '-1'], 'argument -B: expected an integer of at least 1, got -1'),
     (['--Ts', 'a,b', '--scaling'], "argument --Ts: expected comma-separated positive integers, got 'a,b'"),
     (['--impl', 'bogus'], "argument --impl: unknown implementation 'bogus'"),
     (['--device', 'nodevice'], "argument --device: device 'nodevice' is not available here"),
@@ -384,7 +384,7 @@ def test_cli_errors_are_one_line_without_traceback(capsys):
         selfcheck_main(['-T', '-5'])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.splitlines()[-1] == (
-        'python -m myfla_gla: error: argument -T/--seq-len: expected a positive integer, got -5')
+        'python -m myfla_gla: error: argument -T/--seq-len: expected an integer of at least 1, got -5')
 
 
 def test_bench_flags_impossible_readings_and_load():

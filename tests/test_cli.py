@@ -51,7 +51,7 @@ def parse(cli, argv, environ=None):
 SELF = 'python -m myfla_gla: error: argument '
 BENCH = 'python -m myfla_gla.bench: error: argument '
 DIST = 'python -m myfla_gla.distributed: error: argument '
-POS_INT = 'expected a positive integer, got'
+POS_INT = 'expected an integer of at least 1, got'
 POS_FLOAT = 'expected a finite number above 0, got'
 
 CASES = [  # (cli, argv, environ for distributed, the error's start or None where the command line is accepted)
