@@ -140,8 +140,8 @@ def export_step(
     "`DecodeStep(model)` traced by `torch.export` (for inference) with a dynamic batch and length."
     step = DecodeStep(model).eval()
     with torch.no_grad(), chunk_ops.one_token_branch(one_token_branch):
-        return torch.export.export(step, _example(step, min(max_batch, 2)),
-                                   dynamic_shapes=_dynamic_shapes(step, max_batch, max_length))
+        shapes = _dynamic_shapes(step, max_batch, max_length)   # checks the limits first
+        return torch.export.export(step, _example(step, min(max_batch, 2), min(max_length, 130)), dynamic_shapes=shapes)
 
 
 def _without_cond(program: torch.export.ExportedProgram, runtime: str):

@@ -13,6 +13,7 @@ from myfla_gla.export import (DecodeStep, ExecuTorchStep, OnnxStep, export_step,
                               to_executorch, to_onnx)
 from myfla_gla.layers.gla import GatedLinearAttention
 from myfla_gla.models.gla import GLAConfig, GLAForCausalLM
+from myfla_gla import get_err_ratio
 from myfla_gla.ops.chunk import chunk_gla, fused_chunk_gla, loop_free_gla
 from myfla_gla.ops.recurrent import fused_recurrent_gla, reference_recurrent_gla
 from myfla_gla.testing import random_gla_inputs
@@ -61,6 +62,16 @@ def test_loop_free_gla_matches_the_recurrence(T, normalizer):
     ro, rt = reference_recurrent_gla(q, k, v, g, scale=0.3, initial_state=h0, output_final_state=True)
     torch.testing.assert_close(o, ro, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ht, rt, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('normalizer', [1., 0.1, 0.01, 0.001])
+def test_loop_free_gla_keeps_float32_digits_under_strong_decays(normalizer):
+    "In float32 as eager's ops: the output and the final state within float32 rounding of the float64 recurrence."
+    q, k, v, g = random_gla_inputs(3, 300, 2, 16, 8, gate_logit_normalizer=normalizer)
+    h0 = torch.randn(3, 2, 16, 8)
+    o, ht = loop_free_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    ro, rt = reference_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert get_err_ratio(ro, o) < 1e-6 and get_err_ratio(rt, ht) < 1e-6, (get_err_ratio(ro, o), get_err_ratio(rt, ht))
 
 
 def test_ops_and_layer_modes_dispatch_to_loop_free_gla_while_exporting(monkeypatch):
@@ -147,6 +158,16 @@ def test_exported_step_equals_generate_and_eager(model, program, prompt, referen
         got, want = program.module()(ids, *states), step(ids, *states)
         for name, a, b in zip(['logits', *step.state_names], got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=lambda m: f'{name}: {m}')
+
+
+def test_export_limits_below_the_example_size(model):
+    "A graph for short inputs only (max_length below the usual example of 130 tokens) and bad limits named."
+    program, step = export_step(model, max_batch=3, max_length=100), DecodeStep(model)
+    ids, states = torch.randint(0, 64, (3, 90)), [torch.randn_like(s) for s in step.initial_states(3)]
+    for a, b in zip(program.module()(ids, *states), step(ids, *states)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    with pytest.raises(InputError, match='`max_batch` must be at least 1'):
+        export_step(model, max_batch=0)
 
 
 @pytest.mark.parametrize('what', ['attention_mask', 'cu_seqlens', 'past_key_values', 'use_cache'])

@@ -618,7 +618,10 @@ def _loop_free(q, k, v, g, scale, h0):
     q, k, v, g = map(chunks, (q, k, v, g))
     cum = g.cumsum(-2)                           # decay from the start of the sub-chunk, inclusive
     tot = cum[..., -1, :]                        # [B*H, N, NS, K] each sub-chunk's total
-    to_end = tot[..., None, :] - cum             # decay from after token j to the end of its sub-chunk
+    # sums of the later terms themselves (exclusive suffix sums), not differences of large prefix sums, which
+    # cancel: with strong decays a difference keeps few of float32's digits, and the states lose them
+    suffix = lambda x: F.pad(x.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))
+    to_end = suffix(g)                           # decay from after token j to the end of its sub-chunk
     # within a sub-chunk: every pair's decay exactly (c x c x K)
     A_diag = (q[..., :, None, :] * _segsum(g).exp() * k[..., None, :, :]).sum(-1)          # [.., NS, c, c]
     # sub-chunk I against an earlier J: q decayed from the start of I, k from j to the end of I-1 (exponents <= 0)
@@ -632,7 +635,7 @@ def _loop_free(q, k, v, g, scale, h0):
     # between chunks: each chunk's own state, then the state entering every chunk as one product over chunk
     # pairs with decays exp(sum of the gates in between) <= 1: quadratic in the number of chunks, no loop
     before = F.pad(tot.cumsum(-2)[..., :-1, :], (0, 0, 1, 0))          # earlier sub-chunks of the chunk
-    after = tot.sum(-2, keepdim=True) - tot.cumsum(-2)                  # later sub-chunks of the chunk
+    after = suffix(tot)                                                 # later sub-chunks of the chunk
     q_in = (q * (cum + before[..., None, :]).exp()).reshape(B * H, N, C, K)
     k_out = (k * (to_end + after[..., None, :]).exp()).reshape(B * H, N, C, K)
     h = q.new_zeros(B * H, K, V) if h0 is None else h0.reshape(B * H, K, V)
