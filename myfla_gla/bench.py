@@ -949,9 +949,10 @@ def save_plot(record: dict, path):
 def _print_results(a, record):
     if a.scaling:
         for name, rows in record['results'].items():
-            cells = ', '.join(f"{r['T']}: {_fmt(r['fwd_bwd_ms'], '.1f')}" + ('' if r['status'] == 'ok' else f" ({r['status']})")
+            key = 'fwd_bwd_ms' if any(r['fwd_bwd_ms'] is not None for r in rows) else 'fwd_ms'   # forward-only rows
+            cells = ', '.join(f"{r['T']}: {_fmt(r[key], '.1f')}" + ('' if r['status'] == 'ok' else f" ({r['status']})")
                               for r in rows)
-            print(f'{name:34s} fwd+bwd ms  {cells}')
+            print(f"{name:34s} {'fwd+bwd ms' if key == 'fwd_bwd_ms' else 'fwd ms':10s}  {cells}")
         if record.get('floor'):
             cells = ', '.join(f"{f['T']}: {_fmt((floor_ms(f) or {}).get('fwd_bwd_ms'), '.3g')}" for f in record['floor'])
             print(f"{'floor (chunk form)':34s} fwd+bwd ms  {cells}")

@@ -313,8 +313,9 @@ def test_bench_records_without_floor_still_format():
         bench.measure_floor(1, 16, 1, 4, 4, stat='mean')
 
 
-def test_bench_scaling_json_and_plot(tmp_path):
-    "The record and the plot; the plot through a symlink, which stays (its target gets the image)."
+def test_bench_scaling_json_and_plot(tmp_path, capsys):
+    """The record and the plot; the plot through a symlink, which stays (its target gets the image). The summary
+    printed gives forward+backward times, and forward times for a row timed forward only."""
     out, png, link = tmp_path / 's.json', tmp_path / 's.png', tmp_path / 'link.png'
     link.symlink_to(png.name)
     code = bench.main([*tiny, '--scaling', '--Ts', '16,32', '--rounds', '2', '--impl', 'naive_recurrent_gla',
@@ -327,6 +328,10 @@ def test_bench_scaling_json_and_plot(tmp_path):
     assert [r['T'] for r in rec['results']['softmax attention (SDPA, causal)']] == [16, 32]
     assert all(r['fwd_bwd_ms'] > 0 for r in rec['results']['softmax attention (SDPA, causal)'])
     assert [f['T'] for f in rec['floor']] == [16, 32] and all(f['fwd_bwd']['floor_ms'] > 0 for f in rec['floor'])
+    printed = capsys.readouterr().out
+    naive = ', '.join(f"{r['T']}: {r['fwd_ms']:.1f}" for r in rec['results']['naive_recurrent_gla'])
+    assert f"{'naive_recurrent_gla':34s} fwd ms      {naive}" in printed.splitlines(), printed
+    assert 'softmax attention (SDPA, causal)   fwd+bwd ms  16: ' in printed
 
 
 def test_bench_scaling_saves_each_length(tmp_path, monkeypatch, capsys):
