@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import benchmark
 from tqdm import tqdm
@@ -32,6 +33,7 @@ from tqdm import tqdm
 import myfla_gla
 from .__main__ import available_device, output_file, positive_float, positive_int, write_atomically
 from .floor import floor as measure_floor
+from .ops.chunk import loop_free_gla
 from .ops.recurrent import naive_recurrent_gla as reference_gla
 from .testing import fla_available, get_err_ratio, random_gla_inputs
 
@@ -164,7 +166,7 @@ def peak_memory(fn: Callable, device) -> int:
 
 # %% ../nbs/08_bench.ipynb #2d90742f
 class NotAvailable(Exception):
-    "This implementation cannot run here (no CUDA, no FLA, or a size limit)."
+    "This implementation cannot run here (no CUDA, no FLA, a package not installed, or a size limit)."
 
 @dataclass
 class Case:
@@ -172,7 +174,10 @@ class Case:
     fwd: Callable[[], torch.Tensor]       # forward, returns the output
     leaves: list[torch.Tensor]            # what the backward differentiates
     ref: Callable[[], torch.Tensor] | None = None  # float64 output to compare against (None: no error)
-    fwd_only: bool = False                # no backward (slow references)
+    fwd_only: bool = False                # no backward (slow references, inference graphs)
+    note: str = ''                        # the row's note: why forward only, one-off costs
+    memory: bool = True                   # PyTorch's allocator sees its memory (ONNX Runtime has its own)
+    info: dict = field(default_factory=dict)   # more fields of the row (JSON), e.g. seconds spent exporting
 
 def _need_fla(cfg):
     if not (str(cfg.device).startswith('cuda') and fla_available()):
@@ -240,7 +245,8 @@ def _naive(inp, op=None):
     c = inp.cfg
     if c.T > c.naive_max_T:
         raise NotAvailable(f'T > --naive-max-T {c.naive_max_T}')
-    return replace(_op_case(op or myfla_gla.naive_recurrent_gla, inp, gate='gk'), fwd_only=not c.naive_bwd)
+    return replace(_op_case(op or myfla_gla.naive_recurrent_gla, inp, gate='gk'), fwd_only=not c.naive_bwd,
+                   note='' if c.naive_bwd else 'forward only (--naive-bwd for backward)')
 
 def _fla_naive(inp):
     """FLA's own pure-PyTorch `naive_recurrent_gla`, the baseline of the CPU targets. Its file imports only torch, so
@@ -275,6 +281,75 @@ def _sdpa(inp):
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (inp.q, inp.k, inp.v))
     return Case(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), [qt, kt, vt])
 
+# %% ../nbs/08_bench.ipynb #c91557b4
+class _LoopFree(nn.Module):
+    "`loop_free_gla`'s output as a module, which `torch.export` takes."
+    def forward(self, q, k, v, g):
+        return loop_free_gla(q, k, v, g)[0]
+
+def _exported(cfg: BenchConfig) -> tuple[torch.export.ExportedProgram, float]:
+    """`loop_free_gla`, the op an exported model's graph carries, traced by `torch.export` for inference with a
+    dynamic batch and length, and the seconds that took: once per head sizes, dtype and device (every length,
+    round and row reuses it)."""
+    key = (cfg.H, cfg.K, cfg.V, cfg.dtype, str(cfg.device))
+    if key not in _exported.cache:
+        t0 = time.perf_counter()
+        # example sizes other than 0 and 1 (which torch.export would make constants), over several chunks
+        example = random_gla_inputs(2, 130, cfg.H, cfg.K, cfg.V, dtype=cfg.torch_dtype, device=cfg.device)
+        dims = {0: torch.export.Dim('batch', min=1), 1: torch.export.Dim('length', min=1)}
+        with torch.no_grad():
+            program = torch.export.export(_LoopFree(), example, dynamic_shapes=(dims,) * 4)
+        _exported.cache[key] = program, time.perf_counter() - t0
+    return _exported.cache[key]
+_exported.cache = {}
+
+def _export_case(inp):
+    program, seconds = _exported(inp.cfg)
+    run, qkvg = program.module(), (inp.q, inp.k, inp.v, inp.g)
+    return Case(lambda: run(*qkvg), list(qkvg), inp.op_ref, fwd_only=True, info=dict(export_s=round(seconds, 2)),
+                note=f'forward only (an inference graph); exported once in {seconds:.1f} s')
+
+def _onnx_session(cfg: BenchConfig):
+    """`_exported`'s program written as ONNX and loaded by ONNX Runtime (CPU provider, as many intra-op threads as
+    torch has), and the seconds that took: once per head sizes, dtype and thread count."""
+    threads = torch.get_num_threads()
+    key = (cfg.H, cfg.K, cfg.V, cfg.dtype, threads)
+    if key not in _onnx_session.cache:
+        import onnxruntime as ort
+        program, _ = _exported(cfg)
+        t0 = time.perf_counter()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads   # rows compared at one thread count
+        with tempfile.TemporaryDirectory() as d, _quiet_stderr():   # the exporter's lines about absent packages
+            path = Path(d, 'gla.onnx')
+            torch.onnx.export(program, f=str(path), dynamo=True, verbose=False, input_names=list('qkvg'),
+                              output_names=['o'])
+            session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+        _onnx_session.cache[key] = session, time.perf_counter() - t0
+    return _onnx_session.cache[key]
+_onnx_session.cache = {}
+
+def _onnx_case(inp):
+    cfg = inp.cfg
+    for module in ('onnxruntime', 'onnxscript'):   # onnxscript: what torch.onnx.export writes the file with
+        if importlib.util.find_spec(module) is None:
+            raise NotAvailable(f"{module} is not installed (pip install 'myfla_gla[export]')")
+    if str(cfg.device) != 'cpu':
+        raise NotAvailable("ONNX Runtime's CPU provider: a --device cpu run only")
+    if cfg.dtype not in ('float32', 'float64'):
+        raise NotAvailable(f'ONNX Runtime runs here in float32 or float64 only, not {cfg.dtype}')
+    import onnxruntime
+    session, seconds = _onnx_session(cfg)
+    seconds += _exported(cfg)[1]
+    threads = session.get_session_options().intra_op_num_threads
+    feeds = {n: x.detach().numpy() for n, x in zip('qkvg', (inp.q, inp.k, inp.v, inp.g))}
+    return Case(lambda: torch.from_numpy(session.run(['o'], feeds)[0]), [], inp.op_ref, fwd_only=True, memory=False,
+                info=dict(export_s=round(seconds, 2), onnxruntime=onnxruntime.__version__, ort_threads=threads),
+                note=f'forward only (an inference graph); exported once (torch.export, ONNX, session) in '
+                     f"{seconds:.1f} s; onnxruntime {onnxruntime.__version__}, {threads} thread{'s' * (threads > 1)} "
+                     'as torch; memory: its own allocator, not measured')
+
+
 # %% ../nbs/08_bench.ipynb #e215a60a
 IMPLS: dict[str, tuple[str, Callable[[Inputs], Case]]] = {  # name: (group, case maker)
     'chunk_gla': ('myfla_gla', lambda i: _op_case(myfla_gla.chunk_gla, i)),
@@ -283,6 +358,8 @@ IMPLS: dict[str, tuple[str, Callable[[Inputs], Case]]] = {  # name: (group, case
     'fused_recurrent_gla': ('myfla_gla', lambda i: _op_case(myfla_gla.fused_recurrent_gla, i, gate='gk')),
     'naive_recurrent_gla': ('myfla_gla', _naive),
     'FLA naive_recurrent_gla': ('FLA', _fla_naive),
+    'loop_free_gla (torch.export)': ('myfla_gla', _export_case),
+    'loop_free_gla (ONNX Runtime)': ('myfla_gla', _onnx_case),
     'GatedLinearAttention (chunk)': ('myfla_gla', _layer_case),
     'FLA chunk_gla': ('FLA', lambda i: _fla_op('chunk_gla', i)),
     'FLA fused_recurrent_gla': ('FLA', lambda i: _fla_op('fused_recurrent_gla', i)),
@@ -317,6 +394,7 @@ def measure(name: str, inp: Inputs, progress=None, timing_only: bool = False) ->
     try:
         step('set-up')
         case = make(inp)
+        row.update(note=case.note, **case.info)
         def fwd():
             with torch.no_grad():
                 return case.fwd()
@@ -334,9 +412,7 @@ def measure(name: str, inp: Inputs, progress=None, timing_only: bool = False) ->
             t = time_fn(fwd_bwd, cfg.device, cfg.repeats, cfg.warmup, cfg.budget)
             row.update(fwd_bwd_ms=t[cfg.stat + '_ms'], fwd_bwd_median_ms=t['median_ms'], fwd_bwd_min_ms=t['min_ms'],
                        warmup_s=max(row['warmup_s'], t['first_s']))
-        elif case.fwd_only:
-            row['note'] = 'forward only (--naive-bwd for backward)'
-        if cfg.memory and not timing_only:
+        if cfg.memory and case.memory and not timing_only:
             step('memory')
             p = peak_memory(fwd, cfg.device)
             row['fwd_peak_mib'] = None if p is None else p / MiB
@@ -611,7 +687,8 @@ def load_record(path) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 # %% ../nbs/08_bench.ipynb #51eddf0f
-SCALING_IMPLS = ['chunk_gla', 'fused_chunk_gla', 'fused_recurrent_gla', 'naive_recurrent_gla', 'FLA chunk_gla',
+SCALING_IMPLS = ['chunk_gla', 'fused_chunk_gla', 'fused_recurrent_gla', 'naive_recurrent_gla',
+                 'loop_free_gla (torch.export)', 'loop_free_gla (ONNX Runtime)', 'FLA chunk_gla',
                  'FLA fused_recurrent_gla', 'softmax attention (SDPA, causal)']
 
 def scaling(cfg: BenchConfig, Ts=(256, 512, 1024, 2048, 4096, 8192, 16384), max_s: float = 5.,
@@ -732,7 +809,8 @@ def plot_scaling(record: dict, axes=None):
     return axes
 
 # %% ../nbs/08_bench.ipynb #865c43fb
-OPT_IN = {'chunk_gla (compiled)': 'compile', 'naive_recurrent_gla': 'naive', 'FLA naive_recurrent_gla': 'naive'}
+OPT_IN = {'chunk_gla (compiled)': 'compile', 'naive_recurrent_gla': 'naive', 'FLA naive_recurrent_gla': 'naive',
+          'loop_free_gla (torch.export)': 'exported', 'loop_free_gla (ONNX Runtime)': 'exported'}
 
 def impl_name(name: str) -> str:
     "argparse type: the name of an implementation of `IMPLS`."
@@ -779,6 +857,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--compile', action='store_true', help='also run the torch.compile variant (compiling takes minutes)')
     p.add_argument('--naive', action='store_true',
                    help="also run the token-by-token references naive_recurrent_gla and FLA's (slow)")
+    p.add_argument('--exported', action='store_true', help=(
+        'also run the op as an exported model carries it (loop_free_gla, torch.export with a dynamic batch and '
+        "length), forward only: the program in eager PyTorch and, where onnxruntime is installed, in ONNX Runtime's "
+        'CPU provider with as many threads as torch; exporting, once, is not timed (about 10 s)'))
     p.add_argument('--no-backward', action='store_true', help='time the forward only')
     p.add_argument('--no-memory', action='store_true', help='do not measure peak memory')
     p.add_argument('--no-error', action='store_true', help='do not compute errors against float64')
@@ -867,9 +949,10 @@ def save_plot(record: dict, path):
 def _print_results(a, record):
     if a.scaling:
         for name, rows in record['results'].items():
-            cells = ', '.join(f"{r['T']}: {_fmt(r['fwd_bwd_ms'], '.1f')}" + ('' if r['status'] == 'ok' else f" ({r['status']})")
+            key = 'fwd_bwd_ms' if any(r['fwd_bwd_ms'] is not None for r in rows) else 'fwd_ms'   # forward-only rows
+            cells = ', '.join(f"{r['T']}: {_fmt(r[key], '.1f')}" + ('' if r['status'] == 'ok' else f" ({r['status']})")
                               for r in rows)
-            print(f'{name:34s} fwd+bwd ms  {cells}')
+            print(f"{name:34s} {'fwd+bwd ms' if key == 'fwd_bwd_ms' else 'fwd ms':10s}  {cells}")
         if record.get('floor'):
             cells = ', '.join(f"{f['T']}: {_fmt((floor_ms(f) or {}).get('fwd_bwd_ms'), '.3g')}" for f in record['floor'])
             print(f"{'floor (chunk form)':34s} fwd+bwd ms  {cells}")

@@ -125,6 +125,8 @@ def test_bench_presets_and_overrides():
     assert 'naive_recurrent_gla' not in cfg.impls and 'chunk_gla (compiled)' not in cfg.impls   # opt-in rows
     assert 'chunk_gla (compiled)' in bench.config_from_args(bench.parse_args(['--compile'])).impls
     assert {'naive_recurrent_gla', 'FLA naive_recurrent_gla'} <= set(bench.config_from_args(bench.parse_args(['--naive'])).impls)
+    exported = set(bench.config_from_args(bench.parse_args(['--exported'])).impls) - set(cfg.impls)
+    assert exported == set(EXPORTED) and not exported & set(bench.config_from_args(bench.parse_args([])).impls)
     assert bench.PRESETS['cpu'] == dict(B=2, T=4096, H=4, K=128, V=128, dtype='float32')
     assert cfg.floor and not bench.config_from_args(bench.parse_args(['--no-floor'])).floor   # the floor: on by default
     with pytest.raises(SystemExit):
@@ -144,7 +146,7 @@ def test_bench_json_record(tmp_path, capsys):
         assert key in rec['meta']
     assert rec['meta']['command'].startswith('python -m myfla_gla.bench --preset small')
     rows = {r['name']: r for r in rec['results']}
-    assert set(rows) == set(bench.IMPLS) - {'chunk_gla (compiled)'}
+    assert set(rows) == {n for n in bench.IMPLS if bench.OPT_IN.get(n) in (None, 'naive')}
     for r in rows.values():
         assert set(r) >= {'status', 'fwd_ms', 'fwd_bwd_ms', 'fwd_peak_mib', 'fwd_bwd_peak_mib', 'err', 'note'}
         assert r['status'] in ('ok', 'n/a'), r
@@ -156,6 +158,44 @@ def test_bench_json_record(tmp_path, capsys):
         if hasattr(myfla_gla, 'GatedLinearAttention' if 'Gated' in name else name):
             assert rows[name]['status'] == 'ok' and rows[name]['fwd_bwd_ms'] > 0
             assert rows[name]['err'] < 1e-5, rows[name]
+
+
+EXPORTED = ['loop_free_gla (torch.export)', 'loop_free_gla (ONNX Runtime)']
+
+
+@pytest.mark.skipif(importlib.util.find_spec('onnxruntime') is None or importlib.util.find_spec('onnxscript') is None,
+                    reason="onnxruntime or onnxscript is not installed (pip install -e '.[export]')")
+def test_bench_exported_rows(tmp_path, capsys):
+    """--exported: the op exported once (dynamic batch and length) and timed in eager PyTorch and in ONNX Runtime,
+    forward only, with its error against float64; ONNX Runtime with torch's thread count, its memory not measured."""
+    out = tmp_path / 'r.json'
+    assert bench.main([*tiny, '-T', '100', '--no-floor', '--exported', '--impl', 'chunk_gla', *(
+        a for n in EXPORTED for a in ('--impl', n)), '--json', str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = {r['name']: r for r in json.loads(out.read_text())['results']}
+    assert list(rows) == ['chunk_gla', *EXPORTED] and all(n in printed for n in EXPORTED)
+    eager, ort = rows['loop_free_gla (torch.export)'], rows['loop_free_gla (ONNX Runtime)']
+    for r in (eager, ort):
+        assert r['status'] == 'ok' and 0 < r['fwd_ms'] < 1e3 and 0 < r['err'] < 1e-5, r
+        assert r['fwd_bwd_ms'] is None and r['note'].startswith('forward only (an inference graph)')
+    assert 0 < eager['export_s'] < ort['export_s'] and f"exported once in {eager['export_s']:.1f} s" in eager['note']
+    assert eager['fwd_peak_mib'] > 0 and ort['fwd_peak_mib'] is None and 'not measured' in ort['note']
+    assert ort['ort_threads'] == torch.get_num_threads() and ort['onnxruntime']
+    head, body = bench.table_rows(json.loads(out.read_text()))
+    cells = {b[0]: dict(zip(head, b)) for b in body}
+    assert [cells[n]['fwd+bwd ms'] for n in EXPORTED] == ['-', '-'] and cells[EXPORTED[1]]['fwd MiB'] == '-'
+
+
+def test_bench_onnx_row_without_onnxruntime(monkeypatch):
+    "Without onnxruntime the ONNX row says so in one line (n/a), and nothing is exported."
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'onnxruntime' else find_spec(name, *a))
+    monkeypatch.setattr(bench, '_exported', lambda cfg: pytest.fail('exported without onnxruntime'))
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=16, H=1, K=4, V=4, repeats=1, warmup=1, floor=False,
+                                            impls=[EXPORTED[1]]), progress=False)
+    row, = rec['results']
+    assert (row['status'], row['note']) == ('n/a', "onnxruntime is not installed (pip install 'myfla_gla[export]')")
+    assert bench.row_line(row, rec['meta']) == f"{EXPORTED[1]}: n/a: {row['note']}"
 
 
 def test_bench_reports_failures_in_rows(monkeypatch):
@@ -273,8 +313,9 @@ def test_bench_records_without_floor_still_format():
         bench.measure_floor(1, 16, 1, 4, 4, stat='mean')
 
 
-def test_bench_scaling_json_and_plot(tmp_path):
-    "The record and the plot; the plot through a symlink, which stays (its target gets the image)."
+def test_bench_scaling_json_and_plot(tmp_path, capsys):
+    """The record and the plot; the plot through a symlink, which stays (its target gets the image). The summary
+    printed gives forward+backward times, and forward times for a row timed forward only."""
     out, png, link = tmp_path / 's.json', tmp_path / 's.png', tmp_path / 'link.png'
     link.symlink_to(png.name)
     code = bench.main([*tiny, '--scaling', '--Ts', '16,32', '--rounds', '2', '--impl', 'naive_recurrent_gla',
@@ -287,6 +328,10 @@ def test_bench_scaling_json_and_plot(tmp_path):
     assert [r['T'] for r in rec['results']['softmax attention (SDPA, causal)']] == [16, 32]
     assert all(r['fwd_bwd_ms'] > 0 for r in rec['results']['softmax attention (SDPA, causal)'])
     assert [f['T'] for f in rec['floor']] == [16, 32] and all(f['fwd_bwd']['floor_ms'] > 0 for f in rec['floor'])
+    printed = capsys.readouterr().out
+    naive = ', '.join(f"{r['T']}: {r['fwd_ms']:.1f}" for r in rec['results']['naive_recurrent_gla'])
+    assert f"{'naive_recurrent_gla':34s} fwd ms      {naive}" in printed.splitlines(), printed
+    assert 'softmax attention (SDPA, causal)   fwd+bwd ms  16: ' in printed
 
 
 def test_bench_scaling_saves_each_length(tmp_path, monkeypatch, capsys):
