@@ -159,13 +159,16 @@ def _segmented_arange(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     starts = F.pad(counts.cumsum(0), (1, 0))[:-1]
     return seg_id, torch.arange(len(seg_id), device=counts.device) - starts[seg_id]
 
-def _host(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None) -> torch.Tensor:
+def _host(cu_seqlens: torch.Tensor | None, cu_seqlens_cpu: torch.Tensor | None) -> torch.Tensor | None:
     """The copy of `cu_seqlens` to compute indices from: FLA's `cu_seqlens_cpu` when given (no device synchronisation).
     The two must agree: their lengths always, their values where `cu_seqlens` is on the CPU too. On another device
     the values are not compared (that would cost the synchronisation `cu_seqlens_cpu` exists to avoid): there a
-    `cu_seqlens_cpu` that disagrees sets the boundaries."""
+    `cu_seqlens_cpu` that disagrees sets the boundaries. A copy without `cu_seqlens` (no packing) is an error."""
     if cu_seqlens_cpu is None:
         return cu_seqlens
+    if cu_seqlens is None:
+        raise ValueError("`cu_seqlens_cpu` is given without `cu_seqlens`: it is a host copy of `cu_seqlens`; pass both "
+                         "for packed sequences, or neither")
     if not isinstance(cu_seqlens_cpu, torch.Tensor) or cu_seqlens_cpu.shape != cu_seqlens.shape \
             or (cu_seqlens.device.type == 'cpu' and not torch.equal(cu_seqlens_cpu.long(), cu_seqlens.long())):
         got = cu_seqlens_cpu.tolist() if isinstance(cu_seqlens_cpu, torch.Tensor) else cu_seqlens_cpu

@@ -197,7 +197,10 @@ TINY = dict(hidden_size=16, num_hidden_layers=1, num_heads=2, vocab_size=10)
                                        (dict(num_kv_heads=3), 'divisible by `num_kv_heads`'),
                                        (dict(expand_k=0.), r'`hidden_size \* expand_k`'),
                                        (dict(hidden_size=18, num_heads=4), r'`hidden_size \* expand_k` \(18 \* 0.5'),
-                                       (dict(conv_size=0), '`conv_size` must be at least 1')])
+                                       (dict(conv_size=0), '`conv_size` must be at least 1'),
+                                       (dict(hidden_act='nope'), "`hidden_act` must be one of \\['swish', 'powlu'\\]"),
+                                       (dict(feature_map='nope'), '`feature_map` must be one of'),
+                                       (dict(attn_mode='chunked'), '`attn_mode` must be one of')])
 def test_config_values(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         GLAConfig(**{**TINY, **kw})

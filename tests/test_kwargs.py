@@ -181,6 +181,8 @@ def test_cu_seqlens_cpu_must_agree(op):
     for bad in (torch.tensor([0, 7, 12]), torch.tensor([0, 5, 8, 12])):
         with pytest.raises(ValueError, match='cu_seqlens_cpu'):
             op(q, k, v, g, cu_seqlens=cu, cu_seqlens_cpu=bad)
+    with pytest.raises(ValueError, match='`cu_seqlens_cpu` is given without `cu_seqlens`'):   # no packing asked for
+        op(q, k, v, g, cu_seqlens_cpu=cu)
 
 
 def test_cu_seqlens_cpu_in_the_conv_and_the_index_helpers():

@@ -824,3 +824,14 @@ def test_without_transformers(tmp_path):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert 'plain path ok' in res.stdout
+
+
+def test_gated_mlp_warns_about_a_keyword_it_does_not_use(monkeypatch):
+    "The block passes the layer's keywords on to its MLP; anything else is named once, not dropped silently."
+    monkeypatch.setattr(checks, '_WARNED', set())
+    mlp, x = GatedMLP(16), torch.randn(1, 8, 16)
+    with pytest.warns(UserWarning, match=r'GatedMLP.forward\(\) ignores the keyword argument `bogus`'):
+        y = mlp(x, bogus=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        torch.testing.assert_close(mlp(x, cu_seqlens=None, cp_context=None), y)

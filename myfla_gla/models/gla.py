@@ -19,10 +19,11 @@ from .._plain import (
     TRANSFORMERS_AVAILABLE, _BaseOutput, _BlockBase, _CACHE_FIELD, _CausalLMOutput, _ConfigBase, _GenerationBases,
     _ModelBase, _PlainPreTrainedModel, _TRANSFORMERS_V5)
 from ..cache import Cache
-from ..checks import PASS_THROUGH_KWARGS, InputError, check_int, check_kwargs, check_number, warn_unknown_kwargs
+from ..checks import PASS_THROUGH_KWARGS, InputError, check_choice, check_int, check_kwargs, check_number, warn_unknown_kwargs
 from .checkpoint import (
     check_checkpoint, checkpoint_shapes, folder_lock, load_state_dict_from_folder, save_in_place)
 from ..layers.gla import GatedLinearAttention
+from ..utils import ACT2FN
 from ..modules.norms import RMSNorm
 
 # defined in `models.checkpoint` (with the rest of the checkpoint files' handling), part of this module's API
@@ -90,7 +91,11 @@ def get_hybrid_attention_spec(attn, layer_idx: int):
 
 # %% ../../nbs/10_models.ipynb #a570a890
 def _check_config_fields(c):
-    "Every numeric field of a `GLAConfig`, checked when it is built: an error naming the field, not a failure later."
+    "Every numeric and named-choice field of a `GLAConfig`, checked when it is built: an error naming the field."
+    check_choice('attn_mode', c.attn_mode, ('chunk', 'fused_chunk', 'fused_recurrent'))
+    check_choice('hidden_act', c.hidden_act, ('swish', 'powlu'))   # the MLP's (and the output gate's) activation
+    if c.feature_map is not None:
+        check_choice('feature_map', c.feature_map, sorted(ACT2FN))
     for name, minimum in (('hidden_size', 1), ('num_hidden_layers', 0), ('num_heads', 1), ('vocab_size', 1),
                           ('conv_size', 1), ('gate_low_rank_dim', 1)):
         check_int(name, getattr(c, name), minimum)
@@ -214,6 +219,10 @@ def powglu(x: torch.Tensor, y: torch.Tensor, power: float = 3.0) -> torch.Tensor
     g = torch.where(pos, xp ** (power / (xp.sqrt() + 1)), x) * torch.sigmoid(x)
     return (g * up.to(acc)).to(dtype)
 
+# keywords the layers read (`GatedLinearAttention`): passed on to every block (and its MLP)
+_LAYER_KWARGS = ('cu_seqlens', 'cp_context')
+
+
 class GatedMLP(nn.Module):
     "FLA's gated MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`, SwiGLU (or PowGLU)."
     def __init__(
@@ -240,7 +249,8 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:   # kwargs: the block's, for the layer
+        warn_unknown_kwargs(GatedMLP.forward, kwargs, used=_LAYER_KWARGS)
         gate, up = self.gate_proj(x), self.up_proj(x)
         if self.hidden_act == 'powlu':
             return self.down_proj(powglu(gate, up, self.powglu_power))
@@ -414,8 +424,6 @@ class GLAPreTrainedModel(_ModelBase):
 # keywords that transformers' `generate` or `Trainer` pass and that mean nothing to GLA (no positions, no token
 # types; `num_items_in_batch` is the loss's): dropped without a word
 _IGNORED_KWARGS = PASS_THROUGH_KWARGS + ('num_items_in_batch',)
-# keywords the layers read (`GatedLinearAttention`): passed on to every block
-_LAYER_KWARGS = ('cu_seqlens', 'cp_context')
 _warned_kwargs = set()   # the classes warned about `position_ids`
 
 def _layer_kwargs(module: nn.Module, kwargs: dict, attention_mask=None) -> dict:

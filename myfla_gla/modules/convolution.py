@@ -68,8 +68,7 @@ def causal_conv1d(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:   # y [B, T, D] in x's dtype; final state [N, D, W] in x's dtype
     "Causal depthwise convolution over every sequence, continuing `initial_state`; FLA's `causal_conv1d`."
     check_kwargs(causal_conv1d, kwargs)
-    if cu_seqlens is not None:
-        _host(cu_seqlens, cu_seqlens_cpu)   # (a check: the convolution reads `cu_seqlens`)
+    _host(cu_seqlens, cu_seqlens_cpu)   # (a check: the convolution reads `cu_seqlens`)
     if cp_context is not None:
         from myfla_gla.ops.cp import causal_conv1d_cp
         return causal_conv1d_cp(x, weight, bias, residual, activation, cp_context, initial_state, output_final_state)

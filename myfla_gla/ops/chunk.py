@@ -530,9 +530,9 @@ def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_f
     acc = torch.promote_types(q.dtype, torch.float32)
     if initial_state is not None and initial_state.dtype not in (torch.float32, acc):
         raise InputError(f"initial_state must be in float32 (or {acc}), got {initial_state.dtype}")
-    varlen = None
-    if cu_seqlens is not None:
-        cu = _host(cu_seqlens, cu_seqlens_cpu).to('cpu', torch.long)
+    varlen, cu = None, _host(cu_seqlens, cu_seqlens_cpu)
+    if cu is not None:
+        cu = cu.to('cpu', torch.long)
         if cu[0] != 0 or cu[-1] != T or (cu.diff() < 0).any():
             raise ValueError(f"`cu_seqlens` must rise from 0 to the packed length {T}; got {cu.tolist()}")
         varlen = _Varlen(cu_seqlens, cu, _chunk_size(int(cu.diff().max()) if len(cu) > 1 else 1))

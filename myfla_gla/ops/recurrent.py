@@ -273,7 +273,8 @@ def fused_recurrent_gla(
                                     state_v_first, cu_seqlens, gv, reverse)
     B, T, H, K, V = check_gla_inputs(q, k, v, gk, gv, initial_state, state_v_first=state_v_first,
                                      cu_seqlens=cu_seqlens, g_name='gk', g_optional=True)
-    N = B if cu_seqlens is None else len(_host(cu_seqlens, kwargs.get('cu_seqlens_cpu'))) - 1
+    cu = _host(cu_seqlens, kwargs.get('cu_seqlens_cpu'))   # a host copy, checked against `cu_seqlens`
+    N = B if cu is None else len(cu) - 1
     check_int('checkpoint_every', checkpoint_every, 1)   # tokens between the states the backward recomputes from
     scale = K ** -0.5 if scale is None else scale
     acc = functools.reduce(torch.promote_types, [x.dtype for x in (q, k, v, gk, gv) if x is not None], torch.float32)
