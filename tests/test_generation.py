@@ -212,3 +212,7 @@ def test_logits_to_keep(model):
             model(ids, logits_to_keep=-3)
         with pytest.raises(TypeError, match='`logits_to_keep` must be an integer'):
             model(ids, logits_to_keep=True)
+        with pytest.raises(TypeError, match='`logits_to_keep` must be an integer, got 2.5'):
+            model(ids, logits_to_keep=2.5)
+        with pytest.raises(TypeError, match='1-d integers'):
+            model(ids, logits_to_keep=torch.tensor([0.5]))

@@ -733,7 +733,11 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
 
     def _logits_and_loss(self, hidden_states, labels, logits_to_keep=0, num_items_in_batch=None, next_labels=None):
         "The head on the positions asked for (all of them with labels), and the shifted next-token loss."
-        if isinstance(logits_to_keep, int):   # the last k positions (0: all); `[:, 3:]` for -3 would drop the first 3
+        if isinstance(logits_to_keep, torch.Tensor):   # the positions to keep, as transformers' tensor form
+            if logits_to_keep.dim() != 1 or logits_to_keep.is_floating_point() or logits_to_keep.is_complex():
+                raise TypeError(f"`logits_to_keep` as a tensor must hold positions (1-d integers), got a "
+                                f"{logits_to_keep.dim()}-d {logits_to_keep.dtype} tensor")
+        elif logits_to_keep is not None:   # the last k positions (0: all); `[:, 3:]` for -3 would drop the first 3
             check_int('logits_to_keep', logits_to_keep, 0)
         if labels is not None or logits_to_keep is None:
             selected = hidden_states
