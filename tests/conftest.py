@@ -55,3 +55,13 @@ def nan_filled_empty(request, monkeypatch):
 def seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """For modules of tiny models (`pytestmark = pytest.mark.usefixtures('one_thread')`): one thread is fastest,
+    and immune to the spin-waits of oversubscribed cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -36,12 +36,7 @@ with torch.device('meta'):
 SHARD = 40_000   # bytes: the tiny models below then take 2 or 3 shards
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # (conftest.py)
 
 
 def tiny(seed: int, layers: int = 1) -> GLAForCausalLM:

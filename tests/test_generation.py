@@ -13,12 +13,7 @@ needs_transformers = pytest.mark.skipif(not TRANSFORMERS_AVAILABLE, reason='tran
 V = 64
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # (conftest.py)
 
 
 @pytest.fixture(scope='module')

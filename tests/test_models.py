@@ -25,13 +25,7 @@ root = Path(__file__).resolve().parent.parent
 needs_transformers = pytest.mark.skipif(not TRANSFORMERS_AVAILABLE, reason='transformers not installed')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "These models are tiny: one thread is fastest, and immune to the spin-waits of oversubscribed cores."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # (conftest.py)
 
 
 def tiny(**kw):
