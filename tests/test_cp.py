@@ -224,6 +224,8 @@ def test_cp_group_of_one(tmp_path):
         ctx = build_cp_context(cu, None, conv1d_kernel_size=4)
         assert ctx.is_first_rank and ctx.is_last_rank and ctx.pre_num_ranks == 0 and ctx.post_num_ranks == 0
         assert ctx.cu_seqlens.tolist() == [0, 5, 40] and ctx.num_seqs == 2
+        with pytest.raises(ValueError, match='`cu_seqlens_cpu` must be a copy of `cu_seqlens`'):
+            build_cp_context(cu, None, cu_seqlens_cpu=torch.tensor([0, 6, 40]))
         from myfla_gla.testing import random_gla_inputs
         q, k, v, g = random_gla_inputs(1, 40, 2, 8, generator=torch.Generator().manual_seed(0))
         o_ref, _ = chunk_gla(q, k, v, g, cu_seqlens=cu)

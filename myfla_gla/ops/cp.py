@@ -16,6 +16,7 @@ from ..layers.gla import GatedLinearAttention
 from ..modules.convolution import causal_conv1d
 from .chunk import chunk_gla, fused_chunk_gla
 from .recurrent import fused_recurrent_gla
+from ..utils import _host
 from ..testing import get_err_ratio, op_inputs, run_reference
 
 # %% auto #0
@@ -134,8 +135,11 @@ def build_cp_context(
         problem = ("`cu_seqlens` must be a 1-D integer tensor [N+1] of global cumulative lengths, got "
                    f"{getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
     else:
-        cu = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).to('cpu', torch.long)
-        if int(cu[0]) != 0 or bool((cu.diff() < 0).any()):
+        try:   # a host copy must agree with `cu_seqlens` (`utils._host`)
+            cu = _host(cu_seqlens, cu_seqlens_cpu).to('cpu', torch.long)
+        except ValueError as e:
+            cu, problem = None, str(e)
+        if cu is not None and (int(cu[0]) != 0 or bool((cu.diff() < 0).any())):
             cu, problem = None, f"`cu_seqlens` must start at 0 and never decrease, got {cu.tolist()}"
     device = cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else torch.device('cpu')
     _check_same_on_all_ranks(cu, problem, group, device)
