@@ -159,7 +159,7 @@ def main(argv=None):
     if a.out == '':
         print("python -m myfla_gla.distributed: --out '': no file is written", file=sys.stderr)
     if a.comm_bytes:                # spawns its own gloo groups of 2 and 4 processes
-        from myfla_gla.ops.cp import print_cp_comm_table
+        from myfla_gla.testing import print_cp_comm_table
         return print_cp_comm_table()
     torch.set_num_threads(1)
     losses = train(a.strategy, a.steps, a.batch_size, a.seq_len)

@@ -11,42 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from .ops.recurrent import reference_recurrent_gla
+# FLA's metric and its check (`fla.utils`'s names): defined in this chapter, exported to `myfla_gla.utils`, the bottom
+from .utils import DEFAULT_RATIO, assert_close, get_abs_err, get_err_ratio
+
+_all_ = ['DEFAULT_RATIO', 'assert_close', 'get_abs_err', 'get_err_ratio']
 
 # %% auto #0
-__all__ = ['DEFAULT_RATIO', 'get_abs_err', 'get_err_ratio', 'assert_close', 'compare', 'random_gla_inputs', 'op_inputs', 'run_op',
-           'reference_op', 'run_reference', 'compare_op', 'check_devices', 'check_dtypes', 'fla_available']
-
-# %% ../nbs/00b_testing.ipynb #7c20d0ed
-def get_abs_err(ref: torch.Tensor, x: torch.Tensor) -> float:
-    "Max absolute difference."
-    return (ref.detach().double() - x.detach().double().to(ref.device)).abs().max().item() if ref.numel() else 0.
-
-def get_err_ratio(ref: torch.Tensor, x: torch.Tensor) -> float:
-    "FLA's relative RMS error `rms(ref - x) / (rms(ref) + 1e-8)`."
-    ref, x = ref.detach().double(), x.detach().double().to(ref.device)
-    return ((ref - x).square().mean().sqrt() / (ref.square().mean().sqrt() + 1e-8)).item() if ref.numel() else 0.
-
-# %% ../nbs/00b_testing.ipynb #788e8fcd
-def assert_close(
-    prefix: str,            # what is compared, shown in the message
-    ref: torch.Tensor,      # the reference
-    x: torch.Tensor,        # the value under test
-    ratio: float,           # bound on the relative RMS error
-    err_atol: float = 0.,   # pass outright when the max abs error is at most this (FLA: 1e-6)
-) -> tuple[float, float]:   # (relative RMS error, max abs error)
-    "FLA's `assert_close`, failing on any NaN/inf and on a shape mismatch."
-    if tuple(ref.shape) != tuple(x.shape):
-        raise AssertionError(f"{prefix}: shape {tuple(x.shape)} != reference shape {tuple(ref.shape)}")
-    for name, t in (('reference', ref), ('result', x)):
-        if not torch.isfinite(t.detach()).all():
-            raise AssertionError(f"{prefix}: {name} has NaN or inf")
-    err, abs_err = get_err_ratio(ref, x), get_abs_err(ref, x)
-    if abs_err > err_atol and not err <= ratio:
-        raise AssertionError(f"{prefix}: relative RMS error {err:.3e} > {ratio:.1e} (max abs error {abs_err:.3e})")
-    return err, abs_err
-
-# %% ../nbs/00b_testing.ipynb #72b89ada
-DEFAULT_RATIO = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 5e-3}
+__all__ = ['compare', 'random_gla_inputs', 'op_inputs', 'run_op', 'reference_op', 'run_reference', 'compare_op', 'check_devices', 'check_dtypes', 'fla_available', 'DEFAULT_RATIO', 'assert_close', 'get_abs_err', 'get_err_ratio', 'run_on_ranks', 'cp_check_op', 'cp_layer_comm_bytes', 'cp_comm_table', 'print_cp_comm_table']
 
 # %% ../nbs/00b_testing.ipynb #e0d53b52
 def compare(
@@ -183,3 +154,114 @@ def fla_available() -> bool:
     except Exception:
         return False
     return True
+
+# %% ../nbs/12_cp.ipynb #c9a1e7d2
+import os
+
+import torch.distributed as dist
+
+from .layers.gla import GatedLinearAttention
+from .ops.chunk import chunk_gla, fused_chunk_gla
+from .ops.cp import COMM_BYTES, build_cp_context, reset_comm_bytes
+from .ops.recurrent import fused_recurrent_gla
+
+# %% ../nbs/12_cp.ipynb #373c9fb9
+def _worker(rank, world, store, fn, args, queue, timeout):
+    import datetime, traceback
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout))
+        try:
+            queue.put((rank, 'ok', fn(rank, world, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        queue.put((rank, 'error', traceback.format_exc()))
+
+def run_on_ranks(fn, world_size: int, *args, timeout: float = 60.) -> list:
+    "Run `fn(rank, world_size, *args)` in `world_size` CPU processes of one gloo group; their results, by rank."
+    import multiprocessing as mp, queue as _queue, tempfile, time
+    ctx = mp.get_context('spawn')     # `fn` must be importable (defined in a module, not in a notebook)
+    q = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_worker, args=(r, world_size, os.path.join(tmp, 'store'), fn, args, q, timeout),
+                             daemon=True) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        results, errors = {}, []
+        deadline = time.monotonic() + timeout
+        try:
+            while len(results) + len(errors) < world_size:
+                try:
+                    rank, status, value = q.get(timeout=1)
+                except _queue.Empty:
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                    if dead or time.monotonic() > deadline:
+                        errors.append(f'ranks {dead} died' if dead else f'no result within {timeout} s')
+                        break
+                    continue
+                (results.__setitem__(rank, value) if status == 'ok' else errors.append(f'rank {rank}:\n{value}'))
+        finally:
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+    if errors:
+        raise RuntimeError('\n'.join(errors))
+    return [results[r] for r in range(world_size)]
+
+# %% ../nbs/12_cp.ipynb #a5777163
+def cp_check_op(
+    rank: int, world: int,
+    cu_seqlens: list[int],                 # global boundaries; T = cu_seqlens[-1]
+    H: int = 2, K: int = 8, V: int = 8,
+    gate_logit_normalizer: float = 1.,
+    dtype: torch.dtype = torch.float32,
+    op: str = 'chunk_gla',                 # 'chunk_gla', 'fused_chunk_gla' or 'fused_recurrent_gla'
+    seed: int = 0,
+) -> dict:                                 # relative RMS errors of this rank's o, dq, dk, dv, dg
+    "On one rank: `op` with `cp_context` against the single-process float64 recurrence on the whole batch, sliced."
+    T, cu = cu_seqlens[-1], torch.tensor(cu_seqlens)
+    inputs = op_inputs('cpu', torch.float64, B=1, T=T, H=H, K=K, V=V, normalizer=gate_logit_normalizer,
+                       cu_seqlens=cu, seed=seed, h0=False, dht=False)
+    ref = run_reference(inputs, cu_seqlens=cu)                      # every rank computes the whole batch
+    sl = slice(rank * (T // world), (rank + 1) * (T // world))
+    mine = {n: inputs[n][:, sl].to(dtype).requires_grad_() for n in 'qkvg'}
+    ctx = build_cp_context(cu, group=None)
+    gate = 'gk' if op == 'fused_recurrent_gla' else 'g'
+    fn = {'chunk_gla': chunk_gla, 'fused_chunk_gla': fused_chunk_gla, 'fused_recurrent_gla': fused_recurrent_gla}[op]
+    o, _ = fn(mine['q'], mine['k'], mine['v'], **{gate: mine['g']}, cp_context=ctx)
+    grads = torch.autograd.grad(o, list(mine.values()), inputs['do'][:, sl].to(dtype))
+    errs = {'o': get_err_ratio(ref['o'][:, sl], o)}
+    errs.update({f'd{n}': get_err_ratio(ref[f'd{n}'][:, sl], d) for n, d in zip(mine, grads)})
+    return errs
+
+# %% ../nbs/12_cp.ipynb #6365c271
+def cp_layer_comm_bytes(rank: int, world: int, T: int, hidden_size: int = 256, num_heads: int = 4,
+                        conv_size: int = 4, seqlens: list[int] | None = None) -> dict:
+    "On one rank: bytes this rank sends and receives in one `GatedLinearAttention` layer's forward and backward."
+    torch.manual_seed(0)
+    layer = GatedLinearAttention(hidden_size=hidden_size, num_heads=num_heads, use_short_conv=True, conv_size=conv_size)
+    cu = torch.tensor([0, T] if seqlens is None else [0, *torch.tensor(seqlens).cumsum(0).tolist()])
+    ctx = build_cp_context(cu, group=None, conv1d_kernel_size=conv_size)
+    x = torch.randn(1, T, hidden_size)[:, rank * (T // world):(rank + 1) * (T // world)]
+    reset_comm_bytes()
+    o = layer(x, cp_context=ctx)[0]
+    fwd = dict(COMM_BYTES)
+    o.sum().backward()
+    return {'T': T, 'W': world, 'fwd_sent': fwd['sent'], 'fwd_received': fwd['received'],
+            'bwd_sent': COMM_BYTES['sent'] - fwd['sent'], 'bwd_received': COMM_BYTES['received'] - fwd['received'],
+            'collectives': COMM_BYTES['calls'], 'state_bytes': layer.num_heads * layer.head_k_dim * layer.head_v_dim * 4}
+
+def cp_comm_table(worlds=(2, 4), Ts=(256, 1024, 4096), hidden_size: int = 256, num_heads: int = 4) -> list[dict]:
+    "Bytes per rank per layer (rank 0's count; every rank sends the same) for each group size and length."
+    return [run_on_ranks(cp_layer_comm_bytes, W, T, hidden_size, num_heads)[0] for W in worlds for T in Ts]
+
+# %% ../nbs/12_cp.ipynb #2282f458
+def print_cp_comm_table(rows: list[dict] | None = None):
+    "Print `cp_comm_table()` (or `rows` from it): `python -m myfla_gla.distributed --comm-bytes`."
+    print(f"{'W':>2} {'T':>6} {'fwd sent':>9} {'fwd recv':>9} {'bwd sent':>9} {'bwd recv':>9} {'collectives':>11}")
+    for r in (cp_comm_table() if rows is None else rows):
+        print(f"{r['W']:>2} {r['T']:>6} {r['fwd_sent']:>9} {r['fwd_received']:>9} {r['bwd_sent']:>9} "
+              f"{r['bwd_received']:>9} {r['collectives']:>11}")

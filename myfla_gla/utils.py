@@ -10,13 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 # %% auto #0
-__all__ = ['ACT2FN', 'get_unpad_data', 'index_first_axis', 'index_put_first_axis', 'pad_input', 'unpad_input',
-           'unpad_hidden_states', 'repad_hidden_states', 'prepare_lens', 'prepare_lens_from_mask',
-           'prepare_cu_seqlens_from_lens', 'prepare_cu_seqlens_from_mask', 'prepare_position_ids',
-           'prepare_sequence_ids', 'prepare_token_indices', 'prepare_chunk_indices', 'prepare_chunk_offsets',
-           'prepare_split_cu_seqlens', 'check_cu_seqlens', 'sigmoid', 'logsigmoid', 'swish', 'sqrelu', 'gelu',
-           'bias_gelu', 'identity', 'get_abs_err', 'get_err_ratio', 'assert_close', 'DEFAULT_RATIO',
-           'random_gla_inputs', 'check_devices', 'check_dtypes', 'fla_available']
+__all__ = ['ACT2FN', 'get_unpad_data', 'index_first_axis', 'index_put_first_axis', 'pad_input', 'unpad_input', 'unpad_hidden_states', 'repad_hidden_states', 'prepare_lens', 'prepare_lens_from_mask', 'prepare_cu_seqlens_from_lens', 'prepare_cu_seqlens_from_mask', 'prepare_position_ids', 'prepare_sequence_ids', 'prepare_token_indices', 'prepare_chunk_indices', 'prepare_chunk_offsets', 'prepare_split_cu_seqlens', 'check_cu_seqlens', 'sigmoid', 'logsigmoid', 'swish', 'sqrelu', 'gelu', 'bias_gelu', 'identity', 'DEFAULT_RATIO', 'get_abs_err', 'get_err_ratio', 'assert_close']
 
 # %% ../nbs/00_utils.ipynb #13540363
 def _check_mask(attention_mask: torch.Tensor):
@@ -294,13 +288,34 @@ class _ActTable(dict):
 ACT2FN = _ActTable(relu=F.relu, sigmoid=sigmoid, logsigmoid=logsigmoid, silu=swish, swish=swish,
                    sqrelu=sqrelu, gelu=gelu, bias_gelu=bias_gelu, identity=identity)
 
-# %% ../nbs/00_utils.ipynb #b3f9d6e2
-_all_ = ['get_abs_err', 'get_err_ratio', 'assert_close', 'DEFAULT_RATIO', 'random_gla_inputs',
-         'check_devices', 'check_dtypes', 'fla_available']   # (so `from myfla_gla.utils import *` still has them)
+# %% ../nbs/00b_testing.ipynb #7c20d0ed
+def get_abs_err(ref: torch.Tensor, x: torch.Tensor) -> float:
+    "Max absolute difference."
+    return (ref.detach().double() - x.detach().double().to(ref.device)).abs().max().item() if ref.numel() else 0.
 
-def __getattr__(name):
-    "The check helpers of `myfla_gla.testing`, importable from `myfla_gla.utils` too."
-    if name in _all_:
-        from myfla_gla import testing
-        return getattr(testing, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def get_err_ratio(ref: torch.Tensor, x: torch.Tensor) -> float:
+    "FLA's relative RMS error `rms(ref - x) / (rms(ref) + 1e-8)`."
+    ref, x = ref.detach().double(), x.detach().double().to(ref.device)
+    return ((ref - x).square().mean().sqrt() / (ref.square().mean().sqrt() + 1e-8)).item() if ref.numel() else 0.
+
+# %% ../nbs/00b_testing.ipynb #788e8fcd
+def assert_close(
+    prefix: str,            # what is compared, shown in the message
+    ref: torch.Tensor,      # the reference
+    x: torch.Tensor,        # the value under test
+    ratio: float,           # bound on the relative RMS error
+    err_atol: float = 0.,   # pass outright when the max abs error is at most this (FLA: 1e-6)
+) -> tuple[float, float]:   # (relative RMS error, max abs error)
+    "FLA's `assert_close`, failing on any NaN/inf and on a shape mismatch."
+    if tuple(ref.shape) != tuple(x.shape):
+        raise AssertionError(f"{prefix}: shape {tuple(x.shape)} != reference shape {tuple(ref.shape)}")
+    for name, t in (('reference', ref), ('result', x)):
+        if not torch.isfinite(t.detach()).all():
+            raise AssertionError(f"{prefix}: {name} has NaN or inf")
+    err, abs_err = get_err_ratio(ref, x), get_abs_err(ref, x)
+    if abs_err > err_atol and not err <= ratio:
+        raise AssertionError(f"{prefix}: relative RMS error {err:.3e} > {ratio:.1e} (max abs error {abs_err:.3e})")
+    return err, abs_err
+
+# %% ../nbs/00b_testing.ipynb #72b89ada
+DEFAULT_RATIO = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 5e-3}

@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 from myfla_gla import (GatedLinearAttention, GLAConfig, GLAForCausalLM, ShortConvolution, causal_conv1d,
                        chunk_gla, fused_chunk_gla, fused_recurrent_gla)
-from myfla_gla.ops.cp import build_cp_context, cp_check_op, run_on_ranks
+from myfla_gla.ops.cp import build_cp_context
+from myfla_gla.testing import cp_check_op, run_on_ranks
 from myfla_gla.testing import DEFAULT_RATIO, get_err_ratio
 
 TIMEOUT = 90

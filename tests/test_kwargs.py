@@ -26,7 +26,7 @@ CTOR = {'hidden_size': 8, 'kernel_size': 2, 'intermediate_size': 16}
 
 # callables whose `**kwargs` carry keys through on purpose, with the reason; each is tested elsewhere
 PASS_THROUGH = {
-    'GatedMLP.forward': "FLA's blocks pass the layer's keys (cu_seqlens, ...) to the MLP too",
+    'GatedMLP.forward': "FLA's blocks pass the layer's keys (cu_seqlens, ...) to the MLP too: warns (test_models)",
     'fused_recurrent_gla_cp': 'forwards its keywords to fused_recurrent_gla, which checks them (needs process groups)',
     'GatedLinearAttention.forward': 'transformers passes extra keys to every layer: warns (test below)',
 }

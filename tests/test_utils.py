@@ -94,12 +94,15 @@ def test_activations_keep_dtype_and_reject_unknown():
 
 
 def test_check_helpers_have_one_definition():
-    "The check helpers live in `myfla_gla.testing`; the top level and `myfla_gla.utils` give the same objects."
+    """FLA's metric (`fla.utils`'s names) is defined in `myfla_gla.utils`, the bottom of the package; the harness
+    and the top level give the same objects. The rest of the harness lives in `myfla_gla.testing` only."""
     import myfla_gla
     from myfla_gla import testing, utils
-    for name in ('get_abs_err', 'get_err_ratio', 'assert_close', 'DEFAULT_RATIO', 'random_gla_inputs',
-                 'check_devices', 'check_dtypes', 'fla_available'):
+    for name in ('get_abs_err', 'get_err_ratio', 'assert_close', 'DEFAULT_RATIO'):
         assert getattr(myfla_gla, name) is getattr(testing, name) is getattr(utils, name), name
-        assert name in utils.__all__ and name not in vars(utils), name
+        assert name in utils.__all__ and name in vars(utils) and name in testing.__all__, name
+    for name in ('random_gla_inputs', 'check_devices', 'check_dtypes', 'fla_available'):
+        assert getattr(myfla_gla, name) is getattr(testing, name), name
+        assert name not in vars(utils) and name not in utils.__all__, name
     with pytest.raises(AttributeError, match='no_such_name'):
         utils.no_such_name

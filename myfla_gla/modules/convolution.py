@@ -71,7 +71,8 @@ def causal_conv1d(
     _host(cu_seqlens, cu_seqlens_cpu)   # (a check: the convolution reads `cu_seqlens`)
     if cp_context is not None:
         from myfla_gla.ops.cp import causal_conv1d_cp
-        return causal_conv1d_cp(x, weight, bias, residual, activation, cp_context, initial_state, output_final_state)
+        return causal_conv1d_cp(causal_conv1d, x, weight, bias, residual, activation, cp_context, initial_state,
+                                output_final_state)
     N = _check_conv_args(x, weight, residual, initial_state, cu_seqlens)
     B, T, D = x.shape
     W, acc = weight.shape[1], _acc(x.dtype)

@@ -560,7 +560,7 @@ def chunk_gla(
     "Gated linear attention, chunkwise parallel: all chunk states in one tensor, the intra parts in batched products."
     if cp_context is not None:
         from myfla_gla.ops.cp import chunk_gla_cp
-        return chunk_gla_cp(q, k, v, g, scale, cp_context, initial_state, output_final_state)
+        return chunk_gla_cp(chunk_gla, q, k, v, g, scale, cp_context, initial_state, output_final_state)
     return _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                         cu_seqlens_cpu, False)
 
@@ -584,7 +584,7 @@ def fused_chunk_gla(
     check_kwargs(fused_chunk_gla, kwargs, used=('head_first', 'cu_seqlens_cpu'))
     if cp_context is not None:
         from myfla_gla.ops.cp import chunk_gla_cp
-        return chunk_gla_cp(q, k, v, g, scale, cp_context, initial_state, output_final_state, fused=True)
+        return chunk_gla_cp(fused_chunk_gla, q, k, v, g, scale, cp_context, initial_state, output_final_state)
     return _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                         kwargs.get('cu_seqlens_cpu'), True)
 

@@ -5,24 +5,17 @@
 # %% ../../nbs/12_cp.ipynb #c6b8df53
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
-from ..layers.gla import GatedLinearAttention
-from ..modules.convolution import causal_conv1d
-from .chunk import chunk_gla, fused_chunk_gla
-from .recurrent import fused_recurrent_gla
 from ..utils import _host
-from ..testing import get_err_ratio, op_inputs, run_reference
 
 # %% auto #0
 __all__ = ['COMM_BYTES', 'FLACPContext', 'build_cp_context', 'reset_comm_bytes', 'gla_cp', 'chunk_gla_cp',
-           'fused_recurrent_gla_cp', 'causal_conv1d_cp', 'cp_next_token_labels', 'cp_layer_cu_seqlens', 'run_on_ranks',
-           'cp_check_op', 'cp_layer_comm_bytes', 'cp_comm_table', 'print_cp_comm_table']
+           'fused_recurrent_gla_cp', 'causal_conv1d_cp', 'cp_next_token_labels', 'cp_layer_cu_seqlens']
 
 # %% ../../nbs/12_cp.ipynb #80280471
 @dataclass(init=False)
@@ -345,22 +338,23 @@ def gla_cp(
     return torch.cat([o1[None], o[:, n1:]], 1).to(v.dtype)
 
 # %% ../../nbs/12_cp.ipynb #5544280b
-def chunk_gla_cp(q, k, v, g, scale, cp_context, initial_state=None, output_final_state=False, fused=False):
-    "`chunk_gla` (or `fused_chunk_gla`) with `cp_context`: this rank's shard in, this rank's output out."
-    op, name = (fused_chunk_gla, 'fused_chunk_gla') if fused else (chunk_gla, 'chunk_gla')
+def chunk_gla_cp(op, q, k, v, g, scale, cp_context, initial_state=None, output_final_state=False):
+    """`op` (`chunk_gla` or `fused_chunk_gla`, which call this with themselves: the ops sit above `ops.cp`) with
+    `cp_context`: this rank's shard in, this rank's output out."""
+    name = op.__name__
     _check_cp_call(name, cp_context, dict(q=q, k=k, v=v, g=g), initial_state=initial_state,
                    output_final_state=output_final_state)
     local = lambda q, k, v, g: op(q, k, v, g, scale=scale, output_final_state=True, cu_seqlens=cp_context.cu_seqlens,
                                   cu_seqlens_cpu=cp_context.cu_seqlens_cpu)
     return gla_cp(local, q, k, v, g, scale, cp_context, name), None
 
-def fused_recurrent_gla_cp(q, k, v, gk, gv, scale, cp_context, initial_state=None, output_final_state=False,
+def fused_recurrent_gla_cp(op, q, k, v, gk, gv, scale, cp_context, initial_state=None, output_final_state=False,
                            reverse=False, **kwargs):
-    "`fused_recurrent_gla` with `cp_context` (key-side decay `gk` only, forward in time)."
+    "`op` (`fused_recurrent_gla`, which calls this with itself) with `cp_context` (key-side decay `gk` only, forward in time)."
     _check_cp_call('fused_recurrent_gla', cp_context, dict(q=q, k=k, v=v, gk=gk), initial_state=initial_state,
                    output_final_state=output_final_state, gv=gv, reverse=reverse)
     acc = torch.promote_types(q.dtype, torch.float32)
-    local = lambda q_, k, v, g: fused_recurrent_gla(q_.to(acc), k, v, gk=g, scale=scale, output_final_state=True,
+    local = lambda q_, k, v, g: op(q_.to(acc), k, v, gk=g, scale=scale, output_final_state=True,
                                                     cu_seqlens=cp_context.cu_seqlens, **kwargs)
     return gla_cp(local, q, k, v, gk, scale, cp_context, 'fused_recurrent_gla').to(q.dtype), None
 
@@ -375,9 +369,9 @@ def _preceding_tokens(tails: torch.Tensor, ctx: FLACPContext, T: int) -> torch.T
     return torch.where(same_seq[:, None], before, torch.zeros_like(before))
 
 # %% ../../nbs/12_cp.ipynb #a45854fb
-def causal_conv1d_cp(x, weight, bias=None, residual=None, activation=None, cp_context=None,
+def causal_conv1d_cp(op, x, weight, bias=None, residual=None, activation=None, cp_context=None,
                      initial_state=None, output_final_state=False):
-    "`causal_conv1d` with `cp_context`: the first sequence continues the W-1 inputs of the ranks before."
+    "`op` (`causal_conv1d`, which calls this with itself) with `cp_context`: the first sequence continues the W-1 inputs of the ranks before."
     ctx = cp_context
     _check_cp_call('causal_conv1d', ctx, dict(x=x, weight=weight, bias=bias, residual=residual),
                    initial_state=initial_state, output_final_state=output_final_state)
@@ -390,7 +384,7 @@ def causal_conv1d_cp(x, weight, bias=None, residual=None, activation=None, cp_co
         raise ValueError(f"causal_conv1d: the kernel size {W} differs from the context's conv1d_kernel_size "
                          f"{ctx.conv1d_kernel_size}")
     if W == 1:      # nothing to take from another rank
-        return causal_conv1d(x, weight, bias, residual, None, False, activation, cu_seqlens=ctx.cu_seqlens)[0], None
+        return op(x, weight, bias, residual, None, False, activation, cu_seqlens=ctx.cu_seqlens)[0], None
     acc = torch.promote_types(x.dtype, torch.float32)
     tail = x[0, -(W - 1):].to(acc)
     tail = torch.cat([tail.new_zeros(W - 1 - tail.shape[0], D), tail])        # [W-1, D], zeros before a short shard
@@ -398,7 +392,7 @@ def causal_conv1d_cp(x, weight, bias=None, residual=None, activation=None, cp_co
     n = ctx.num_seqs
     h0 = torch.cat([heads.new_zeros(1, D), heads]).T[None]                      # [1, D, W], newest in slot W-1
     h0 = torch.cat([h0, h0.new_zeros(n - 1, D, W)]).to(x.dtype)
-    y, _ = causal_conv1d(x, weight, bias, residual, h0, False, activation, cu_seqlens=ctx.cu_seqlens)
+    y, _ = op(x, weight, bias, residual, h0, False, activation, cu_seqlens=ctx.cu_seqlens)
     return y, None
 
 # %% ../../nbs/12_cp.ipynb #4c36fc1d
@@ -434,104 +428,3 @@ def cp_layer_cu_seqlens(cp_context, hidden_states, attention_mask=None, past_key
     if use_cache or past_key_values is not None:
         raise ValueError("`use_cache`/`past_key_values` are not supported with `cp_context` (training and prefill only)")
     return cp_context.cu_seqlens
-
-# %% ../../nbs/12_cp.ipynb #373c9fb9
-def _worker(rank, world, store, fn, args, queue, timeout):
-    import datetime, traceback
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout))
-        try:
-            queue.put((rank, 'ok', fn(rank, world, *args)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        queue.put((rank, 'error', traceback.format_exc()))
-
-def run_on_ranks(fn, world_size: int, *args, timeout: float = 60.) -> list:
-    "Run `fn(rank, world_size, *args)` in `world_size` CPU processes of one gloo group; their results, by rank."
-    import multiprocessing as mp, queue as _queue, tempfile, time
-    ctx = mp.get_context('spawn')     # `fn` must be importable (defined in a module, not in a notebook)
-    q = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_worker, args=(r, world_size, os.path.join(tmp, 'store'), fn, args, q, timeout),
-                             daemon=True) for r in range(world_size)]
-        for p in procs:
-            p.start()
-        results, errors = {}, []
-        deadline = time.monotonic() + timeout
-        try:
-            while len(results) + len(errors) < world_size:
-                try:
-                    rank, status, value = q.get(timeout=1)
-                except _queue.Empty:
-                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                    if dead or time.monotonic() > deadline:
-                        errors.append(f'ranks {dead} died' if dead else f'no result within {timeout} s')
-                        break
-                    continue
-                (results.__setitem__(rank, value) if status == 'ok' else errors.append(f'rank {rank}:\n{value}'))
-        finally:
-            for p in procs:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-    if errors:
-        raise RuntimeError('\n'.join(errors))
-    return [results[r] for r in range(world_size)]
-
-# %% ../../nbs/12_cp.ipynb #a5777163
-def cp_check_op(
-    rank: int, world: int,
-    cu_seqlens: list[int],                 # global boundaries; T = cu_seqlens[-1]
-    H: int = 2, K: int = 8, V: int = 8,
-    gate_logit_normalizer: float = 1.,
-    dtype: torch.dtype = torch.float32,
-    op: str = 'chunk_gla',                 # 'chunk_gla', 'fused_chunk_gla' or 'fused_recurrent_gla'
-    seed: int = 0,
-) -> dict:                                 # relative RMS errors of this rank's o, dq, dk, dv, dg
-    "On one rank: `op` with `cp_context` against the single-process float64 recurrence on the whole batch, sliced."
-    T, cu = cu_seqlens[-1], torch.tensor(cu_seqlens)
-    inputs = op_inputs('cpu', torch.float64, B=1, T=T, H=H, K=K, V=V, normalizer=gate_logit_normalizer,
-                       cu_seqlens=cu, seed=seed, h0=False, dht=False)
-    ref = run_reference(inputs, cu_seqlens=cu)                      # every rank computes the whole batch
-    sl = slice(rank * (T // world), (rank + 1) * (T // world))
-    mine = {n: inputs[n][:, sl].to(dtype).requires_grad_() for n in 'qkvg'}
-    ctx = build_cp_context(cu, group=None)
-    gate = 'gk' if op == 'fused_recurrent_gla' else 'g'
-    fn = {'chunk_gla': chunk_gla, 'fused_chunk_gla': fused_chunk_gla, 'fused_recurrent_gla': fused_recurrent_gla}[op]
-    o, _ = fn(mine['q'], mine['k'], mine['v'], **{gate: mine['g']}, cp_context=ctx)
-    grads = torch.autograd.grad(o, list(mine.values()), inputs['do'][:, sl].to(dtype))
-    errs = {'o': get_err_ratio(ref['o'][:, sl], o)}
-    errs.update({f'd{n}': get_err_ratio(ref[f'd{n}'][:, sl], d) for n, d in zip(mine, grads)})
-    return errs
-
-# %% ../../nbs/12_cp.ipynb #6365c271
-def cp_layer_comm_bytes(rank: int, world: int, T: int, hidden_size: int = 256, num_heads: int = 4,
-                        conv_size: int = 4, seqlens: list[int] | None = None) -> dict:
-    "On one rank: bytes this rank sends and receives in one `GatedLinearAttention` layer's forward and backward."
-    torch.manual_seed(0)
-    layer = GatedLinearAttention(hidden_size=hidden_size, num_heads=num_heads, use_short_conv=True, conv_size=conv_size)
-    cu = torch.tensor([0, T] if seqlens is None else [0, *torch.tensor(seqlens).cumsum(0).tolist()])
-    ctx = build_cp_context(cu, group=None, conv1d_kernel_size=conv_size)
-    x = torch.randn(1, T, hidden_size)[:, rank * (T // world):(rank + 1) * (T // world)]
-    reset_comm_bytes()
-    o = layer(x, cp_context=ctx)[0]
-    fwd = dict(COMM_BYTES)
-    o.sum().backward()
-    return {'T': T, 'W': world, 'fwd_sent': fwd['sent'], 'fwd_received': fwd['received'],
-            'bwd_sent': COMM_BYTES['sent'] - fwd['sent'], 'bwd_received': COMM_BYTES['received'] - fwd['received'],
-            'collectives': COMM_BYTES['calls'], 'state_bytes': layer.num_heads * layer.head_k_dim * layer.head_v_dim * 4}
-
-def cp_comm_table(worlds=(2, 4), Ts=(256, 1024, 4096), hidden_size: int = 256, num_heads: int = 4) -> list[dict]:
-    "Bytes per rank per layer (rank 0's count; every rank sends the same) for each group size and length."
-    return [run_on_ranks(cp_layer_comm_bytes, W, T, hidden_size, num_heads)[0] for W in worlds for T in Ts]
-
-# %% ../../nbs/12_cp.ipynb #2282f458
-def print_cp_comm_table(rows: list[dict] | None = None):
-    "Print `cp_comm_table()` (or `rows` from it): `python -m myfla_gla.distributed --comm-bytes`."
-    print(f"{'W':>2} {'T':>6} {'fwd sent':>9} {'fwd recv':>9} {'bwd sent':>9} {'bwd recv':>9} {'collectives':>11}")
-    for r in (cp_comm_table() if rows is None else rows):
-        print(f"{r['W']:>2} {r['T']:>6} {r['fwd_sent']:>9} {r['fwd_received']:>9} {r['bwd_sent']:>9} "
-              f"{r['bwd_received']:>9} {r['collectives']:>11}")

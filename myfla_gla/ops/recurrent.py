@@ -265,8 +265,8 @@ def fused_recurrent_gla(
     check_kwargs(fused_recurrent_gla, kwargs, used=('head_first', 'cu_seqlens_cpu'))
     if cp_context is not None:
         from myfla_gla.ops.cp import fused_recurrent_gla_cp
-        return fused_recurrent_gla_cp(q, k, v, gk, gv, scale, cp_context, initial_state, output_final_state, reverse,
-                                      checkpoint_every=checkpoint_every)
+        return fused_recurrent_gla_cp(fused_recurrent_gla, q, k, v, gk, gv, scale, cp_context, initial_state,
+                                      output_final_state, reverse, checkpoint_every=checkpoint_every)
     if torch.compiler.is_exporting():   # one graph for every length: no loop over tokens (`ops.chunk.loop_free_gla`)
         from myfla_gla.ops.chunk import _gla_while_exporting
         return _gla_while_exporting('fused_recurrent_gla', q, k, v, gk, scale, initial_state, output_final_state,
