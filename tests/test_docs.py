@@ -62,16 +62,23 @@ def title_of(name):
 
 
 def api_names(name):
-    "The names the notebook's module exports (its `#| default_exp` module's `__all__`), [] if none."
-    nb = json.loads((root / 'nbs' / f'{name}.ipynb').read_text(encoding='utf-8'))
-    for cell in nb['cells']:
-        m = re.search(r'^#\|\s*default_exp\s+(\S+)', ''.join(cell['source']), re.M)
-        if m and cell['cell_type'] == 'code':
-            tree = ast.parse((root / 'myfla_gla' / (m[1].replace('.', '/') + '.py')).read_text(encoding='utf-8'))
-            for node in tree.body:
-                if isinstance(node, ast.Assign) and any(getattr(t, 'id', None) == '__all__' for t in node.targets):
-                    return ast.literal_eval(node.value)
-    return []
+    """The public names the notebook's exported cells define (in whichever module they go to, its `__all__`), in
+    order; [] if none. nbdev marks each exported cell in the module with `# %% ../nbs/<notebook>.ipynb`."""
+    names = []
+    for py in sorted((root / 'myfla_gla').rglob('*.py')):
+        text = py.read_text(encoding='utf-8')
+        tree = ast.parse(text)
+        public = next((ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                       and any(getattr(t, 'id', None) == '__all__' for t in n.targets)), [])
+        marks = [(m.start(), m[1]) for m in re.finditer(r'^# %% (?:\.\./)+nbs/([\w.-]+)\.ipynb', text, re.M)]
+        starts = [text.count('\n', 0, pos) + 1 for pos, _ in marks]   # line of each mark
+        for node in tree.body:
+            defined = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+                [t.id for t in getattr(node, 'targets', []) if isinstance(t, ast.Name)]
+            owner = [nb for line, (_, nb) in zip(starts, marks) if line <= node.lineno]
+            if owner and owner[-1] == name:
+                names += [n for n in defined if n in public and n not in names]
+    return names
 
 
 def cells_with(name, directive):
