@@ -2,7 +2,7 @@
 
 FLA's `fla.layers.attn` imports `flash_attn_func` and `flash_attn_varlen_func` and refuses to build its layer without
 them. `install()` puts this module in their place (in `sys.modules` before FLA imports them, and on FLA's module
-if it is already imported). Both compute flash-attn's definition, written out per sequence and per query in
+if it is already imported). Both compute flash-attn's definition, written out per sequence in
 float64: softmax(q k^T * scale) v over the keys j a query i may see, with the causal mask aligned bottom-right
 (query i of Lq is the token of key i + Lk - Lq) and `window_size=(left, right)` (-1: unbounded); a query with no
 key gives zeros. The result has q's dtype.
@@ -20,19 +20,19 @@ def _one_sequence(q, k, v, softmax_scale, causal, window_size):
     Lk, Hk = k.shape[:2]
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     left, right = window_size
-    out = torch.zeros(Lq, H, D, dtype=torch.float64, device=q.device)
-    for i in range(Lq):
-        shift = i + Lk - Lq                     # the query's key index (bottom-right alignment)
-        js = [j for j in range(Lk) if (not causal or j <= shift) and (left < 0 or j >= shift - left)
-              and (right < 0 or j <= shift + right)]
-        if not js:
-            continue
-        for h in range(H):
-            kv = h // (H // Hk)                 # GQA: consecutive query heads share a key/value head
-            s = torch.stack([q[i, h].double() @ k[j, kv].double() for j in js]) * scale
-            p = torch.softmax(s, 0)
-            out[i, h] = sum(pj * v[j, kv].double() for pj, j in zip(p, js))
-    return out
+    k, v = (x.double().repeat_interleave(H // Hk, dim=1) for x in (k, v))   # GQA: query head h reads h // (H / H_kv)
+    i = torch.arange(Lq, device=q.device)[:, None] + Lk - Lq                # each query's key index (bottom-right)
+    j = torch.arange(Lk, device=q.device)[None]
+    seen = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+    if causal:
+        seen &= j <= i
+    if left >= 0:
+        seen &= j >= i - left
+    if right >= 0:
+        seen &= j <= i + right
+    s = torch.einsum('qhd,khd->hqk', q.double(), k) * scale
+    p = torch.softmax(s.masked_fill(~seen, float('-inf')), -1).nan_to_num(0.)   # a query with no key: zeros
+    return torch.einsum('hqk,khd->qhd', p, v)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), *args, **kwargs):
