@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..cache import check_cache, require_cache_layer_idx
+from ..cache import Cache, check_cache, require_cache_layer_idx
 from ..checks import InputError, check_int, check_number, check_tensor, warn_unknown_kwargs
 from ..modules.norms import RMSNorm
 from ..modules.rotary import RotaryEmbedding
