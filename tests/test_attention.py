@@ -298,6 +298,15 @@ def test_hybrid_window_decodes_as_one_pass():
     close(steps, full, 1e-5)
 
 
+def test_hybrid_packed_sequences_equal_separate():
+    model = hybrid(window=3)
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=torch.tensor([0, 4, 9])).logits
+        close(packed[:, :4], model(ids[:, :4]).logits, 1e-5)
+        close(packed[:, 4:], model(ids[:, 4:]).logits, 1e-5)
+
+
 # ---------------------------------------------------------------- FLA's own classes
 
 FLA_RUN = textwrap.dedent('''
