@@ -96,6 +96,11 @@ def test_layer_matches_fla(kw):
     da = torch.autograd.grad((a['plain'] * g).sum(), params)
     db = torch.autograd.grad((b['plain'] * g).sum(), [x, *ours.parameters()])
     for (n, _), x1, x2 in zip([('x', None), *theirs.named_parameters()], da, db):
+        if kw.get('window_size') == 1 and n.startswith(('q_', 'k_')):
+            # a window of one: each query sees only its own key, its weight is exactly 1, and q, k get no gradient;
+            # both sides give rounding noise
+            assert x1.abs().max() < 1e-4 and x2.abs().max() < 1e-4, n
+            continue
         assert_close(f'attention d{n}', x1, x2, 1e-5)
 
 
