@@ -16,7 +16,7 @@ from ..modules.norms import RMSNorm
 from ..modules.rotary import RotaryEmbedding
 
 # %% auto #0
-__all__ = ['attention_mask_of', 'attend', 'Attention']
+__all__ = ['attention_mask_of', 'attend', 'attend_cp', 'Attention']
 
 # %% ../../nbs/06b_attention.ipynb #c149114f
 def attention_mask_of(
@@ -68,6 +68,30 @@ def attend(
     empty = ~allowed.any(-1, keepdim=True)               # padding queries: no key at all (SDPA would give NaN)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, enable_gqa=True)
     return rearrange(o.masked_fill(empty, 0), 'b h t d -> b t h d')
+
+# %% ../../nbs/06b_attention.ipynb #f02edd23
+def attend_cp(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,   # this rank's [1, t, H, D], [1, t, H_kv, D], [1, t, H_kv, D]
+    cu_seqlens: torch.Tensor,                            # [n+1] this rank's sequence boundaries (local)
+    offsets: torch.Tensor,                               # [n] position of each local sequence's first token
+    group=None,                                          # the context-parallel process group
+    window_size: int | None = None,
+) -> torch.Tensor:                                       # [1, t, H, D]
+    """Context-parallel `attend`: rank r holds tokens [r t, (r+1) t) of one packed batch; its queries attend the keys
+    and values of every rank, all-gathered (the backward sums each rank's gradients back to their owner)."""
+    import torch.distributed as dist
+    from myfla_gla.ops.cp import _AllGather      # autograd-aware all-gather, its bytes counted in `COMM_BYTES`
+    t = q.shape[1]
+    seq = torch.searchsorted(cu_seqlens[1:], torch.arange(t, device=q.device), right=True)
+    pos = torch.arange(t, device=q.device) - cu_seqlens[seq] + offsets[seq]        # position in its sequence
+    pos_all = _AllGather.apply(pos, group).flatten()                              # [W t]
+    seq_all = (pos_all == 0).cumsum(0) - 1            # a sequence starts where a position is 0 (lengths are >= 1)
+    k, v = (rearrange(_AllGather.apply(x[0], group), 'w t h d -> 1 (w t) h d') for x in (k, v))
+    mine = slice(dist.get_rank(group) * t, (dist.get_rank(group) + 1) * t)
+    allowed = attention_mask_of(pos_all[None, mine], pos_all[None], seq_all[None, mine], seq_all[None], window_size)
+    q, k, v = (rearrange(x, 'b t h d -> b h t d') for x in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)   # every query sees itself
+    return rearrange(o, 'b h t d -> b t h d')
 
 # %% ../../nbs/06b_attention.ipynb #3f5d3cb4
 def _check_attention_inputs(hidden_states, hidden_size: int, attention_mask, cu_seqlens, seen: int):
@@ -143,14 +167,14 @@ class Attention(nn.Module):
         past_key_values: Cache | None = None,          # read, and appended to (whatever `use_cache` says, as in FLA)
         output_attentions: bool = False,               # no attention weights are returned (None)
         use_cache: bool = False,                       # (the cache given is always updated, as in FLA)
-        **kwargs,                                      # `cu_seqlens` [N+1]: packed sequences
+        **kwargs,                                      # `cu_seqlens` [N+1]: packed sequences; `cp_context`
     ) -> tuple[torch.Tensor, None, Cache | None]:      # output [B, T, hidden_size], None, past_key_values
         "Project, rotate, append to the cache, attend causally (window, padding, packing), project."
         warn_unknown_kwargs(Attention.forward, kwargs, used=('cu_seqlens', 'cp_context'))
-        if kwargs.get('cp_context') is not None:
-            raise NotImplementedError("context parallelism (`cp_context`) is not implemented for the softmax "
-                                      "`Attention` layer: run hybrid models without it")
-        cu_seqlens = kwargs.get('cu_seqlens')
+        cu_seqlens, cp_context = kwargs.get('cu_seqlens'), kwargs.get('cp_context')
+        if cp_context is not None:   # context parallel (beyond FLA): this rank's shard [1, T/W, hidden_size]
+            from myfla_gla.ops.cp import cp_layer_cu_seqlens
+            cu_seqlens = cp_layer_cu_seqlens(cp_context, hidden_states, attention_mask, past_key_values, use_cache)
         seen = 0
         if past_key_values is not None:
             require_cache_layer_idx(self, past_key_values)
@@ -170,9 +194,16 @@ class Attention(nn.Module):
         if past_key_values is not None and attention_mask is not None and cu_seqlens is None:
             offset = seen + attention_mask.sum(-1) - attention_mask.shape[-1]     # [B] (negative on padding)
             max_seqlen = T + int(offset.max())
+        if cp_context is not None:   # the first sequence may have begun on earlier ranks
+            offset = torch.zeros(len(cu_seqlens) - 1, dtype=torch.long, device=cu_seqlens.device)
+            offset[0] = cp_context.pre_num_conv_tokens
+            max_seqlen = cp_context.pre_num_conv_tokens + T
         if self.max_position_embeddings is not None:
             max_seqlen = max(max_seqlen, self.max_position_embeddings)
         q, k = self.rotary(q, k, seqlen_offset=offset, max_seqlen=max_seqlen, cu_seqlens=cu_seqlens)
+        if cp_context is not None:
+            o = attend_cp(q, k, v, cu_seqlens, offset, cp_context.group, self.window_size)
+            return self.o_proj(o.reshape(B, T, -1)), None, past_key_values
 
         if past_key_values is not None:
             cached = past_key_values[self.layer_idx]['attn_state'] if seen > 0 else None   # before this update
