@@ -288,6 +288,19 @@ def test_hybrid_left_padded_prompt_equals_alone():
     assert torch.equal(together[0, 6:], model.generate(long, max_new_tokens=5, do_sample=False)[0, 6:])
 
 
+def test_hybrid_masked_chunk_after_cache():
+    "A padded batch continued from a cache by a chunk of several tokens (FLA raises NotImplementedError there)."
+    from myfla_gla.models.gla import simple_generate
+    model = hybrid(window=3)
+    ids, mask = torch.randint(1, 64, (2, 6)), torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(simple_generate(model, ids, attention_mask=mask, max_new_tokens=5), want)
+    cache = Cache()
+    with torch.no_grad():
+        model(ids[:, :3], attention_mask=mask[:, :3], past_key_values=cache, use_cache=True)
+    assert torch.equal(simple_generate(model, ids, attention_mask=mask, max_new_tokens=5, past_key_values=cache), want)
+
+
 def test_hybrid_window_decodes_as_one_pass():
     model = hybrid(window=2)
     ids = torch.randint(0, 64, (2, 7))
