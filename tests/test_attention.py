@@ -1,9 +1,9 @@
 """FLA's softmax `Attention`, its `RotaryEmbedding` and hybrid GLA models against float64 references of FLA's
-semantics: RoPE written as complex rotations, attention written per query (`flash_attn_ref`, flash-attn's definition),
+semantics: RoPE written as complex rotations, attention written out (`flash_attn_ref`, flash-attn's definition),
 FLA's positions (after the cache; after the padding with a cache and a mask), GQA, causal and sliding-window masks,
 packing, the cache; gradients by autograd through both. A checkpoint written by FLA's own hybrid model loads strict
-and FLA's `Attention` layer (run on the CPU with `flash_attn_ref` for flash-attn) gives the same outputs and cache."""
-import json
+and FLA's `Attention` layer (run on the CPU with `flash_attn_ref` for flash-attn) gives the same outputs and cache.
+Context parallelism of the layer and of hybrid models is checked with the other CP cases in test_cp.py."""
 import os
 import subprocess
 import sys
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flash_attn_ref import flash_attn_func, flash_attn_varlen_func
+from flash_attn_ref import flash_attn_func
 from myfla_gla import Cache, GLAConfig, GLAForCausalLM
 from myfla_gla.checks import DTypeError, InputError
 from myfla_gla.layers.attn import Attention
@@ -318,49 +318,6 @@ def test_hybrid_packed_sequences_equal_separate():
         packed = model(ids, cu_seqlens=torch.tensor([0, 4, 9])).logits
         close(packed[:, :4], model(ids[:, :4]).logits, 1e-5)
         close(packed[:, 4:], model(ids[:, 4:]).logits, 1e-5)
-
-
-CP_CU = [0, 5, 6, 12, 16]   # 16 tokens on 2 ranks: the second sequence is one token, the third crosses the boundary
-CP_WINDOWS = [None, 3]
-
-
-def _cp_rank(rank, world):
-    "On one rank, for each window: this rank's output and gradients with `cp_context`, and the bytes it received."
-    from myfla_gla import build_cp_context
-    from myfla_gla.ops.cp import COMM_BYTES, reset_comm_bytes
-    out = []
-    for window in CP_WINDOWS:
-        layer = make_layer(num_kv_heads=2, window_size=window)
-        torch.manual_seed(1)
-        x, g = torch.randn(1, 16, 32, dtype=F64), torch.randn(1, 16, 32, dtype=F64)
-        mine = slice(rank * 8, (rank + 1) * 8)
-        x = x[:, mine].clone().requires_grad_()
-        ctx = build_cp_context(torch.tensor(CP_CU), group=None)
-        reset_comm_bytes()
-        o = layer(x, cp_context=ctx)[0]
-        forward = COMM_BYTES['received']
-        grads = torch.autograd.grad((o * g[:, mine]).sum(), [x, *layer.parameters()])
-        out.append((o.detach(), [d.detach() for d in grads], forward, COMM_BYTES['received'] - forward))
-    return out
-
-
-def test_context_parallel_equals_one_process():
-    "Two gloo ranks, each a half of one packed batch: outputs and gradients of the whole batch in one process."
-    from myfla_gla.testing import run_on_ranks
-    by_rank = run_on_ranks(_cp_rank, 2, timeout=120)
-    for i, window in enumerate(CP_WINDOWS):
-        layer = make_layer(num_kv_heads=2, window_size=window)
-        torch.manual_seed(1)
-        x, g = torch.randn(1, 16, 32, dtype=F64, requires_grad=True), torch.randn(1, 16, 32, dtype=F64)
-        o = layer(x, cu_seqlens=torch.tensor(CP_CU))[0]
-        want = torch.autograd.grad((o * g).sum(), [x, *layer.parameters()])
-        ranks = [r[i] for r in by_rank]
-        close(torch.cat([r[0] for r in ranks], 1), o.detach())
-        close(torch.cat([r[1][0] for r in ranks], 1), want[0])                      # dx: each rank its tokens
-        for j, w in enumerate(want[1:], 1):
-            close(sum(r[1][j] for r in ranks), w)                                   # weights: summed over ranks
-        kv = 8 * 16 * 8                              # one rank's keys (8 tokens, 2 heads of 8), float64 bytes
-        assert [r[2:] for r in ranks] == [(2 * kv + 8 * 8, 2 * kv)] * 2             # k, v and positions; dk, dv
 
 
 # ---------------------------------------------------------------- FLA's own classes
