@@ -6,8 +6,10 @@ from .ops.recurrent import *
 from .ops.chunk import *
 from .modules.convolution import *
 from .modules.norms import *
+from .modules.rotary import *
 from .cache import *
 from .layers.gla import *
+from .layers.attn import *
 from .models.gla import *
 from .ops.cp import FLACPContext, build_cp_context
 # the harness last: it imports the library (`testing` sits above it)

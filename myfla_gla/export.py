@@ -29,6 +29,9 @@ class DecodeStep(nn.Module):
         super().__init__()
         if not isinstance(model, GLAForCausalLM):
             raise InputError(f"DecodeStep takes a GLAForCausalLM, got {type(model).__name__}")
+        if model.config.attn is not None:   # the states below are GLA's; a softmax layer's keys grow with the length
+            raise InputError(f"DecodeStep exports GLA layers only, but this model has softmax-attention layers "
+                             f"(`attn` = {model.config.attn!r}): run hybrid models in eager mode")
         self.model = model
         self.specs = []   # (name, shape without the batch, dtype)
         dtype = model.lm_head.weight.dtype

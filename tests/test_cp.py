@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from myfla_gla import (GatedLinearAttention, GLAConfig, GLAForCausalLM, ShortConvolution, causal_conv1d,
+from myfla_gla import (Attention, GatedLinearAttention, GLAConfig, GLAForCausalLM, ShortConvolution, causal_conv1d,
                        chunk_gla, fused_chunk_gla, fused_recurrent_gla)
-from myfla_gla.ops.cp import build_cp_context
+from myfla_gla.ops.cp import COMM_BYTES, build_cp_context, reset_comm_bytes
 from myfla_gla.testing import cp_check_op, run_on_ranks
 from myfla_gla.testing import DEFAULT_RATIO, get_err_ratio
 
@@ -72,12 +72,38 @@ def _layer_case(rank, world, cu, mode):
     return errs
 
 
-def _model_case(rank, world, cu):
-    "GLAForCausalLM (float64): the ranks' losses add up to the single-process loss; gradients too."
+def _attention_case(rank, world, cu, window):
+    "The softmax Attention layer (GQA, float64) with `cp_context`: output, dx, parameters' gradients, bytes received."
+    T, C, P = cu[-1], 32, cu[-1] // world
+    torch.manual_seed(2)
+    layer = Attention(hidden_size=C, num_heads=4, num_kv_heads=2, window_size=window).double()
+    x = torch.randn(1, T, C, dtype=torch.float64, requires_grad=True)
+    do = torch.randn(1, T, C, dtype=torch.float64)
+    o = layer(x, cu_seqlens=torch.tensor(cu))[0]
+    o.backward(do)
+    ref = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    sl = slice(rank * P, (rank + 1) * P)
+    xl = x.detach()[:, sl].requires_grad_()
+    reset_comm_bytes()
+    ol = layer(xl, cp_context=build_cp_context(torch.tensor(cu), None))[0]
+    # the all-gathered keys and values (P tokens, 2 heads of 8, float64) and int64 positions of the other ranks
+    want = (world - 1) * P * (2 * 16 * 8 + 8)
+    errs = {'o': get_err_ratio(o[:, sl], ol), 'bytes': abs(COMM_BYTES['received'] - want) / want}
+    ol.backward(do[:, sl])
+    errs['dx'] = get_err_ratio(x.grad[:, sl], xl.grad)
+    for n, p in layer.named_parameters():
+        dist.all_reduce(p.grad)
+        errs[n] = get_err_ratio(ref[n], p.grad)
+    return errs
+
+
+def _model_case(rank, world, cu, attn=None):
+    "GLAForCausalLM (float64; `attn`: hybrid): the ranks' losses add up to the single-process loss; gradients too."
     T = cu[-1]
     torch.manual_seed(3)
     config = GLAConfig(hidden_size=32, num_hidden_layers=2, num_heads=2, use_short_conv=True, vocab_size=16,
-                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
+                       bos_token_id=None, eos_token_id=None, pad_token_id=None, attn=attn)
     model = GLAForCausalLM(config).double()
     ids = torch.randint(0, 16, (1, T))
     labels = ids.clone()
@@ -157,6 +183,9 @@ def _run_2(rank, world):
     out['conv_bf16'] = _conv_case(rank, world, [0, 3, 13, 16], 4, torch.bfloat16), torch.bfloat16
     out['layer'] = _layer_case(rank, world, [0, 30, 96, 140], 'chunk'), torch.float64
     out['model'] = _model_case(rank, world, [0, 7, 40, 48]), torch.float64
+    out['attention'] = _attention_case(rank, world, [0, 5, 6, 12, 16], None), torch.float64
+    out['attention_window'] = _attention_case(rank, world, [0, 5, 6, 12, 16], 3), torch.float64
+    out['hybrid'] = _model_case(rank, world, [0, 7, 40, 48], {'layers': [1], 'num_heads': 4, 'window_size': 5}), torch.float64
     out['training'] = _training_case(), torch.float32
     return out, _bad_inputs(rank, world)
 
@@ -171,6 +200,7 @@ def _run_4(rank, world):
         out['conv', w] = _conv_case(rank, world, [0, 1, 1, 7, 8], w, torch.float32), torch.float32
     out['layer'] = _layer_case(rank, world, [0, 3, 48, 48, 55, 64], 'fused_chunk'), torch.float64
     out['model'] = _model_case(rank, world, [0, 9, 9, 24, 32]), torch.float64
+    out['attention'] = _attention_case(rank, world, [0, 9, 9, 24, 32], 5), torch.float64
     return out, _bad_inputs(rank, world)
 
 

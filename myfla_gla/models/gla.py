@@ -22,6 +22,7 @@ from ..cache import Cache
 from ..checks import PASS_THROUGH_KWARGS, InputError, check_choice, check_int, check_kwargs, check_number, warn_unknown_kwargs
 from .checkpoint import (
     check_checkpoint, checkpoint_shapes, folder_lock, load_state_dict_from_folder, save_in_place)
+from ..layers.attn import Attention
 from ..layers.gla import GatedLinearAttention
 from ..utils import ACT2FN
 from ..modules.norms import RMSNorm
@@ -59,6 +60,9 @@ def _normalize_attn_spec(spec, num_hidden_layers, context, taken):
     spec['layers'] = list(layers)
     spec['num_heads'] = _check_positive_int(spec['num_heads'], 'num_heads', context)
     spec['num_kv_heads'] = _check_positive_int(spec.get('num_kv_heads') or spec['num_heads'], 'num_kv_heads', context)
+    if spec['num_heads'] % spec['num_kv_heads']:
+        raise ValueError(f"{context} field 'num_kv_heads' ({spec['num_kv_heads']}) must divide field 'num_heads' "
+                         f"({spec['num_heads']})")
     spec['qkv_bias'] = spec.get('qkv_bias', False)
     if not isinstance(spec['qkv_bias'], bool):
         raise ValueError(f"{context} field 'qkv_bias' must be a bool; got {spec['qkv_bias']!r}")
@@ -117,6 +121,10 @@ def _check_config_fields(c):
         if dim != round(dim) or round(dim) < c.num_heads or round(dim) % c.num_heads:
             raise InputError(f"`hidden_size * {name}` ({c.hidden_size} * {ratio} = {dim}) must be a positive integer "
                              f"divisible by `num_heads` ({c.num_heads})")
+    for spec in [c.attn] if isinstance(c.attn, dict) else c.attn or []:   # a softmax layer's heads: even sizes
+        if c.hidden_size % spec['num_heads'] or (c.hidden_size // spec['num_heads']) % 2:
+            raise InputError(f"attn specification for layers {spec['layers']}: `hidden_size` ({c.hidden_size}) must be "
+                             f"field 'num_heads' ({spec['num_heads']}) times an even head size (RoPE turns pairs)")
     pad = check_int('pad_token_id', c.pad_token_id, optional=True)
     if pad is not None and not -c.vocab_size <= pad < c.vocab_size:   # the embedding's `padding_idx`
         raise InputError(f"`pad_token_id` must be a token id below `vocab_size` ({c.vocab_size}), got {pad}")
@@ -287,17 +295,21 @@ class GLABlock(_BlockBase):
         self.config, self.layer_idx = config, layer_idx
         norm = RMSNorm if config.fuse_norm else nn.RMSNorm
         self.attn_norm = norm(config.hidden_size, eps=config.norm_eps)
-        if get_hybrid_attention_spec(config.attn, layer_idx) is not None:
-            raise NotImplementedError(f"Layer {layer_idx} is a softmax-attention layer (`config.attn`): hybrid GLA models "
-                                      "are not supported by myfla_gla (FLA's `Attention` layer is not ported).")
-        self.attn = GatedLinearAttention(
-            mode=config.attn_mode, hidden_size=config.hidden_size, expand_k=config.expand_k, expand_v=config.expand_v,
-            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, feature_map=config.feature_map,
-            use_short_conv=config.use_short_conv, conv_size=config.conv_size, conv_bias=getattr(config, 'conv_bias', False),
-            use_output_gate=config.use_output_gate, gate_fn=config.hidden_act, elementwise_affine=config.elementwise_affine,
-            norm_eps=config.norm_eps, gate_logit_normalizer=getattr(config, 'gate_logit_normalizer', 16),
-            gate_low_rank_dim=getattr(config, 'gate_low_rank_dim', 16), clamp_min=config.clamp_min,
-            fuse_norm=config.fuse_norm, layer_idx=layer_idx)
+        spec = get_hybrid_attention_spec(config.attn, layer_idx)
+        if spec is not None:   # a hybrid model's softmax-attention layer, as FLA's `get_attention` builds it
+            self.attn = Attention(hidden_size=config.hidden_size, num_heads=spec['num_heads'],
+                                  num_kv_heads=spec['num_kv_heads'], qkv_bias=spec['qkv_bias'],
+                                  window_size=spec['window_size'], rope_theta=spec['rope_theta'],
+                                  max_position_embeddings=config.max_position_embeddings, layer_idx=layer_idx)
+        else:
+            self.attn = GatedLinearAttention(
+                mode=config.attn_mode, hidden_size=config.hidden_size, expand_k=config.expand_k, expand_v=config.expand_v,
+                num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, feature_map=config.feature_map,
+                use_short_conv=config.use_short_conv, conv_size=config.conv_size, conv_bias=getattr(config, 'conv_bias', False),
+                use_output_gate=config.use_output_gate, gate_fn=config.hidden_act, elementwise_affine=config.elementwise_affine,
+                norm_eps=config.norm_eps, gate_logit_normalizer=getattr(config, 'gate_logit_normalizer', 16),
+                gate_low_rank_dim=getattr(config, 'gate_low_rank_dim', 16), clamp_min=config.clamp_min,
+                fuse_norm=config.fuse_norm, layer_idx=layer_idx)
         self.mlp_norm = norm(config.hidden_size, eps=config.norm_eps)
         self.mlp = GatedMLP(hidden_size=config.hidden_size, hidden_ratio=config.hidden_ratio,
                             intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,

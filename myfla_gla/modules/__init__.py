@@ -4,5 +4,7 @@
 from ..modules.convolution import ShortConvolution
 from ..modules.norms import RMSNorm, FusedRMSNormGated, FusedLayerNormGated
 from ..models.gla import GatedMLP
+from ..modules.rotary import RotaryEmbedding
 
-__all__ = ['ShortConvolution', 'RMSNorm', 'FusedRMSNormGated', 'FusedLayerNormGated', 'GatedMLP']
+__all__ = ['ShortConvolution', 'RMSNorm', 'FusedRMSNormGated', 'FusedLayerNormGated', 'GatedMLP',
+    'RotaryEmbedding']
