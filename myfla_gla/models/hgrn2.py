@@ -24,9 +24,12 @@ def _check_hgrn2_config(c):
     "Every numeric and named-choice field of an `HGRN2Config`: an error naming the field."
     check_choice('attn_mode', c.attn_mode, ('chunk', 'fused_chunk', 'fused_recurrent'))
     check_choice('hidden_act', c.hidden_act, ('swish', 'powlu'))   # the MLP's activation
-    for name, minimum in (('hidden_size', 1), ('num_hidden_layers', 0), ('num_heads', 1), ('expand_ratio', 1),
-                          ('vocab_size', 1), ('conv_size', 1)):
+    for name, minimum in (('hidden_size', 1), ('num_hidden_layers', 0), ('expand_ratio', 1), ('vocab_size', 1),
+                          ('conv_size', 1)):
         check_int(name, getattr(c, name), minimum)
+    if c.expand_ratio > c.hidden_size:   # no head
+        raise InputError(f"`expand_ratio` ({c.expand_ratio}) must be at most `hidden_size` ({c.hidden_size})")
+    check_int('num_heads', c.num_heads, 1)
     for name in ('intermediate_size', 'max_position_embeddings'):
         check_int(name, getattr(c, name), 1, optional=True)
     check_number('hidden_ratio', c.hidden_ratio, '> 0', optional=True)
