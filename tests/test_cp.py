@@ -13,6 +13,7 @@ from myfla_gla import (GatedLinearAttention, GLAConfig, GLAForCausalLM, ShortCon
 from myfla_gla.ops.cp import build_cp_context
 from myfla_gla.testing import cp_check_op, run_on_ranks
 from myfla_gla.testing import DEFAULT_RATIO, get_err_ratio
+from test_hgrn2 import cp_case as hgrn2_case
 
 TIMEOUT = 90
 
@@ -157,6 +158,7 @@ def _run_2(rank, world):
     out['conv_bf16'] = _conv_case(rank, world, [0, 3, 13, 16], 4, torch.bfloat16), torch.bfloat16
     out['layer'] = _layer_case(rank, world, [0, 30, 96, 140], 'chunk'), torch.float64
     out['model'] = _model_case(rank, world, [0, 7, 40, 48]), torch.float64
+    out['hgrn2'] = hgrn2_case(rank, world), torch.float64
     out['training'] = _training_case(), torch.float32
     return out, _bad_inputs(rank, world)
 

@@ -174,6 +174,18 @@ def test_cached_decoding_equals_one_pass(mode):
     assert all(torch.equal(a, b) for a, b in zip(before.values(), after))
 
 
+def test_a_cache_record_of_the_other_kind_of_layer_is_refused():
+    "A record written with short convolutions, read by a layer without them (and the reverse): an error that says so."
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    with_conv, without = make_layer(use_short_conv=True), make_layer()
+    for writer, reader in ((with_conv, without), (without, with_conv)):
+        cache = Cache()
+        with torch.no_grad():
+            writer(x, past_key_values=cache, use_cache=True)
+            with pytest.raises(ValueError, match='short convolutions'):
+                reader(x[:, :1], past_key_values=cache, use_cache=True)
+
+
 def test_mixed_precision_under_autocast():
     "bf16 autocast on the CPU: output in bf16, within bf16 rounding of float32."
     layer = make_layer('chunk', use_short_conv=True).float()
@@ -184,6 +196,40 @@ def test_mixed_precision_under_autocast():
         with torch.autocast('cpu', dtype=torch.bfloat16):
             o = layer(x, lower_bound=bound)[0]
     assert o.dtype == torch.bfloat16 and get_err_ratio(ref, o.float()) < 2e-2
+
+
+def cp_case(rank, world):
+    """Each rank's share of a packed batch with `cp_context`: the layer (output, every gradient) and the model (loss).
+    Run by tests/test_cp.py in its group of gloo processes (a group costs seconds to start)."""
+    import torch.distributed as dist
+    from myfla_gla.ops.cp import build_cp_context
+    torch.set_num_threads(1)
+    errs = {}
+    for mode, cu in (('chunk', [0, 30, 96, 140]), ('fused_recurrent', [0, 7, 40, 48])):
+        layer, T = make_layer(mode, use_short_conv=True, conv_size=3), cu[-1]
+        torch.manual_seed(7)
+        x = torch.randn(1, T, 32, dtype=torch.float64, requires_grad=True)
+        do, bound = torch.randn(1, T, 32, dtype=torch.float64), torch.rand(32, dtype=torch.float64) * 0.9
+        o = layer(x, lower_bound=bound, cu_seqlens=torch.tensor(cu))[0]
+        o.backward(do)
+        ref = {n: p.grad.clone() for n, p in layer.named_parameters()}
+        layer.zero_grad()
+        sl = slice(rank * T // world, (rank + 1) * T // world)
+        xl = x.detach()[:, sl].requires_grad_()
+        ol = layer(xl, lower_bound=bound, cp_context=build_cp_context(torch.tensor(cu), None, conv1d_kernel_size=3))[0]
+        ol.backward(do[:, sl])
+        errs[mode, 'o'], errs[mode, 'dx'] = get_err_ratio(o[:, sl], ol), get_err_ratio(x.grad[:, sl], xl.grad)
+        for n, p in layer.named_parameters():
+            dist.all_reduce(p.grad)
+            errs[mode, n] = get_err_ratio(ref[n], p.grad)
+    model, cu = model_of(use_short_conv=True), [0, 9, 40, 48]
+    ids = torch.randint(0, 64, (1, 48), generator=torch.Generator().manual_seed(8))
+    loss = model(ids, labels=ids, cu_seqlens=torch.tensor(cu)).loss
+    sl = slice(rank * 48 // world, (rank + 1) * 48 // world)
+    part = model(ids[:, sl], labels=ids[:, sl], cp_context=build_cp_context(torch.tensor(cu), None)).loss.detach()
+    dist.all_reduce(part)
+    errs['model', 'loss'] = abs(part.item() - loss.item()) / loss.item()
+    return errs
 
 
 # ---------------------------------------------------------------------------------------------------------------
