@@ -350,6 +350,12 @@ def test_model_packed_padded_and_cached():
     assert get_err_ratio(whole, torch.cat([first, *rest], 1)) < 1e-12
 
 
+def test_output_attentions_is_refused_by_name():
+    with pytest.warns(UserWarning, match='`HGRN2Model` does not `output_attentions`'):
+        out = model_of()(torch.randint(0, 64, (1, 5)), output_attentions=True)
+    assert out.attentions is None
+
+
 @needs_transformers
 def test_generate_with_and_without_the_cache():
     "transformers' `generate`, greedy: the cache gives the tokens of re-running the sequence, and of argmax by hand."

@@ -523,7 +523,7 @@ class GLAModel(GLAPreTrainedModel):
             use_cache = bool(use_cache)   # None, the config's default, means no Cache
         kwargs = _layer_kwargs(self, kwargs, attention_mask)
         if output_attentions:
-            warnings.warn("`GLAModel` does not `output_attentions` now, setting it to `False`.", stacklevel=2)
+            warnings.warn(f"`{type(self).__name__}` does not `output_attentions` now, setting it to `False`.", stacklevel=2)
             output_attentions = False
         output_attentions = output_attentions if output_attentions is not None else getattr(self.config, 'output_attentions', False)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else getattr(self.config, 'output_hidden_states', False)

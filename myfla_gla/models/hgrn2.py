@@ -186,4 +186,4 @@ class HGRN2ForCausalLM(HGRN2PreTrainedModel, GLAForCausalLM):
     _backbone_class = HGRN2Model
 
 
-register_auto_classes(HGRN2Config, HGRN2Model, HGRN2ForCausalLM)
+_registered = register_auto_classes(HGRN2Config, HGRN2Model, HGRN2ForCausalLM)   # False without transformers
