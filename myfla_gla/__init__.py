@@ -11,6 +11,8 @@ from .cache import *
 from .layers.gla import *
 from .layers.attn import *
 from .models.gla import *
+from .layers.hgrn2 import *
+from .models.hgrn2 import *
 from .ops.cp import FLACPContext, build_cp_context
 # the harness last: it imports the library (`testing` sits above it)
 from .testing import check_devices, check_dtypes, fla_available, random_gla_inputs

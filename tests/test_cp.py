@@ -13,6 +13,7 @@ from myfla_gla import (Attention, GatedLinearAttention, GLAConfig, GLAForCausalL
 from myfla_gla.ops.cp import COMM_BYTES, build_cp_context, reset_comm_bytes
 from myfla_gla.testing import cp_check_op, run_on_ranks
 from myfla_gla.testing import DEFAULT_RATIO, get_err_ratio
+from test_hgrn2 import cp_case as hgrn2_case
 
 TIMEOUT = 90
 
@@ -186,6 +187,7 @@ def _run_2(rank, world):
     out['attention'] = _attention_case(rank, world, [0, 5, 6, 12, 16], None), torch.float64
     out['attention_window'] = _attention_case(rank, world, [0, 5, 6, 12, 16], 3), torch.float64
     out['hybrid'] = _model_case(rank, world, [0, 7, 40, 48], {'layers': [1], 'num_heads': 4, 'window_size': 5}), torch.float64
+    out['hgrn2'] = hgrn2_case(rank, world), torch.float64
     out['training'] = _training_case(), torch.float32
     return out, _bad_inputs(rank, world)
 

@@ -23,7 +23,8 @@ import pytest
 PATHS = ['', 'layers', 'layers.gla', 'layers.attn', 'layers.utils', 'ops', 'ops.gla', 'ops.gla.chunk', 'ops.gla.fused_chunk',
          'ops.gla.fused_recurrent', 'ops.gla.naive', 'ops.utils', 'ops.utils.index', 'modules', 'modules.activations',
          'modules.causal_conv1d', 'modules.convolution', 'modules.norm', 'modules.layernorm', 'modules.fused_norm_gate',
-         'modules.mlp', 'modules.l2warp', 'modules.rotary', 'models', 'models.gla', 'models.utils']
+         'modules.mlp', 'modules.l2warp', 'modules.rotary', 'models', 'models.gla', 'models.utils',
+         'layers.hgrn2', 'models.hgrn2']
 
 
 # Accepted gaps, each in the differences table (nbs/99_differences.ipynb): the parameter reaches `**kwargs`

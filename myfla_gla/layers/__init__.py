@@ -3,5 +3,6 @@
 
 from ..layers.gla import GatedLinearAttention
 from ..layers.attn import Attention
+from ..layers.hgrn2 import HGRN2Attention
 
-__all__ = ['GatedLinearAttention', 'Attention']
+__all__ = ['GatedLinearAttention', 'Attention', 'HGRN2Attention']

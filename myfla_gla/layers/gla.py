@@ -53,6 +53,23 @@ def _gla_op(mode, q, k, v, gk, initial_state, output_final_state, cu_seqlens, cp
               state_v_first=True, cu_seqlens=cu_seqlens, cp_context=cp_context)
 
 
+def _conv_projections(projs, convs, h, last_state, use_cache, cu_seqlens, cp_context=None):
+    "Each projection of `h` through its short convolution, the cached windows of `last_state['conv_state']` first."
+    caches = (None,) * len(convs)
+    if last_state is not None and last_state.get('conv_state') is not None:
+        caches = last_state['conv_state']
+    out, finals = [], []
+    for proj, conv, cache in zip(projs, convs, caches):
+        if cache is not None and not use_cache:
+            # a single-token step writes into its cache: leave the stored one as it was (FLA changes it, spec 10.8)
+            cache = cache.clone()
+        y, final = conv(x=proj(h), cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens,
+                        cp_context=cp_context)
+        out.append(y)
+        finals.append(final)
+    return (*out, tuple(finals) if use_cache else None)   # the outputs, then the new windows (None unless use_cache)
+
+
 # %% ../../nbs/06_layer.ipynb #1ce679df
 def _check_layer_inputs(hidden_states, hidden_size: int, attention_mask=None, cu_seqlens=None):
     "Clear errors for inputs FLA would reject obscurely (or, for a [B, T, T] mask, with an AssertionError)."
@@ -174,20 +191,8 @@ class GatedLinearAttention(nn.Module):
 
     def _short_convs(self, h, last_state, use_cache, cu_seqlens, cp_context=None):
         "q, k, v through projection and short convolution; the new conv caches (None unless `use_cache`)."
-        caches = (None, None, None)
-        if last_state is not None and last_state.get('conv_state') is not None:
-            caches = last_state['conv_state']
-        out, finals = [], []
-        for proj, conv, cache in zip((self.q_proj, self.k_proj, self.v_proj),
-                                     (self.q_conv1d, self.k_conv1d, self.v_conv1d), caches):
-            if cache is not None and not use_cache:
-                # a single-token step writes into its cache: leave the stored one as it was (FLA changes it, spec 10.8)
-                cache = cache.clone()
-            y, final = conv(x=proj(h), cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens,
-                            cp_context=cp_context)
-            out.append(y)
-            finals.append(final)
-        return (*out, tuple(finals) if use_cache else None)
+        return _conv_projections((self.q_proj, self.k_proj, self.v_proj), (self.q_conv1d, self.k_conv1d, self.v_conv1d),
+                                 h, last_state, use_cache, cu_seqlens, cp_context)
 
     def _gate_and_norm(self, o, h):
         "Per-head RMSNorm of `o` `[..., H, V]`, times the output gate; heads flattened."

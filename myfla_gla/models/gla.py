@@ -131,6 +131,19 @@ def _check_config_fields(c):
 
 
 # %% ../../nbs/10_models.ipynb #a02c7771
+def _check_loss_and_attnres(fuse_cross_entropy: bool, fuse_linear_cross_entropy: bool, attnres_block_size: int | None):
+    "FLA's checks of the loss settings and of `attnres_block_size`, shared by the model configs."
+    if fuse_cross_entropy and fuse_linear_cross_entropy:
+        raise ValueError("`fuse_cross_entropy` and `fuse_linear_cross_entropy` cannot be True at the same time.")
+    if fuse_linear_cross_entropy:
+        warnings.warn("`fuse_linear_cross_entropy` is accepted for compatibility with FLA; myfla_gla computes the "
+                      "plain cross-entropy (in float32) from materialised logits.", stacklevel=3)
+    if attnres_block_size is not None and (isinstance(attnres_block_size, bool) or not isinstance(attnres_block_size, int)
+                                           or not (attnres_block_size == 1 or (attnres_block_size >= 2 and attnres_block_size % 2 == 0))):
+        raise ValueError("`attnres_block_size` must be `None`, `1` (full mode), or an even integer (one block contains "
+                         f"`attnres_block_size // 2` transformer layers); got {attnres_block_size!r}")
+
+
 class GLAConfig(_ConfigBase):
     "Configuration of a GLA language model: FLA's `GLAConfig` fields and defaults (plus three layer settings FLA does not expose)."
     model_type = 'gla'
@@ -190,15 +203,7 @@ class GLAConfig(_ConfigBase):
         self.fuse_cross_entropy, self.fuse_linear_cross_entropy = fuse_cross_entropy, fuse_linear_cross_entropy
         self.use_l2warp, self.vocab_size = use_l2warp, vocab_size
         self.gate_low_rank_dim, self.gate_logit_normalizer, self.conv_bias = gate_low_rank_dim, gate_logit_normalizer, conv_bias
-        if fuse_cross_entropy and fuse_linear_cross_entropy:
-            raise ValueError("`fuse_cross_entropy` and `fuse_linear_cross_entropy` cannot be True at the same time.")
-        if fuse_linear_cross_entropy:
-            warnings.warn("`fuse_linear_cross_entropy` is accepted for compatibility with FLA; myfla_gla computes the "
-                          "plain cross-entropy (in float32) from materialised logits.", stacklevel=2)
-        if attnres_block_size is not None and (isinstance(attnres_block_size, bool) or not isinstance(attnres_block_size, int)
-                                               or not (attnres_block_size == 1 or (attnres_block_size >= 2 and attnres_block_size % 2 == 0))):
-            raise ValueError("`attnres_block_size` must be `None`, `1` (full mode), or an even integer (one block contains "
-                             f"`attnres_block_size // 2` transformer layers); got {attnres_block_size!r}")
+        _check_loss_and_attnres(fuse_cross_entropy, fuse_linear_cross_entropy, attnres_block_size)
         self.attnres_block_size = attnres_block_size
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -314,6 +319,10 @@ class GLABlock(_BlockBase):
         self.mlp = GatedMLP(hidden_size=config.hidden_size, hidden_ratio=config.hidden_ratio,
                             intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
                             fuse_swiglu=config.fuse_swiglu)
+        self._init_attnres(config, layer_idx)
+
+    def _init_attnres(self, config, layer_idx: int):
+        "The attention-residual projections and norms (`config.attnres_block_size`), as FLA's blocks make them."
         self.use_attnres = getattr(config, 'attnres_block_size', None) is not None
         if self.use_attnres:
             D, eps, size = config.hidden_size, config.norm_eps, config.attnres_block_size
@@ -331,16 +340,17 @@ class GLABlock(_BlockBase):
         use_cache: bool | None = False,
         output_attentions: bool | None = False,
         attnres_states: list | None = None,          # attention residuals: the sources so far
-        **kwargs,                                    # e.g. `cu_seqlens`, passed to the layer
+        attn_kwargs: dict | None = None,             # keywords for the layer only (HGRN2's `lower_bound`)
+        **kwargs,                                    # e.g. `cu_seqlens`, passed to the layer (and the MLP)
     ):
         if self.use_attnres:
             return self._forward_attnres(hidden_states, attention_mask, past_key_values, use_cache,
-                                         output_attentions, attnres_states, **kwargs)
+                                         output_attentions, attnres_states, attn_kwargs, **kwargs)
         residual = hidden_states
         hidden_states = self.attn_norm(hidden_states)
         hidden_states, attentions, past_key_values = self.attn(
             hidden_states=hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
-            use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+            use_cache=use_cache, output_attentions=output_attentions, **(attn_kwargs or {}), **kwargs)
         if self.config.fuse_norm:
             hidden_states, residual = self.mlp_norm(hidden_states, residual, True)
         else:
@@ -354,7 +364,7 @@ class GLABlock(_BlockBase):
         return attnres(proj.weight, residuals, norm.weight, output_rms_weight=out_norm.weight, rms_eps=norm.eps)
 
     def _forward_attnres(self, hidden_states, attention_mask, past_key_values, use_cache, output_attentions,
-                         attnres_states, **kwargs):
+                         attnres_states, attn_kwargs=None, **kwargs):
         prefix_sum = hidden_states                   # sublayer outputs since the last closed source
         if attnres_states is None:                   # first block: one source, the mixture is the identity
             hidden_states, attnres_states, prefix_sum = self.attn_norm(prefix_sum), [prefix_sum], None
@@ -365,7 +375,7 @@ class GLABlock(_BlockBase):
             hidden_states = self._mix(self.attn_res_proj, self.attn_res_norm, self.attn_norm, residuals)
         hidden_states, attentions, past_key_values = self.attn(
             hidden_states=hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
-            use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+            use_cache=use_cache, output_attentions=output_attentions, **(attn_kwargs or {}), **kwargs)
         prefix_sum = hidden_states if prefix_sum is None else prefix_sum + hidden_states
         residuals = [*attnres_states, prefix_sum]
         if self.attnres_is_mlp_boundary:
@@ -480,7 +490,7 @@ class GLAModel(GLAPreTrainedModel):
         super().__init__(config)
         self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([GLABlock(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([self._block_class(config, i) for i in range(config.num_hidden_layers)])
         self.norm = (RMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
         self.use_attnres = getattr(config, 'attnres_block_size', None) is not None
         if self.use_attnres:
@@ -489,6 +499,12 @@ class GLAModel(GLAPreTrainedModel):
             self.res_proj._is_attnres_proj = True
         self.gradient_checkpointing = False
         self.post_init()
+
+    _block_class = GLABlock   # the decoder block (HGRN2's model reuses this class with its own)
+
+    def _per_layer_kwargs(self) -> list[dict]:
+        "Keywords for each block beyond those all share: none for GLA (HGRN2 passes each layer its lower bound)."
+        return [{}] * len(self.layers)
 
     def get_input_embeddings(self):
         return self.embeddings
@@ -519,7 +535,7 @@ class GLAModel(GLAPreTrainedModel):
             use_cache = bool(use_cache)   # None, the config's default, means no Cache
         kwargs = _layer_kwargs(self, kwargs, attention_mask)
         if output_attentions:
-            warnings.warn("`GLAModel` does not `output_attentions` now, setting it to `False`.", stacklevel=2)
+            warnings.warn(f"`{type(self).__name__}` does not `output_attentions` now, setting it to `False`.", stacklevel=2)
             output_attentions = False
         output_attentions = output_attentions if output_attentions is not None else getattr(self.config, 'output_attentions', False)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else getattr(self.config, 'output_hidden_states', False)
@@ -540,12 +556,12 @@ class GLAModel(GLAPreTrainedModel):
         all_hidden_states = () if output_hidden_states else None
         all_attns = () if output_attentions else None
         attnres_states = None
-        for layer in self.layers:
+        for layer, layer_kwargs in zip(self.layers, self._per_layer_kwargs()):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, attentions, past_key_values, attnres_states = layer(
                 hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
-                use_cache=use_cache, output_attentions=output_attentions, attnres_states=attnres_states, **kwargs)
+                use_cache=use_cache, output_attentions=output_attentions, attnres_states=attnres_states, **layer_kwargs, **kwargs)
             if output_attentions:
                 all_attns += (attentions,)
         if self.use_attnres:   # the final norm fused into one last aggregation over every source
@@ -734,11 +750,13 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
 
     def __init__(self, config: GLAConfig):
         super().__init__(config)
-        self.model = GLAModel(config)
+        self.model = self._backbone_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.criterion = None
         self.post_init()
+
+    _backbone_class = GLAModel   # the model under the head (HGRN2's: `HGRN2Model`)
 
     def get_input_embeddings(self):
         return self.model.embeddings
@@ -834,14 +852,16 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
                                **{_CACHE_FIELD: _field(outputs, _CACHE_FIELD)})
 
 # %% ../../nbs/10_models.ipynb #85763b0f
-def register_auto_classes() -> bool:
-    "Register `GLAConfig`, `GLAModel` and `GLAForCausalLM` with transformers' Auto classes; False without transformers."
+def register_auto_classes(config_class=None, model_class=None, causal_lm_class=None) -> bool:
+    "Register a model family (default: `GLAConfig`, `GLAModel`, `GLAForCausalLM`) with transformers' Auto classes; False without transformers."
     if not TRANSFORMERS_AVAILABLE:
         return False
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    AutoConfig.register(GLAConfig.model_type, GLAConfig, exist_ok=True)
-    AutoModel.register(GLAConfig, GLAModel, exist_ok=True)
-    AutoModelForCausalLM.register(GLAConfig, GLAForCausalLM, exist_ok=True)
+    config_class, model_class = config_class or GLAConfig, model_class or GLAModel
+    causal_lm_class = causal_lm_class or GLAForCausalLM
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, causal_lm_class, exist_ok=True)
     return True
 
 register_auto_classes()
