@@ -12,7 +12,8 @@ previous and next chapter in notebook order. Its layout at a desktop width (1280
 that scrolls sideways, every image at least as wide as it was drawn, no lead-in sentence (a paragraph ending with
 ':') without what it introduces after it (as when its cell is hidden), no number in a table split across two
 lines, no command-line flag rendered with a dash (`--naive-bwd` as "–naive-bwd"), and no blank lines inside a
-cell of imports only (`KNOWN_WIDE` lists the wide outputs of chapters still to be reformatted). Chromium runs headless on a fresh profile with the flags
+cell of imports only (`KNOWN_WIDE` lists the wide outputs of chapters still to be reformatted). The layout check
+is itself tested: each defect, put into a correct page, must be reported (`test_layout_check_catches`). Chromium runs headless on a fresh profile with the flags
 below. A screenshot of every page is saved under `docs/_build/screenshots/`; the home page's path is printed.
 
 Without Chromium (or Playwright) the test skips, except in CI (`CI=true`), where that is a failure.
@@ -371,5 +372,41 @@ def test_page(browser, base_url, name, capsys):
             if name == 'index':
                 with capsys.disabled():  # shown even when pytest captures the output
                     print(f'\nscreenshot of the home page: {shots / "index.png"}')
+    finally:
+        page.close()
+
+
+# Each layout defect, put into a real page, and the LAYOUT problem it must give (None: a correct layout, no problem).
+DEFECTS = {
+    'figure wider than the column': ("<svg width='900' height='20'></svg>", 'figure 900 px wide'),
+    'figure cut off by its box': ("<div style='width: 300px; overflow: hidden'><img src='_static/favicon.svg' "
+                                  "width='400' height='20' style='max-width: none'></div>", 'figure cut off by its box'),
+    'code that scrolls': (f"<pre style='white-space: pre'>{'x' * 200}</pre>", 'code scrolls sideways'),
+    'table that scrolls': ("<div class='table-wrapper' style='overflow-x: auto'><table><tr><td style='white-space: "
+                           f"nowrap'>{'y ' * 200}</td></tr></table></div>", 'table scrolls sideways'),
+    'lead-in before a heading': ('<p>The cases:</p><h2>Next</h2>', 'a lead-in sentence with nothing after it'),
+    'lead-in before a paragraph': ('<p>The cases:</p><p>Something else.</p>', 'a lead-in sentence with nothing'),
+    'lead-in at the end': ('<p>The cases:</p>', 'a lead-in sentence with nothing after it'),
+    'lead-in before a list': ('<p>The cases:</p><ul><li>one</li></ul><h2>Next</h2>', None),
+}
+
+
+@pytest.mark.parametrize('defect', DEFECTS)
+def test_layout_check_catches(browser, base_url, defect):
+    "The layout check reports each defect put into an otherwise correct page (and nothing for a correct lead-in)."
+    html, expected = DEFECTS[defect]
+    page = browser.new_page()
+    try:
+        page.goto(base_url + f'{pages[-1]}.html', wait_until='load')
+        page.wait_for_load_state('networkidle')
+        before = known_wide(pages[-1], page.evaluate(LAYOUT))
+        assert not before, f'the page has layout problems of its own: {before}'
+        page.evaluate("html => [...document.querySelectorAll('article section')].pop()"
+                      ".insertAdjacentHTML('beforeend', html)", html)
+        found = page.evaluate(LAYOUT)
+        if expected is None:
+            assert not found, found
+        else:
+            assert any(p.startswith(expected) for p in found), f'{defect}: expected {expected!r}, got {found}'
     finally:
         page.close()
