@@ -61,12 +61,17 @@ def _patch_nbdev():
 
     class mv_exports(P.Processor):
         """Move each exported cell after the `show_doc` cells nbdev added for it. A cell marked `#| fold` (this
-        build's own directive, which nbdev drops from the exported code) is shown folded: myst-nb's `hide-input`."""
+        build's own directive, which nbdev drops from the exported code) is shown folded: myst-nb's `hide-input`.
+        Exported cells are tagged `EXPORTED`, so that the page shows their code without what running them printed."""
         def begin(self):
             cells = self.nb.cells
             for cell in cells:
-                if 'fold' in getattr(cell, 'directives_', {}):
-                    cell.setdefault('metadata', {}).setdefault('tags', []).append('hide-input')
+                directives = getattr(cell, 'directives_', {})
+                tags = cell.setdefault('metadata', {}).setdefault('tags', [])
+                if 'fold' in directives:
+                    tags.append('hide-input')
+                if {'export', 'exports'} & set(directives):
+                    tags.append(EXPORTED)
             for cell in reversed([c for c in cells if c.cell_type == 'code' and {'export', 'exports'} & set(c.directives_)]):
                 i = j = cell.idx_
                 while j + 1 < len(cells) and getattr(cells[j + 1], 'has_sd', False):
@@ -137,6 +142,7 @@ def process_notebooks(names, force=False):
 FRONT = re.compile(r'^\s*---\n(.*?)\n---\s*$', re.S)
 QUARTO_ATTRS = re.compile(r'(\]\([^)\s]*\))\{[^}\n]*\}')   # [text](url){target="_blank" ...}
 WIDGET = 'application/vnd.jupyter.widget-view+json'
+EXPORTED = 'nbdev-exported'   # the tag this build gives `#| export` cells while nbdev processes them
 TAGS = {'echo: false': 'remove-input', 'output: false': 'remove-output', 'include: false': 'remove-cell'}
 SOURCE_LINK = re.compile(r'\[source\]\(https?://[^)\s]*/blob/[^)\s]*\)\s*')   # show_doc's link to the repository host
 CODE_BLOCK = re.compile(r'(```python\n)(.*?)(\n```)', re.S)
@@ -233,13 +239,14 @@ def convert_cell(cell, fix):
     lines = src.splitlines()
     directives = [l[2:].strip() for l in lines if l.startswith('#|')]
     tags = sorted({t for d, t in TAGS.items() if d in directives} | set(cell.get('metadata', {}).get('tags', [])))
+    exported, tags = EXPORTED in tags, [t for t in tags if t != EXPORTED]
     code = '\n'.join(l for l in lines if not l.startswith('#|')).strip('\n')
     if imports_only(code):
         code = '\n'.join(l for l in code.splitlines() if l.strip())
     outputs = []
     # an exported cell shows its code only: what its imports print while the docs build runs them is not the lesson
     # (a library's import-time warnings on this machine, say)
-    for out in ([] if {'export', 'exports'} & {d.split()[0] for d in directives if d} else cell.get('outputs', [])):
+    for out in ([] if exported else cell.get('outputs', [])):
         if WIDGET in out.get('data', {}):  # a widget (a tqdm bar, say) without its runtime: keep its text
             out = {**out, 'data': {k: v for k, v in out['data'].items() if k != WIDGET}}
             if not out['data']:
