@@ -4,16 +4,18 @@
     python docs/build.py --force    # re-process every notebook and rebuild every page
 
 1. nbdev's own docs processor (the one `proc_nbs` runs) writes `docs/_build/proc/`: `#| hide` cells dropped,
-   `show_doc` re-run with its markdown stored; unlike nbdev's default, `#| export` cells are kept as code,
-   and a cell that mixes imports with other code is not re-run (only its imports), so outputs stay as committed.
+   `show_doc` re-run with its markdown stored; unlike nbdev's default, `#| export` cells are kept as code (folded
+   where the cell says `#| fold`), and a cell that mixes imports with other code is not re-run (only its imports),
+   so outputs stay as committed.
    (Not `nbdev_docs`, `nbdev_preview` or `nbdev_proc_nbs`: without Quarto they try to install it, with
    sudo and pip.)
 2. What Quarto would have read there is rewritten for MyST into `docs/_build/src/`: the front matter
    becomes the page's title and summary, `#| echo: false` the `remove-input` tag, other `#|` lines go,
    Quarto link attributes and show_doc's leading `---` go, links to the nbdev site become links between
    pages, show_doc's "[source]" links to the repository host go (the code is on the page, right after its
-   documentation), the blank lines between import groups of an import-only cell go (in a short cell they read
-   as gaps between every line); the home page gets the table of contents, every other notebook in file order.
+   documentation), show_doc's signatures are broken to fit the column, the blank lines between import groups of
+   an import-only cell go (in a short cell they read as gaps between every line); the home page gets the table of
+   contents, every other notebook in file order.
 3. Sphinx (myst-nb, furo, MathJax served from the site) renders `docs/_build/html/`, warnings as errors.
 """
 import argparse
@@ -58,9 +60,18 @@ def _patch_nbdev():
     P._hide_dirs = {'hide', 'default_exp'}   # read by nbdev's rm_export
 
     class mv_exports(P.Processor):
-        "Move each exported cell after the `show_doc` cells nbdev added for it."
+        """Move each exported cell after the `show_doc` cells nbdev added for it. A cell marked `#| fold` (this
+        build's own directive, which nbdev drops from the exported code) is shown folded: myst-nb's `hide-input`.
+        Exported cells are tagged `EXPORTED`, so that the page shows their code without what running them printed."""
         def begin(self):
             cells = self.nb.cells
+            for cell in cells:
+                directives = getattr(cell, 'directives_', {})
+                tags = cell.setdefault('metadata', {}).setdefault('tags', [])
+                if 'fold' in directives:
+                    tags.append('hide-input')
+                if {'export', 'exports'} & set(directives):
+                    tags.append(EXPORTED)
             for cell in reversed([c for c in cells if c.cell_type == 'code' and {'export', 'exports'} & set(c.directives_)]):
                 i = j = cell.idx_
                 while j + 1 < len(cells) and getattr(cells[j + 1], 'has_sd', False):
@@ -131,8 +142,58 @@ def process_notebooks(names, force=False):
 FRONT = re.compile(r'^\s*---\n(.*?)\n---\s*$', re.S)
 QUARTO_ATTRS = re.compile(r'(\]\([^)\s]*\))\{[^}\n]*\}')   # [text](url){target="_blank" ...}
 WIDGET = 'application/vnd.jupyter.widget-view+json'
+EXPORTED = 'nbdev-exported'   # the tag this build gives `#| export` cells while nbdev processes them
 TAGS = {'echo: false': 'remove-input', 'output: false': 'remove-output', 'include: false': 'remove-cell'}
 SOURCE_LINK = re.compile(r'\[source\]\(https?://[^)\s]*/blob/[^)\s]*\)\s*')   # show_doc's link to the repository host
+CODE_BLOCK = re.compile(r'(```python\n)(.*?)(\n```)', re.S)
+CODE_LINK = re.compile(r'\[(`[^`\]]+`)\]\([^)\s]*\)')   # a markdown link, shown as text inside a code block
+CODE_WIDTH = 86   # characters of code that fit furo's content column (736 px) at a desktop width
+
+
+def _split_top_level(code):
+    "`code` split after each comma outside brackets and strings (the separate parameters of a signature line)."
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(code):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in '\'"':
+            quote = ch
+        elif ch in '([{':
+            depth += 1
+        elif ch in ')]}':
+            depth -= 1
+        elif ch == ',' and depth == 0:
+            parts.append(code[start:i + 1].strip())
+            start = i + 1
+    return parts + ([code[start:].strip()] if code[start:].strip() else [])
+
+
+def fit_signature(code, width=CODE_WIDTH):
+    """show_doc's signature, with every line that would scroll sideways in the column broken: a parameter's
+    comment goes on its own line(s) above it, and parameters that share a line get a line each. (Links nbdev puts in
+    its comments are markdown, which a code block shows as text: they become the name alone.)"""
+    import textwrap
+    out = []
+    for line in CODE_LINK.sub(r'\1', code).splitlines():
+        if len(line) <= width:
+            out.append(line)
+            continue
+        indent = line[:len(line) - len(line.lstrip())]
+        code_part, _, comment = line.partition(' # ')
+        if comment:
+            out += [indent + '# ' + c for c in textwrap.wrap(comment, width - len(indent) - 2)]
+        if len(code_part) <= width:
+            out.append(code_part)
+            continue
+        rows = ['']
+        for part in _split_top_level(code_part.strip()):
+            if rows[-1] and len(indent) + len(rows[-1]) + 1 + len(part) > width:
+                rows.append('')
+            rows[-1] = f'{rows[-1]} {part}' if rows[-1] else part
+        for row in rows:   # one parameter still too long (a long default) breaks at its spaces, indented once more
+            out += textwrap.wrap(row, width, initial_indent=indent, subsequent_indent=indent + '    ',
+                                 break_long_words=False, break_on_hyphens=False)
+    return '\n'.join(out)
 
 
 def imports_only(code):
@@ -178,11 +239,14 @@ def convert_cell(cell, fix):
     lines = src.splitlines()
     directives = [l[2:].strip() for l in lines if l.startswith('#|')]
     tags = sorted({t for d, t in TAGS.items() if d in directives} | set(cell.get('metadata', {}).get('tags', [])))
+    exported, tags = EXPORTED in tags, [t for t in tags if t != EXPORTED]
     code = '\n'.join(l for l in lines if not l.startswith('#|')).strip('\n')
     if imports_only(code):
         code = '\n'.join(l for l in code.splitlines() if l.strip())
     outputs = []
-    for out in cell.get('outputs', []):
+    # an exported cell shows its code only: what its imports print while the docs build runs them is not the lesson
+    # (a library's import-time warnings on this machine, say)
+    for out in ([] if exported else cell.get('outputs', [])):
         if WIDGET in out.get('data', {}):  # a widget (a tqdm bar, say) without its runtime: keep its text
             out = {**out, 'data': {k: v for k, v in out['data'].items() if k != WIDGET}}
             if not out['data']:
@@ -192,6 +256,7 @@ def convert_cell(cell, fix):
             md = ''.join(md)
             md = fix(re.sub(r'^\s*---\s*\n', '', md))  # show_doc's leading rule would read as front matter
             md = SOURCE_LINK.sub('', md)
+            md = CODE_BLOCK.sub(lambda m: m[1] + fit_signature(m[2]) + m[3], md)
             out = {**out, 'data': {**out['data'], 'text/markdown': md}}
         outputs.append(out)
     if not code.strip() and not outputs:

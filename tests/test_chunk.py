@@ -199,6 +199,17 @@ def test_bad_input():
         chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 25, 20]))
     with pytest.raises(ValueError, match='cu_seqlens'):
         fused_chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([[0, 20]]))
+    # the notebook's list, moved here: each message names the argument, the expected and the actual value
+    with pytest.raises(ValueError, match=r'`k` must be \[B=1, T=20, H=2, K=4\], got shape \(1, 20, 2, 3\)'):
+        chunk_gla(q, k[..., :3], v, g)
+    with pytest.raises(ValueError, match='packed length 20; got'):
+        chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 5, 19]))
+    with pytest.raises(TypeError, match='`q` must be a floating-point tensor'):
+        chunk_gla(q.long(), k.long(), v.long(), g)
+    with pytest.raises(TypeError, match='did you mean `initial_state`?'):
+        fused_chunk_gla(q, k, v, g, initial_states=None)
+    with pytest.raises(ValueError, match='cu_seqlens_cpu'):
+        chunk_gla(q, k, v, g, cu_seqlens=cu, cu_seqlens_cpu=torch.tensor([0, 10, 20]))
 
 
 gates = st.sampled_from([(0.02, None), (0.1, None), (1., None), (16., None), (0.05, -2.)])

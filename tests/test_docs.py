@@ -7,10 +7,13 @@ typeset all its math, load every image, log no console or page error, have no fa
 request leaving 127.0.0.1, no broken internal link (the `#fragment` included), no link to the repository
 host named in settings.ini (`git_url`, an address the site does not vouch for), no nbdev `#|` directive
 left in the text, show its `#| export` cells as code and none of its `#| hide` cells, and link to the
-previous and next chapter in notebook order. Its layout at a desktop width (1280 px): no code block wider
-than its box (cut-off code), no number in a table split across two lines, no command-line flag rendered
-with a dash (`--naive-bwd` as "–naive-bwd"), every image at least as wide as it was drawn, and no blank
-lines inside a cell of imports only. Chromium runs headless on a fresh profile with the flags
+previous and next chapter in notebook order. Its layout at a desktop width (1280 px, furo's content column
+736 px): no figure (img, svg) wider than the column or cut off by its box, no code block (pre), table or output
+that scrolls sideways, every image at least as wide as it was drawn, no lead-in sentence (a paragraph ending with
+':') without what it introduces after it (as when its cell is hidden), no number in a table split across two
+lines, no command-line flag rendered with a dash (`--naive-bwd` as "–naive-bwd"), and no blank lines inside a
+cell of imports only (`KNOWN_WIDE` lists the wide outputs of chapters still to be reformatted). The layout check
+is itself tested: each defect, put into a correct page, must be reported (`test_layout_check_catches`). Chromium runs headless on a fresh profile with the flags
 below. A screenshot of every page is saved under `docs/_build/screenshots/`; the home page's path is printed.
 
 Without Chromium (or Playwright) the test skips, except in CI (`CI=true`), where that is a failure.
@@ -169,10 +172,41 @@ BROKEN_IMAGES = """async () => {
 LAYOUT = """() => {
   const bad = [];
   const article = document.querySelector('article');
-  for (const pre of article.querySelectorAll('pre')) {   // code cut off: wider than its box (outputs may scroll)
-    if (!pre.closest('.cell_output') && pre.scrollWidth > pre.clientWidth + 1)
-      bad.push(`code wider than its box (${pre.scrollWidth} > ${pre.clientWidth} px): ${pre.textContent.trim().split('\\n')[0].slice(0, 60)}`);
+  const column = article.getBoundingClientRect();
+  const clip = el => {   // the nearest ancestor inside the article that cuts `el` off (scrolls or hides overflow)
+    for (let a = el.parentElement; a && a !== article; a = a.parentElement)
+      if (getComputedStyle(a).overflowX !== 'visible' && a.scrollWidth > a.clientWidth + 1) return a;
+    return null;
+  };
+  for (const fig of article.querySelectorAll('img, svg')) {   // a figure wider than the column, or cut off
+    if (fig.closest('mjx-container') || fig.parentElement.closest('svg')) continue;   // math, or part of a figure
+    const r = fig.getBoundingClientRect(), name = (fig.getAttribute('src') || 'svg').split('/').pop().slice(0, 40);
+    if (r.width > column.width + 1 || r.right > column.right + 1 || r.left < column.left - 1)
+      bad.push(`figure ${Math.round(r.width)} px wide, the column ${Math.round(column.width)} px: ${name}`);
+    else if (clip(fig))
+      bad.push(`figure cut off by its box: ${name}`);
   }
+  const first = el => (el.textContent.trim().split('\\n')[0] || '').slice(0, 60);
+  for (const el of article.querySelectorAll('pre, table, .table-wrapper, .cell_output')) {   // sideways scrolling
+    if (el.matches('.cell_output') && el.querySelector('pre, table, img, svg'))
+      continue;   // its code, table or figure is checked itself
+    const kind = el.tagName === 'PRE' ? 'code' : el.matches('table, .table-wrapper') ? 'table' : 'output';
+    if (el.scrollWidth > el.clientWidth + 1)
+      bad.push(`${kind} scrolls sideways (${el.scrollWidth} > ${el.clientWidth} px): ${first(el)}`);
+  }
+  // A lead-in sentence (a paragraph ending with ':') must be followed by what it introduces (code, an output, a list,
+  // a table, a figure, displayed math, a folded cell), not by the next heading or paragraph (as when the cell it led
+  // to is hidden).
+  const blocks = [...article.querySelectorAll('p, h1, h2, h3, h4, h5, h6, pre, table, img, svg, ul, ol, dl, '
+                                              + 'blockquote, mjx-container, .cell_output, .admonition, summary')]
+    .filter(b => !b.closest('td, th') && !b.parentElement.closest('summary') && b.getBoundingClientRect().height > 0
+                 && (b.textContent.trim() || b.matches('img, svg') || b.querySelector('img, svg')));
+  blocks.forEach((b, i) => {
+    if (b.tagName !== 'P' || !b.textContent.trim().endsWith(':')) return;
+    const next = blocks.slice(i + 1).find(n => !b.contains(n));
+    if (!next || /^H\\d$/.test(next.tagName) || next.tagName === 'P')
+      bad.push(`a lead-in sentence with nothing after it: ...${b.textContent.trim().slice(-60)}`);
+  });
   const number = /(?<![\\w.+-])[-+]?\\d+(?:\\.\\d+)?(?:e[-+]?\\d+)?[x×!%]?(?![\\w.+-])/g;
   for (const cell of article.querySelectorAll('td, th')) {   // a number split across two lines
     const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
@@ -191,7 +225,7 @@ LAYOUT = """() => {
     const m = n.textContent.match(/(?:^|[\\s(\\[])[\\u2013\\u2014][a-z][\\w-]*/);
     if (m) bad.push(`a flag rendered with a dash: ${m[0].trim()}`);
   }
-  for (const img of article.querySelectorAll('img')) {   // squeezed below the size it was drawn at
+  for (const img of article.querySelectorAll('img')) {   // squeezed below the size it was drawn at (so its text too)
     const w = img.getBoundingClientRect().width;
     if (img.naturalWidth && w < img.naturalWidth - 1)
       bad.push(`image shown ${Math.round(w)} px wide, drawn ${img.naturalWidth}: ${img.src.split('/').pop()}`);
@@ -207,6 +241,43 @@ LAYOUT = """() => {
 
 MATHJAX_DONE = """() => (window.MathJax && MathJax.startup && MathJax.startup.promise)
   ? MathJax.startup.promise.then(() => document.querySelectorAll('mjx-container').length) : -1"""
+
+
+# Outputs and figures that are still wider than the column, on chapters whose notebooks are yet to be reformatted:
+# page -> the start of each such problem (figures by their file, named by a hash of the image). The list may only
+# shrink: a listed problem that no longer occurs fails too, so that its entry goes once its notebook is fixed.
+KNOWN_WIDE = {
+    '01_convolution': ['code scrolls sideways: ShortConvolution(8, 8, kernel_size=(4,)'],
+    '03_recurrent': ['figure: e0004db6229b14864ae38fe29dba30d242dd9492',
+                     'code scrolls sideways: normalizer ', 'code scrolls sideways: 7 kernels for one decoding step',
+                     'code scrolls sideways: B=1 T=512 H=2 K=V=64 float32, inputs 1.0 MiB',
+                     'code scrolls sideways: B=2 T=4096 H=4 K=V=128 fused_recurrent_gla: forward',
+                     'code scrolls sideways: 1 thread(s), B=2 T=4096 H=4 K=V=128 float32 forward',
+                     'code scrolls sideways: --- cpu torch.float64: relative RMS error'],
+    '06_layer': ['figure: 59ccb42fd02d152242c6d3ab7eb382d504378822', 'code scrolls sideways: config '],
+    '07_selfcheck': ['code scrolls sideways: myfla_gla 0.1.0 self-check', 'code scrolls sideways: device  check'],
+    '08_bench': ['code scrolls sideways: B=1 T=128 H=2 K=16 V=16 float32 on cpu'],
+    '10_models': ["code scrolls sideways: ['config.json', 'generation_config.json', 'model-00001-of-"],
+    '10a_checkpoint': ["code scrolls sideways: CheckpointFileError: 'ckpt/config.json' is not valid JSON"],
+    '12_cp': ["code scrolls sideways: 0 [0, 3, 4] {'pre_num_conv_tokens': 0"],
+    '13_distributed': ['code scrolls sideways: [[4, 7, 0, 3, 6, 9, 9, 6, 3, 0, 7, 4]] [0, 6, 12]',
+                       'code scrolls sideways: torchrun --standalone --nproc-per-node=2',
+                       'code scrolls sideways: torchrun --standalone --nproc-per-node=4'],
+    '14_export': ["code scrolls sideways: ['input_ids', 'layer0_conv_q', 'layer0_conv_k'"],
+}
+
+
+def known_wide(name, problems):
+    "The layout problems not listed in KNOWN_WIDE for page `name`, and the listed ones that did not occur."
+    listed, seen = KNOWN_WIDE.get(name, []), set()
+    rest = []
+    for p in problems:   # the sizes vary with fonts; the text and the figure's file don't
+        key = re.sub(r'^figure \d+ px wide, the column \d+ px:', 'figure:', re.sub(r' \(\d+ > \d+ px\)', '', p))
+        hit = [k for k in listed if key.startswith(k)]
+        seen.update(hit)
+        if not hit:
+            rest.append(p)
+    return rest + [f'listed in KNOWN_WIDE but not found (remove the entry): {k}' for k in listed if k not in seen]
 
 
 @functools.lru_cache(maxsize=None)
@@ -293,7 +364,7 @@ def test_page(browser, base_url, name, capsys):
         problems += [f'link to the nbdev site left in: {h}' for h in hrefs if h.startswith(doc_host)]
         problems += [f'link to the repository host of settings.ini: {h}' for h in hrefs if h.startswith(git_url)]
         if name in pages:
-            problems += page.evaluate(LAYOUT)
+            problems += known_wide(name, page.evaluate(LAYOUT))
         assert not problems, '\n'.join(problems)
         if name in pages:
             shots.mkdir(parents=True, exist_ok=True)
@@ -301,5 +372,41 @@ def test_page(browser, base_url, name, capsys):
             if name == 'index':
                 with capsys.disabled():  # shown even when pytest captures the output
                     print(f'\nscreenshot of the home page: {shots / "index.png"}')
+    finally:
+        page.close()
+
+
+# Each layout defect, put into a real page, and the LAYOUT problem it must give (None: a correct layout, no problem).
+DEFECTS = {
+    'figure wider than the column': ("<svg width='900' height='20'></svg>", 'figure 900 px wide'),
+    'figure cut off by its box': ("<div style='width: 300px; overflow: hidden'><img src='_static/favicon.svg' "
+                                  "width='400' height='20' style='max-width: none'></div>", 'figure cut off by its box'),
+    'code that scrolls': (f"<pre style='white-space: pre'>{'x' * 200}</pre>", 'code scrolls sideways'),
+    'table that scrolls': ("<div class='table-wrapper' style='overflow-x: auto'><table><tr><td style='white-space: "
+                           f"nowrap'>{'y ' * 200}</td></tr></table></div>", 'table scrolls sideways'),
+    'lead-in before a heading': ('<p>The cases:</p><h2>Next</h2>', 'a lead-in sentence with nothing after it'),
+    'lead-in before a paragraph': ('<p>The cases:</p><p>Something else.</p>', 'a lead-in sentence with nothing'),
+    'lead-in at the end': ('<p>The cases:</p>', 'a lead-in sentence with nothing after it'),
+    'lead-in before a list': ('<p>The cases:</p><ul><li>one</li></ul><h2>Next</h2>', None),
+}
+
+
+@pytest.mark.parametrize('defect', DEFECTS)
+def test_layout_check_catches(browser, base_url, defect):
+    "The layout check reports each defect put into an otherwise correct page (and nothing for a correct lead-in)."
+    html, expected = DEFECTS[defect]
+    page = browser.new_page()
+    try:
+        page.goto(base_url + f'{pages[-1]}.html', wait_until='load')
+        page.wait_for_load_state('networkidle')
+        before = known_wide(pages[-1], page.evaluate(LAYOUT))
+        assert not before, f'the page has layout problems of its own: {before}'
+        page.evaluate("html => [...document.querySelectorAll('article section')].pop()"
+                      ".insertAdjacentHTML('beforeend', html)", html)
+        found = page.evaluate(LAYOUT)
+        if expected is None:
+            assert not found, found
+        else:
+            assert any(p.startswith(expected) for p in found), f'{defect}: expected {expected!r}, got {found}'
     finally:
         page.close()
