@@ -29,6 +29,10 @@ class DecodeStep(nn.Module):
         super().__init__()
         if not isinstance(model, GLAForCausalLM):
             raise InputError(f"DecodeStep takes a GLAForCausalLM, got {type(model).__name__}")
+        kinds = {type(block.attn).__name__ for block in model.model.layers} - {'GatedLinearAttention', 'Attention'}
+        if kinds:   # HGRN2's models subclass GLA's, but their layers keep other states
+            raise InputError(f"DecodeStep exports GLA models only, but this model's layers are {', '.join(sorted(kinds))} "
+                             f"({type(model).__name__}): run it in eager mode")
         if model.config.attn is not None:   # the states below are GLA's; a softmax layer's keys grow with the length
             raise InputError(f"DecodeStep exports GLA layers only, but this model has softmax-attention layers "
                              f"(`attn` = {model.config.attn!r}): run hybrid models in eager mode")

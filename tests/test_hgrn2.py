@@ -371,6 +371,13 @@ def test_generate_with_and_without_the_cache():
 
 
 @needs_transformers
+def test_export_refuses_hgrn2_by_name():
+    from myfla_gla.checks import InputError
+    from myfla_gla.export import DecodeStep
+    with pytest.raises(InputError, match='HGRN2Attention'):
+        DecodeStep(model_of(torch.float32))
+
+
 def test_auto_classes_and_save_load(tmp_path):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     assert type(AutoConfig.for_model('hgrn2', hidden_size=32, expand_ratio=8)) is HGRN2Config
