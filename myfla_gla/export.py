@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .checks import DTypeError, InputError, check_int, check_tensor
+from .utils import _exporting
 from .models.gla import GLAForCausalLM
 from .ops import chunk as chunk_ops
 
@@ -82,7 +83,7 @@ class DecodeStep(nn.Module):
                 raise DTypeError(f"state `{name}` must be a floating-point tensor, got {state.dtype}")
 
     def forward(self, input_ids: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if not torch.compiler.is_exporting():
+        if not _exporting():
             self.check_states(input_ids, states)
             states = tuple(s.clone() for s in states)   # a decoding step updates the windows in place
         it = iter(states)

@@ -288,6 +288,12 @@ class _ActTable(dict):
 ACT2FN = _ActTable(relu=F.relu, sigmoid=sigmoid, logsigmoid=logsigmoid, silu=swish, swish=swish,
                    sqrelu=sqrelu, gelu=gelu, bias_gelu=bias_gelu, identity=identity)
 
+# %% ../nbs/00_utils.ipynb #57e66510
+def _exporting() -> bool:
+    "True while `torch.export` traces (strict or not); False in eager mode and under `torch.compile`."
+    # torch.compiler.is_exporting() itself is a constant True under torch.compile before pytorch#176499
+    return bool(getattr(torch.compiler, '_is_exporting_flag', False))
+
 # %% ../nbs/00b_testing.ipynb #7c20d0ed
 def get_abs_err(ref: torch.Tensor, x: torch.Tensor) -> float:
     "Max absolute difference."

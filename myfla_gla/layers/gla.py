@@ -18,7 +18,7 @@ from ..modules.convolution import ShortConvolution
 from ..modules.norms import FusedRMSNormGated, RMSNorm
 from ..ops.chunk import chunk_gla, fused_chunk_gla
 from ..ops.recurrent import fused_recurrent_gla
-from ..utils import ACT2FN, repad_hidden_states, unpad_hidden_states
+from ..utils import ACT2FN, _exporting, repad_hidden_states, unpad_hidden_states
 
 # %% auto #0
 __all__ = ['GatedLinearAttention']
@@ -79,10 +79,10 @@ def _check_layer_inputs(hidden_states, hidden_size: int, attention_mask=None, cu
             f"(0 indicating padding), got shape {tuple(attention_mask.shape)}. "
             "Arbitrary attention masks of shape [batch_size, seq_len, seq_len] are not allowed.")
     check_tensor('hidden_states', hidden_states, floating=True)
-    if torch.compiler.is_exporting() and cu_seqlens is not None:
+    if _exporting() and cu_seqlens is not None:
         raise InputError("`cu_seqlens` (packed sequences) cannot be exported: the graph would depend on their "
                          "boundaries' values. Export with a [batch_size, seq_len] batch of one length instead.")
-    if torch.compiler.is_exporting() and attention_mask is not None:
+    if _exporting() and attention_mask is not None:
         raise InputError("`attention_mask` (a padding mask, e.g. left padding) cannot be exported: unpadding makes "
                          "shapes depend on the mask's values. Export without it and run prompts of one length "
                          "together (or one prompt at a time).")
@@ -221,7 +221,7 @@ class GatedLinearAttention(nn.Module):
             check_cache(past_key_values)   # a legacy tuple could be read, but not written
         batch_size, q_len, _ = hidden_states.shape
         # exported, one op serves every length (`ops.chunk.loop_free_gla`): no branch on q_len
-        mode = self.mode if torch.compiler.is_exporting() or q_len > 64 else 'fused_recurrent'
+        mode = self.mode if _exporting() or q_len > 64 else 'fused_recurrent'
         use_cache = bool(use_cache)
 
         cp_context = kwargs.get('cp_context')  # context parallel (beyond FLA): this rank's shard [1, T/W, hidden_size]

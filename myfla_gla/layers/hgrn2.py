@@ -15,7 +15,7 @@ from ..checks import InputError, check_int, check_number, check_tensor, warn_unk
 from .gla import _check, _check_layer_inputs, _conv_projections, _gla_op
 from ..modules.convolution import ShortConvolution
 from ..modules.norms import RMSNorm, rms_norm
-from ..utils import repad_hidden_states, swish, unpad_hidden_states
+from ..utils import _exporting, repad_hidden_states, swish, unpad_hidden_states
 
 # %% auto #0
 __all__ = ['hgrn2_gates', 'HGRN2Attention']
@@ -125,7 +125,7 @@ class HGRN2Attention(nn.Module):
             require_cache_layer_idx(self, past_key_values)   # FLA's ValueError first, whatever the cache
             check_cache(past_key_values)
         batch_size, q_len, _ = hidden_states.shape
-        mode = self.mode if torch.compiler.is_exporting() or q_len > 64 else 'fused_recurrent'
+        mode = self.mode if _exporting() or q_len > 64 else 'fused_recurrent'
         use_cache = bool(use_cache)
 
         cp_context = kwargs.get('cp_context')  # context parallel (beyond FLA), as the GLA layer

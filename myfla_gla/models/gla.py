@@ -24,7 +24,7 @@ from .checkpoint import (
     check_checkpoint, checkpoint_shapes, folder_lock, load_state_dict_from_folder, save_in_place)
 from ..layers.attn import Attention
 from ..layers.gla import GatedLinearAttention
-from ..utils import ACT2FN
+from ..utils import ACT2FN, _exporting
 from ..modules.norms import RMSNorm
 
 # defined in `models.checkpoint` (with the rest of the checkpoint files' handling), part of this module's API
@@ -525,7 +525,7 @@ class GLAModel(GLAPreTrainedModel):
         **kwargs,                                    # `cu_seqlens`, `cp_context`: passed to every layer
     ):
         past_key_values = _pop_cache_kwarg(past_key_values, kwargs)
-        if torch.compiler.is_exporting():   # a graph takes and returns tensors (and lists and dicts of them)
+        if _exporting():   # a graph takes and returns tensors (and lists and dicts of them)
             if past_key_values is not None and not isinstance(past_key_values, (list, tuple)):
                 raise InputError(f"`past_key_values` (a {type(past_key_values).__name__}) cannot be exported: a graph "
                                  "takes tensors. Export `myfla_gla.export.DecodeStep(model)`, whose states are tensors.")

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checks import InputError, autocast_off, check_int, check_kwargs, check_tensor
-from ..utils import _host, check_cu_seqlens, prepare_sequence_ids
+from ..utils import _exporting, _host, check_cu_seqlens, prepare_sequence_ids
 
 # %% auto #0
 __all__ = ['causal_conv1d', 'causal_conv1d_update', 'ShortConvolution', 'naive_causal_conv1d']
@@ -196,7 +196,7 @@ class ShortConvolution(nn.Conv1d):
         N = _check_conv_args(x, self.weight[:, 0], residual, cache, cu_seqlens, state_name='cache')
         T = x.shape[1]
         # while exporting, one graph serves every length: no branch on T (the general path does one token too)
-        one_token_each = False if torch.compiler.is_exporting() else T == 1 if cu_seqlens is None else T == N > 0 and bool((torch.diff(cu_seqlens) == 1).all())
+        one_token_each = False if _exporting() else T == 1 if cu_seqlens is None else T == N > 0 and bool((torch.diff(cu_seqlens) == 1).all())
         if one_token_each and not torch.is_grad_enabled() and cp_context is None:
             return self.step(x, residual, cache, output_final_state, cu_seqlens)
         return causal_conv1d(x, self.weight[:, 0], self.bias, residual, cache, output_final_state,

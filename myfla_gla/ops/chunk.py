@@ -15,7 +15,7 @@ from torch.fx.experimental import _config as _fx_config
 
 from ..checks import (
     InputError, autocast_off, check_gla_inputs, check_kwargs, check_no_double_backward, check_no_head_first)
-from ..utils import _host, prepare_token_indices
+from ..utils import _exporting, _host, prepare_token_indices
 
 # %% auto #0
 __all__ = ['ChunkGLAFunction', 'chunk_gla', 'fused_chunk_gla', 'one_token_branch', 'loop_free_gla']
@@ -522,7 +522,7 @@ class ChunkGLAFunction(torch.autograd.Function):
 # %% ../../nbs/04_chunk.ipynb #bf3a8146
 def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
                  fused):
-    if torch.compiler.is_exporting():   # one graph for every length: no loop over chunks
+    if _exporting():   # one graph for every length: no loop over chunks
         return _gla_while_exporting('fused_chunk_gla' if fused else 'chunk_gla', q, k, v, g, scale, initial_state,
                                     output_final_state, state_v_first, cu_seqlens)
     B, T, H, K, V = check_gla_inputs(q, k, v, g, initial_state=initial_state, state_v_first=state_v_first,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..checks import (
     InputError, autocast_off, check_gla_inputs, check_int, check_kwargs, check_no_head_first, check_tensor, first_order_only)
 from ..utils import (
-    _host, index_first_axis, index_put_first_axis, prepare_position_ids, prepare_sequence_ids)
+    _exporting, _host, index_first_axis, index_put_first_axis, prepare_position_ids, prepare_sequence_ids)
 
 # %% auto #0
 __all__ = ['naive_recurrent_gla', 'reference_recurrent_gla', 'fused_recurrent_gla']
@@ -267,7 +267,7 @@ def fused_recurrent_gla(
         from myfla_gla.ops.cp import fused_recurrent_gla_cp
         return fused_recurrent_gla_cp(fused_recurrent_gla, q, k, v, gk, gv, scale, cp_context, initial_state,
                                       output_final_state, reverse, checkpoint_every=checkpoint_every)
-    if torch.compiler.is_exporting():   # one graph for every length: no loop over tokens (`ops.chunk.loop_free_gla`)
+    if _exporting():   # one graph for every length: no loop over tokens (`ops.chunk.loop_free_gla`)
         from myfla_gla.ops.chunk import _gla_while_exporting
         return _gla_while_exporting('fused_recurrent_gla', q, k, v, gk, scale, initial_state, output_final_state,
                                     state_v_first, cu_seqlens, gv, reverse)
