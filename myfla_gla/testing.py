@@ -33,7 +33,7 @@ def compare(
             msgs.append(f'{name}: missing (None)')
         else:
             try:
-                err, _ = assert_close(name, ref, x, bound_)
+                err, _ = assert_close(name, ref, x, bound_, err_atol=0)
             except AssertionError as e:
                 ok = False
                 msgs.append(str(e))

@@ -143,16 +143,16 @@ def test_matrix_against_token_by_token_reference(case):
     cache = Cache()
     o = layer(x, past_key_values=cache, use_cache=True, **kw)[0]
     ref, finals = reference(layer, x, **kw)
-    assert_close('output', ref, o, 1e-10)
+    assert_close('output', ref, o, 1e-10, err_atol=0)
     if 'attention_mask' in kw:                                        # exact zeros at padding
         pad = kw['attention_mask'][:, -x.shape[1]:] == 0
         assert (o[pad] == 0).all()
     state = cache[0]
     assert state['recurrent_state'].shape == (len(finals), layer.num_heads, layer.head_v_dim, layer.head_k_dim)
-    assert_close('recurrent state', torch.stack([f[0] for f in finals]), state['recurrent_state'], 1e-10)
+    assert_close('recurrent state', torch.stack([f[0] for f in finals]), state['recurrent_state'], 1e-10, err_atol=0)
     if layer.use_short_conv:
         for i, c in enumerate(state['conv_state']):
-            assert_close(f'conv cache {i}', torch.stack([f[1][i] for f in finals]), c, 1e-12)
+            assert_close(f'conv cache {i}', torch.stack([f[1][i] for f in finals]), c, 1e-12, err_atol=0)
     else:
         assert state['conv_state'] is None
     assert cache.get_seq_length(0) == x.shape[1]
@@ -180,7 +180,7 @@ def test_gradients_reach_every_parameter_and_match_the_reference(case):
     ref_grads = torch.autograd.grad((ref * w).sum(), [x, *layer.parameters()])
     for name, g, r in zip(names, grads, ref_grads):
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
-        assert_close(f'd{name}', r, g, 1e-9)
+        assert_close(f'd{name}', r, g, 1e-9, err_atol=0)
 
 
 @pytest.mark.parametrize('dtype, ratio', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
@@ -199,7 +199,7 @@ def test_the_three_modes_agree(dtype, ratio, inputs):
         results[mode] = (o, cache[0]['recurrent_state'], cache[0]['conv_state'])
     for mode in ('chunk', 'fused_chunk'):
         for i, what in enumerate(('output', 'recurrent state')):
-            assert_close(f'{mode} {what}', results['fused_recurrent'][i], results[mode][i], ratio)
+            assert_close(f'{mode} {what}', results['fused_recurrent'][i], results[mode][i], ratio, err_atol=0)
         for a, b in zip(results['fused_recurrent'][2], results[mode][2]):
             assert torch.equal(a, b)
 
@@ -229,13 +229,13 @@ def test_prefill_then_decoding_equals_one_pass(prefill, conv, gqa, padded):
     full_cache = Cache()
     full = layer(x, past_key_values=full_cache, use_cache=True, **({'attention_mask': mask} if padded else {}))[0]
     ref, finals = reference(layer, x, attention_mask=mask if padded else None)
-    assert_close('decoded vs reference', ref, stepped, 1e-9)
-    assert_close('decoded vs one pass', full, stepped, 1e-9)
-    assert_close('recurrent state', full_cache[1]['recurrent_state'], cache[1]['recurrent_state'], 1e-9)
-    assert_close('recurrent state vs reference', torch.stack([f[0] for f in finals]), cache[1]['recurrent_state'], 1e-9)
+    assert_close('decoded vs reference', ref, stepped, 1e-9, err_atol=0)
+    assert_close('decoded vs one pass', full, stepped, 1e-9, err_atol=0)
+    assert_close('recurrent state', full_cache[1]['recurrent_state'], cache[1]['recurrent_state'], 1e-9, err_atol=0)
+    assert_close('recurrent state vs reference', torch.stack([f[0] for f in finals]), cache[1]['recurrent_state'], 1e-9, err_atol=0)
     if conv:
         for a, b in zip(full_cache[1]['conv_state'], cache[1]['conv_state']):
-            assert_close('conv cache', a, b, 1e-12)
+            assert_close('conv cache', a, b, 1e-12, err_atol=0)
     assert cache.get_seq_length(1) == T and len(cache) == 2 and cache[0] is None
 
 
@@ -255,7 +255,7 @@ def test_right_padding_while_decoding_skips_the_row():
             assert torch.equal(cache[0]['recurrent_state'][0], before[0])
             assert all(torch.equal(c[0], p) for c, p in zip(cache[0]['conv_state'], before[1]))
     ref, _ = reference(layer, x, attention_mask=mask)
-    assert_close('output', ref, torch.cat(outs, 1), 1e-9)
+    assert_close('output', ref, torch.cat(outs, 1), 1e-9, err_atol=0)
 
 
 def test_decoding_with_packed_sequences():
@@ -269,7 +269,7 @@ def test_decoding_with_packed_sequences():
     o = layer(nxt, cu_seqlens=torch.arange(4), past_key_values=cache, use_cache=True)[0]
     for n, (s, e) in enumerate(((0, 4), (4, 4), (4, 9))):
         whole = torch.cat([x[:, s:e], nxt[:, n:n + 1]], 1)
-        assert_close(f'sequence {n}', layer(whole)[0][:, -1], o[:, n], 1e-9)
+        assert_close(f'sequence {n}', layer(whole)[0][:, -1], o[:, n], 1e-9, err_atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def test_seed_fixture_1_basic_chunk(monkeypatch):
     assert cache[0]['recurrent_state'] is not None and cache[0]['recurrent_state'].shape == (2, 2, 8, 4)
     assert pads == [] and fused == [1] and not hasattr(layer, 'g_norm')
     ref, _ = reference(make_ref_view(layer), x)
-    assert_close('output', ref, o, 1e-5)
+    assert_close('output', ref, o, 1e-5, err_atol=0)
 
 
 def make_ref_view(layer, feature_map=None, gate_fn='swish'):
@@ -347,10 +347,10 @@ def test_seed_fixture_2_mask_and_short_conv(monkeypatch):
     assert [c.shape for c in conv] == [(2, 8, 4), (2, 8, 4), (2, 16, 4)]
     # the conv caches hold the last inputs of each row, zeros where the row had none
     assert (conv[0][0, :, :2] == 0).all() and (conv[0][1, :, :1] == 0).all()
-    assert_close('output', reference(layer, x, attention_mask=mask)[0], o, 1e-10)
+    assert_close('output', reference(layer, x, attention_mask=mask)[0], o, 1e-10, err_atol=0)
     for b in range(2):                                      # each row as if alone
         alone = layer(x[b:b + 1, mask[b].bool()])[0]
-        assert_close(f'row {b}', alone[0], o[b, mask[b].bool()], 1e-12)
+        assert_close(f'row {b}', alone[0], o[b, mask[b].bool()], 1e-12, err_atol=0)
 
 
 def test_seed_fixture_3_cu_seqlens_and_feature_map(monkeypatch):
@@ -364,14 +364,14 @@ def test_seed_fixture_3_cu_seqlens_and_feature_map(monkeypatch):
     assert torch.diff(convs[0]['cu_seqlens']).tolist() == [5, 4]
     assert ops[0]['cu_seqlens'].tolist() == [0, 5, 9] and ops[0]['state_v_first'] is True
     separate = torch.cat([layer(x[:, :5])[0], layer(x[:, 5:])[0]], 1)
-    assert_close('packed vs separate', separate, o, 1e-12)
-    assert_close('reference', reference(layer, x, cu_seqlens=cu)[0], o, 1e-10)
+    assert_close('packed vs separate', separate, o, 1e-12, err_atol=0)
+    assert_close('reference', reference(layer, x, cu_seqlens=cu)[0], o, 1e-10, err_atol=0)
     # the same packed batch through the chunk op (forced by a length > 64) gives the same sequences
     long = torch.randn(1, 80, 16, dtype=F64)
     cu_long = torch.tensor([0, 70, 80])
     chunked = layer(long, cu_seqlens=cu_long)[0]
     layer.mode = 'fused_recurrent'
-    assert_close('chunk vs recurrent (varlen)', layer(long, cu_seqlens=cu_long)[0], chunked, 1e-12)
+    assert_close('chunk vs recurrent (varlen)', layer(long, cu_seqlens=cu_long)[0], chunked, 1e-12, err_atol=0)
 
 
 def test_seed_fixture_4_short_input_goes_recurrent(monkeypatch):
@@ -389,7 +389,7 @@ def test_seed_fixture_4_short_input_goes_recurrent(monkeypatch):
     assert chunks == [] and len(recurrent) == 3
     assert cache[0]['recurrent_state'].shape == s1.shape == (2, 2, 8, 4)
     assert torch.isfinite(o1).all() and torch.isfinite(o2).all()
-    assert_close('two calls vs one', full, torch.cat([o1, o2], 1), 1e-5)
+    assert_close('two calls vs one', full, torch.cat([o1, o2], 1), 1e-5, err_atol=0)
     with torch.no_grad():
         layer(torch.randn(2, 65, 16))
     assert len(chunks) == 1                                 # 65 tokens: the layer's own mode
@@ -411,7 +411,7 @@ def test_use_cache_false_leaves_the_stored_cache_alone(T):
     assert cache[0]['recurrent_state'] is rs and cache[0]['conv_state'] is conv
     assert torch.equal(rs, saved[0]) and all(torch.equal(c, s) for c, s in zip(conv, saved[1]))
     assert cache.get_seq_length(0) == 6 + T                 # still counted, as in FLA
-    assert_close('output read the cache', layer(x)[0][:, 6:], o, 1e-9)
+    assert_close('output read the cache', layer(x)[0][:, 6:], o, 1e-9, err_atol=0)
 
 
 def test_fused_chunk_works_beyond_64_tokens():
@@ -420,7 +420,7 @@ def test_fused_chunk_works_beyond_64_tokens():
     x = torch.randn(2, 100, 16, dtype=F64)
     o = layer(x)[0]
     layer.mode = 'chunk'
-    assert_close('fused_chunk vs chunk', layer(x)[0], o, 1e-12)
+    assert_close('fused_chunk vs chunk', layer(x)[0], o, 1e-12, err_atol=0)
 
 
 def test_cached_record_without_conv_state():
@@ -429,7 +429,7 @@ def test_cached_record_without_conv_state():
     x = torch.randn(1, 4, 16, dtype=F64)
     cache = Cache()
     cache.update(recurrent_state=torch.zeros(1, 2, 8, 4, dtype=F64), layer_idx=0, offset=0)
-    assert_close('no history', layer(x)[0], layer(x, past_key_values=cache, use_cache=True)[0], 1e-12)
+    assert_close('no history', layer(x)[0], layer(x, past_key_values=cache, use_cache=True)[0], 1e-12, err_atol=0)
 
 
 def test_use_cache_without_a_cache_and_output_attentions():
@@ -457,7 +457,7 @@ def test_half_precision_dtypes_and_state_layout():
     assert o.dtype == torch.bfloat16 and cache[0]['recurrent_state'].dtype == torch.float32
     assert cache[0]['recurrent_state'].shape == (2, 2, 16, 8)                # [N, H, V, K]
     assert all(c.dtype == torch.bfloat16 for c in cache[0]['conv_state'])
-    assert_close('bf16 layer vs float64', reference(ref, x)[0], o, 3e-2)
+    assert_close('bf16 layer vs float64', reference(ref, x)[0], o, 3e-2, err_atol=0)
 
 
 def test_parameter_names_and_shapes_in_every_configuration():
@@ -548,13 +548,13 @@ def test_property_padding_packing_and_causality(conv, gqa, T, rows, data):
     for b in range(B):                                   # each row's tokens as one sequence alone
         keep = mask[b].bool()
         if keep.any():
-            assert_close(f'row {b}', layer(x[b:b + 1, keep])[0][0], o[b, keep], 1e-12)
+            assert_close(f'row {b}', layer(x[b:b + 1, keep])[0][0], o[b, keep], 1e-12, err_atol=0)
     # packed with cu_seqlens: the same numbers
     cu = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)])
     if cu[-1] > 0:
         packed = layer(x[mask.bool()][None], cu_seqlens=cu)[0][0]
-        assert_close('packed', o[mask.bool()], packed, 1e-12)
+        assert_close('packed', o[mask.bool()], packed, 1e-12, err_atol=0)
     # causality: changing the last token changes no earlier output
     x2 = x.clone()
     x2[:, -1] += 1
-    assert_close('causal', o[:, :-1], layer(x2, attention_mask=mask)[0][:, :-1], 1e-13)
+    assert_close('causal', o[:, :-1], layer(x2, attention_mask=mask)[0][:, :-1], 1e-13, err_atol=0)

@@ -194,7 +194,7 @@ def test_forward_matches_a_handwritten_stack(fuse_norm):
         x = rms(h, block.mlp_norm.weight)
         h = h + block.mlp.down_proj(F.silu(block.mlp.gate_proj(x)) * block.mlp.up_proj(x))
     logits = rms(h, m.model.norm.weight) @ m.lm_head.weight.T
-    assert_close('handwritten stack', logits, m(ids).logits, 1e-12)
+    assert_close('handwritten stack', logits, m(ids).logits, 1e-12, err_atol=0)
 
 
 def test_attnres_parameters_and_init():
@@ -244,7 +244,7 @@ def test_attnres_forward_matches_a_handwritten_stack(block_size):
         partial = out if partial is None else partial + out
     final = sources + ([partial] if partial is not None else [])
     logits = mix(m.model.res_proj.weight, m.model.res_norm.weight, final, m.model.norm.weight) @ m.lm_head.weight.T
-    assert_close(f'attnres stack (block size {block_size})', logits, m(ids).logits, 1e-12)
+    assert_close(f'attnres stack (block size {block_size})', logits, m(ids).logits, 1e-12, err_atol=0)
 
 
 def test_powlu_mlp():
@@ -252,7 +252,7 @@ def test_powlu_mlp():
     x = torch.randn(3, 16, dtype=torch.float64)
     g = x @ mlp.gate_proj.weight.T
     act = torch.where(g > 0, g.abs() ** (2.5 / (g.abs().sqrt() + 1)), g) * torch.sigmoid(g)
-    assert_close('powlu', (act * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T, mlp(x), 1e-12)
+    assert_close('powlu', (act * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T, mlp(x), 1e-12, err_atol=0)
     with pytest.raises(KeyError, match='powlu'):   # as in FLA: the GLA layer's output gate has no 'powlu'
         GLAModel(tiny(hidden_act='powlu'))
 
@@ -314,10 +314,10 @@ def test_loss_shifts_labels_and_ignores_minus_100():
     logits = out.logits[:, :-1].reshape(-1, 64)
     target = labels[:, 1:].reshape(-1)
     ref = F.cross_entropy(logits, target, ignore_index=-100)
-    assert_close('loss', ref, out.loss, 1e-12)
+    assert_close('loss', ref, out.loss, 1e-12, err_atol=0)
     assert out.loss.dtype == torch.float64
     m.criterion = nn.CrossEntropyLoss(reduction='sum')
-    assert_close('custom criterion', F.cross_entropy(logits, target, reduction='sum'), m(ids, labels=labels).loss, 1e-12)
+    assert_close('custom criterion', F.cross_entropy(logits, target, reduction='sum'), m(ids, labels=labels).loss, 1e-12, err_atol=0)
 
 
 def test_num_items_in_batch():
@@ -327,10 +327,10 @@ def test_num_items_in_batch():
     labels[1, :5] = -100
     logits = m(ids).logits
     total = F.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), reduction='sum')
-    assert_close('sum / n', total / 40, m(ids, labels=labels, num_items_in_batch=40).loss, 1e-12)
-    assert_close('tensor n', total / 40, m(ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss, 1e-12)
+    assert_close('sum / n', total / 40, m(ids, labels=labels, num_items_in_batch=40).loss, 1e-12, err_atol=0)
+    assert_close('tensor n', total / 40, m(ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss, 1e-12, err_atol=0)
     m.criterion = nn.CrossEntropyLoss()   # a custom criterion is switched to a sum for this call only
-    assert_close('custom criterion', total / 40, m(ids, labels=labels, num_items_in_batch=40).loss, 1e-12)
+    assert_close('custom criterion', total / 40, m(ids, labels=labels, num_items_in_batch=40).loss, 1e-12, err_atol=0)
     assert m.criterion.reduction == 'mean'
     class NoReduction(nn.Module):
         ignore_index = -100
@@ -347,7 +347,7 @@ def test_loss_in_float32_for_half_models():
     out = m(ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
     ref = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, 64), ids[:, 1:].reshape(-1))
-    assert_close('bf16 loss', ref, out.loss, 1e-6)
+    assert_close('bf16 loss', ref, out.loss, 1e-6, err_atol=0)
 
 
 def test_l2_warp_keeps_the_loss_and_adds_flas_gradient():
@@ -359,26 +359,26 @@ def test_l2_warp_keeps_the_loss_and_adds_flas_gradient():
     g_warp, = torch.autograd.grad(warped, logits)
     expected = torch.zeros_like(logits).scatter(-1, logits.argmax(-1, keepdim=True),
                                                logits.max(-1, keepdim=True).values * 1e-4 / 10)
-    assert_close('l2warp grad', expected, g_warp - g_plain, 1e-12)
+    assert_close('l2warp grad', expected, g_warp - g_plain, 1e-12, err_atol=0)
     m = model_of(use_l2warp=True)
     ids = torch.randint(0, 64, (2, 6))
-    assert_close('l2warp model loss', model_of()(ids, labels=ids).loss, m(ids, labels=ids).loss, 1e-14)
+    assert_close('l2warp model loss', model_of()(ids, labels=ids).loss, m(ids, labels=ids).loss, 1e-14, err_atol=0)
 
 
 def test_logits_to_keep_and_outputs():
     m = model_of()
     ids = torch.randint(0, 64, (2, 11))
     out = m(ids, output_hidden_states=True)
-    assert_close('logits_to_keep', out.logits[:, -4:], m(ids, logits_to_keep=4).logits, 1e-14)
+    assert_close('logits_to_keep', out.logits[:, -4:], m(ids, logits_to_keep=4).logits, 1e-14, err_atol=0)
     assert m(ids, num_logits_to_keep=1).logits.shape == (2, 1, 64)
     assert len(out.hidden_states) == 3 and torch.equal(out.hidden_states[0], m.model.embeddings(ids))
-    assert_close('last hidden', m.lm_head(out.hidden_states[-1]), out.logits, 1e-14)
+    assert_close('last hidden', m.lm_head(out.hidden_states[-1]), out.logits, 1e-14, err_atol=0)
     tup = m(ids, return_dict=False)
     assert isinstance(tup, tuple) and torch.equal(tup[0], out.logits)
     tup = m(ids, labels=ids, return_dict=False, use_cache=True)
     assert tup[0].dim() == 0 and isinstance(tup[2], Cache)
     emb = m.model.embeddings(ids)
-    assert_close('inputs_embeds', out.logits, m(inputs_embeds=emb).logits, 1e-14)
+    assert_close('inputs_embeds', out.logits, m(inputs_embeds=emb).logits, 1e-14, err_atol=0)
     with pytest.raises(ValueError, match='exactly one'):
         m(ids, inputs_embeds=emb)
     with pytest.raises(ValueError, match='exactly one'):
@@ -388,7 +388,7 @@ def test_logits_to_keep_and_outputs():
     with_labels = m(ids, labels=ids, logits_to_keep=2)   # FLA 0.6.0: labels need every position, logits_to_keep is ignored
     assert with_labels.logits.shape == (2, 11, 64) and torch.equal(with_labels.loss, m(ids, labels=ids).loss)
     picked = m(ids, logits_to_keep=torch.tensor([0, 5]))
-    assert_close('logits_to_keep positions', out.logits[:, [0, 5]], picked.logits, 1e-14)
+    assert_close('logits_to_keep positions', out.logits[:, [0, 5]], picked.logits, 1e-14, err_atol=0)
     with pytest.warns(UserWarning, match='output_attentions'):
         m(ids, output_attentions=True)
 
@@ -418,7 +418,7 @@ def test_cp_context_ignores_the_configs_use_cache(tmp_path):
         ctx = build_cp_context(cu, None, conv1d_kernel_size=m.config.conv_size)
         out = m(ids, cp_context=ctx, return_dict=False)
         assert len(out) == 1                                              # logits, no cache
-        assert_close('cp_context in eval', m(ids, cu_seqlens=cu, use_cache=False).logits, out[0], 1e-12)
+        assert_close('cp_context in eval', m(ids, cu_seqlens=cu, use_cache=False).logits, out[0], 1e-12, err_atol=0)
         for kw in (dict(use_cache=True), dict(past_key_values=Cache())):
             with pytest.raises(ValueError, match='not supported with `cp_context`'):
                 m(ids, cp_context=ctx, **kw)
@@ -502,7 +502,7 @@ def test_cache_continuation_equals_one_pass(name):
     parts = [m(ids[:, :66], past_key_values=cache, use_cache=True).logits,
              m(ids[:, 66:75], past_key_values=cache, use_cache=True).logits]
     parts += [m(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(75, 80)]
-    assert_close(f'{name} continuation', full, torch.cat(parts, 1), 1e-10)
+    assert_close(f'{name} continuation', full, torch.cat(parts, 1), 1e-10, err_atol=0)
     assert len(cache) == m.config.num_hidden_layers and cache.get_seq_length() == 80
     H = m.config.num_heads
     K, V = int(32 * m.config.expand_k) // H, int(32 * m.config.expand_v) // H
@@ -522,11 +522,11 @@ def test_legacy_cache_and_the_cache_keyword():
     legacy = cache.to_legacy_cache()
     assert isinstance(legacy, tuple) and len(legacy) == 2
     b = m(ids[:, 7:], past_key_values=legacy, use_cache=True).logits
-    assert_close('legacy continuation', full, torch.cat([a, b], 1), 1e-10)
+    assert_close('legacy continuation', full, torch.cat([a, b], 1), 1e-10, err_atol=0)
     cache = Cache()
     a = m(ids[:, :7], cache=cache, use_cache=True).logits           # transformers' newer keyword
     b = m(ids[:, 7:], cache=cache, use_cache=True).logits
-    assert_close('cache keyword', full, torch.cat([a, b], 1), 1e-10)
+    assert_close('cache keyword', full, torch.cat([a, b], 1), 1e-10, err_atol=0)
     with pytest.raises(ValueError, match='once'):
         m(ids, past_key_values=Cache(), cache=Cache())
 
@@ -546,7 +546,7 @@ def test_left_padded_generation_equals_each_row_alone(name):
     logits = torch.cat(logits, 1)
     for b in range(B):
         alone = m(ids[b:b + 1, starts[b]:], use_cache=False).logits[0]
-        assert_close(f'{name} row {b}', alone, logits[b, starts[b]:], 1e-10)
+        assert_close(f'{name} row {b}', alone, logits[b, starts[b]:], 1e-10, err_atol=0)
 
 
 def test_left_padded_generation_float32():
@@ -561,7 +561,7 @@ def test_left_padded_generation_float32():
                for t in range(68, 76)]
     logits = torch.cat(logits, 1)
     for b, s in enumerate([5, 0, 40]):
-        assert_close(f'row {b}', m(ids[b:b + 1, s:]).logits[0], logits[b, s:], 1e-4)
+        assert_close(f'row {b}', m(ids[b:b + 1, s:]).logits[0], logits[b, s:], 1e-4, err_atol=0)
 
 
 @pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv_bias', 'attnres'])
@@ -578,10 +578,10 @@ def test_packed_input_equals_the_batch(name):
         h = m.model(x, **kw).last_hidden_state.reshape(B, T, -1)
         (h.square().mean() + out.logits.square().mean()).backward()
         results.append((h.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
-    assert_close(f'{name} packed hidden', results[0][0], results[1][0], 1e-10)
+    assert_close(f'{name} packed hidden', results[0][0], results[1][0], 1e-10, err_atol=0)
     assert results[0][1].keys() == results[1][1].keys()   # (block 0's attention-residual query is never used)
     for n, g in results[0][1].items():
-        assert_close(f'{name} grad {n}', g, results[1][1][n], 1e-10)
+        assert_close(f'{name} grad {n}', g, results[1][1][n], 1e-10, err_atol=0)
 
 
 def test_packed_unequal_lengths_equal_each_sequence_alone():
@@ -592,7 +592,7 @@ def test_packed_unequal_lengths_equal_each_sequence_alone():
     packed = m(ids, cu_seqlens=cu).logits[0]
     for i in range(len(lens)):
         alone = m(ids[:, cu[i]:cu[i + 1]]).logits[0]
-        assert_close(f'sequence {i}', alone, packed[cu[i]:cu[i + 1]], 1e-10)
+        assert_close(f'sequence {i}', alone, packed[cu[i]:cu[i + 1]], 1e-10, err_atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -682,7 +682,7 @@ def test_transformers_save_load_and_gradient_checkpointing(tmp_path):
         m(ids, labels=ids).loss.backward()
         grads.append([p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):
-        assert_close('checkpointed grad', a, b, 1e-12)
+        assert_close('checkpointed grad', a, b, 1e-12, err_atol=0)
 
 
 def test_plain_save_pretrained_is_readable(tmp_path):

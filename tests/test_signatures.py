@@ -19,12 +19,13 @@ import sys
 
 import pytest
 
-# FLA's paths compared: those `myfla_gla` re-exports (nbs/98_porting.ipynb) and its modules of FLA's names
+# FLA's paths compared: those `myfla_gla` re-exports (nbs/98_porting.ipynb), its modules of FLA's names, and utils
 PATHS = ['', 'layers', 'layers.gla', 'layers.attn', 'layers.utils', 'ops', 'ops.gla', 'ops.gla.chunk', 'ops.gla.fused_chunk',
          'ops.gla.fused_recurrent', 'ops.gla.naive', 'ops.utils', 'ops.utils.index', 'modules', 'modules.activations',
          'modules.causal_conv1d', 'modules.convolution', 'modules.norm', 'modules.layernorm', 'modules.fused_norm_gate',
          'modules.mlp', 'modules.l2warp', 'modules.rotary', 'models', 'models.gla', 'models.utils',
-         'layers.hgrn2', 'models.hgrn2']
+         'layers.hgrn2', 'models.hgrn2',
+         'utils']  # fla.utils: the test helpers FLA's test files call by keyword (assert_close, get_err_ratio, ...)
 
 
 # Accepted gaps, each in the differences table (nbs/99_differences.ipynb): the parameter reaches `**kwargs`

@@ -3,9 +3,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from myfla_gla import (ACT2FN, assert_close, get_unpad_data, index_first_axis, pad_input, prepare_chunk_indices,
-                       prepare_chunk_offsets, prepare_position_ids, prepare_sequence_ids, repad_hidden_states,
-                       unpad_hidden_states, unpad_input)
+from myfla_gla import (ACT2FN, assert_close, get_abs_err, get_err_ratio, get_unpad_data, index_first_axis, pad_input,
+                       prepare_chunk_indices, prepare_chunk_offsets, prepare_position_ids, prepare_sequence_ids,
+                       repad_hidden_states, unpad_hidden_states, unpad_input)
 
 masks = st.integers(1, 5).flatmap(lambda b: st.integers(1, 9).flatmap(
     lambda t: st.lists(st.lists(st.integers(0, 1), min_size=t, max_size=t), min_size=b, max_size=b)))
@@ -88,7 +88,7 @@ def test_activations_keep_dtype_and_reject_unknown():
         y = ACT2FN[name](x)
         assert y.dtype == torch.float16
         ref = ACT2FN[name](x.double())
-        assert_close(name, ref, y, 1e-3)
+        assert_close(name, ref, y, 1e-3, err_atol=0)
     with pytest.raises(KeyError, match='tanh'):
         ACT2FN['tanh']
 
@@ -106,3 +106,32 @@ def test_check_helpers_have_one_definition():
         assert name not in vars(utils) and name not in utils.__all__, name
     with pytest.raises(AttributeError, match='no_such_name'):
         utils.no_such_name
+
+
+def test_assert_close_behaves_as_fla(caplog):
+    """FLA's `assert_close` (spec 9.1): passes outright when the max abs error is at most `err_atol` (1e-6 by
+    default), else needs the relative RMS error strictly below `ratio`; `warning=True` warns instead of failing
+    above it; NaN fails even then; FLA's line is logged at INFO. Ours also returns the two errors."""
+    import logging
+    import warnings
+    ref = torch.linspace(1, 2, 100, dtype=torch.float64)
+    err, abs_err = assert_close('tiny', ref, ref + 5e-7, 1e-12)                  # 5e-7 <= err_atol: passes
+    assert abs_err == pytest.approx(5e-7) and err == pytest.approx(5e-7 / ref.square().mean().sqrt().item())
+    with pytest.raises(AssertionError, match='tiny'):
+        assert_close('tiny', ref, ref + 5e-7, 1e-12, err_atol=0)
+    x = ref * 1.01                                                               # relative error exactly 0.01
+    ratio = get_err_ratio(ref, x)
+    with pytest.raises(AssertionError):
+        assert_close('at the bound', ref, x, ratio)                            # strictly below, as FLA
+    assert_close('below', ref, x, ratio * 1.001)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        assert_close('warn', ref, x, 1e-3, warning=True)
+        assert_close('at the bound', ref, x, ratio, warning=True)               # FLA warns only above it
+    assert [str(m.message).strip().startswith('warn diff') for m in w] == [True]
+    with pytest.raises(AssertionError, match='NaN'):
+        assert_close('nan', ref, torch.full_like(ref, float('nan')), 1., warning=True)
+    with caplog.at_level(logging.INFO, logger='myfla_gla.utils'):
+        assert_close('logged', ref, ref, 1e-12)
+    assert 'logged diff: 0.000000 ratio: 0.000000' in caplog.text
+    assert get_abs_err(x=ref, y=x) == pytest.approx(0.02) and get_err_ratio(x=ref, y=x) == pytest.approx(ratio)

@@ -32,13 +32,13 @@ def _check(cond: bool, msg: str):
 # %% ../../nbs/06_layer.ipynb #30a609a6
 def _split_heads(q, k, v, gk, head_k_dim: int, head_v_dim: int, num_kv_groups: int = 1):
     "`[..., width]` -> `[..., H, head_dim]`; key/value/gate heads repeated consecutively for their groups (GQA)."
-    q = rearrange(q, '... (h d) -> ... h d', d=head_k_dim)
+    q = q.unflatten(-1, (-1, head_k_dim))   # a view, as rearrange's, without its parsing (it runs every token)
     if num_kv_groups > 1:
         k, gk = (repeat(x, '... (h d) -> ... (h g) d', g=num_kv_groups, d=head_k_dim) for x in (k, gk))
         v = repeat(v, '... (h d) -> ... (h g) d', g=num_kv_groups, d=head_v_dim)
     else:
-        k, gk = (rearrange(x, '... (h d) -> ... h d', d=head_k_dim) for x in (k, gk))
-        v = rearrange(v, '... (h d) -> ... h d', d=head_v_dim)
+        k, gk = (x.unflatten(-1, (-1, head_k_dim)) for x in (k, gk))
+        v = v.unflatten(-1, (-1, head_v_dim))
     return q, k, v, gk
 
 
@@ -199,10 +199,9 @@ class GatedLinearAttention(nn.Module):
         if self.use_output_gate:
             g = self.g_proj(h)
             if self.fuse_norm_and_gate:
-                o = self.g_norm_swish_gate(o, rearrange(g, '... (h d) -> ... h d', d=self.head_v_dim))
-                return rearrange(o, '... h d -> ... (h d)')
-            return rearrange(self.g_norm(o), '... h d -> ... (h d)') * self.gate_fn(g)
-        return rearrange(self.g_norm(o), '... h d -> ... (h d)')
+                return self.g_norm_swish_gate(o, g.unflatten(-1, (-1, self.head_v_dim))).flatten(-2)
+            return self.g_norm(o).flatten(-2) * self.gate_fn(g)
+        return self.g_norm(o).flatten(-2)
 
     def forward(
         self,

@@ -1,6 +1,10 @@
-"""chunk_gla / fused_chunk_gla on CUDA: FLA's test matrices (spec 9.2) at FLA's own sizes, against the float64
-recurrence and against FLA 0.6.0's Triton `chunk_gla` on the same inputs: outputs, final states and every gradient
-(dq, dk, dv, dg, dh0). Also: fused_chunk_gla uses less memory than chunk_gla, and torch.compile matches eager.
+"""chunk_gla / fused_chunk_gla on CUDA, against the float64 recurrence and against FLA 0.6.0's Triton `chunk_gla` on
+the same inputs: outputs, final states and every gradient (dq, dk, dv, dg, dh0). The cases cover what FLA's test
+matrices (spec 9.2) cover, once each: one token, odd lengths, head sizes 60 to 512, strong and weak decays
+(normaliser 0.02 to 10), packed sequences with empty and one-token ones, the [V, K] state layout, fp16, bf16 and
+float32; at most 700 tokens (several chunks of every kind; FLA's 1024-2048 add run time, not cases). FLA runs on
+the cases that give it a configuration of its own (see `test_chunk`).
+Also: fused_chunk_gla uses less memory than chunk_gla, and torch.compile matches eager.
 Skipped unless CUDA is available and FLA is importable.
 
 Bounds: against float64, the project's DEFAULT_RATIO (float32 1e-5 with TF32 off, PyTorch's default; half 5e-3)
@@ -22,15 +26,17 @@ from myfla_gla.testing import compare_op, op_inputs, run_op, run_reference  # no
 NAMES = ['o', 'ht', 'dq', 'dk', 'dv', 'dg', 'dh0']
 
 
-def compare(B, T, H, D, dtype, normalizer=1., cu=None, state_v_first=False):
+def compare(B, T, H, D, dtype, normalizer=1., cu=None, state_v_first=False, fla=True):
+    "Both chunk ops against float64; with `fla`, also against FLA's `chunk_gla` (a new set of kernels to compile)."
     x = op_inputs('cuda', dtype, B, T, H, D, D, normalizer, cu_seqlens=cu)
     kw = dict(cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int32, device='cuda'))
     if state_v_first:
         kw['state_v_first'] = True
-    ref, fla = run_reference(x, **kw), run_op(fla_chunk_gla, x, **kw)
+    ref = run_reference(x, **kw)
+    fla = run_op(fla_chunk_gla, x, **kw) if fla else None
     for fn in (chunk_gla, fused_chunk_gla):
         errs, ours = compare_op(fn, x, reference=ref, **kw)   # against float64 at DEFAULT_RATIO
-        for name, a in ours.items():
+        for name, a in ours.items() if fla else ():
             b, err = fla[name], errs[name]
             assert a.dtype == b.dtype, name
             if not torch.isfinite(b).all():     # not ours to fix; reported, not failed
@@ -43,27 +49,37 @@ def compare(B, T, H, D, dtype, normalizer=1., cu=None, state_v_first=False):
             # recurrence (its dg at gate_logit_normalizer=0.02: relative error 6.8 on an H100), agreeing with
             # FLA would mean being wrong: the comparison with float64 above is the one that counts.
             if dtype != torch.float32 and err_fla <= DEFAULT_RATIO[dtype]:
-                assert_close(f'{fn.__name__} {name} vs FLA', b, a, 8e-3)
+                assert_close(f'{fn.__name__} {name} vs FLA', b, a, 8e-3, err_atol=0)
 
 
-@pytest.mark.parametrize('B, T, H, D, normalizer, dtype', [
-    (1, 63, 1, 64, 1, torch.float16), (2, 1024, 4, 60, 1, torch.float16), (2, 1024, 8, 128, 0.1, torch.float16),
-    (2, 1024, 8, 128, 1, torch.float16), (2, 1024, 8, 128, 10, torch.float16), (4, 2048, 8, 64, 1, torch.float16),
-    (1, 128, 4, 256, 1, torch.float16), (1, 64, 2, 320, 1, torch.float16), (1, 128, 4, 512, 1, torch.bfloat16),
-    (2, 1024, 4, 128, 1, torch.bfloat16), (2, 1024, 4, 64, 0.02, torch.bfloat16), (2, 1024, 4, 64, 1, torch.float32)])
-def test_chunk(B, T, H, D, normalizer, dtype):
-    compare(B, T, H, D, dtype, normalizer)
+# One case for each thing the numerics standard asks for, not their cross product. Every case is checked against the
+# float64 recurrence; FLA is run where it adds a kernel configuration of its own (`fla`): each new head size, head
+# count, dtype or layout is a new set of FLA kernels to compile, most of this file's time. FLA's definition of the op
+# does not depend on the head size, and ours is held to float64 at every size.
+@pytest.mark.parametrize('B, T, H, D, normalizer, dtype, fla', [
+    (2, 1, 4, 64, 1, torch.float16, True),        # one token
+    (1, 63, 4, 64, 1, torch.float16, True),       # odd length inside one chunk
+    (2, 300, 4, 60, 1, torch.float16, False),     # head size not a power of two, odd number of chunks
+    (2, 300, 4, 128, 0.1, torch.float16, True),   # strong decay
+    (2, 300, 4, 128, 10, torch.float16, True),    # weak decay: states grow
+    (1, 64, 2, 320, 1, torch.float16, False),     # head size above 256
+    (1, 128, 4, 512, 1, torch.bfloat16, False),   # the largest head size FLA's tests use
+    (2, 300, 4, 64, 0.02, torch.bfloat16, True),  # FLA's strongest decay
+    (2, 300, 4, 64, 1, torch.float32, True)])
+def test_chunk(B, T, H, D, normalizer, dtype, fla):
+    compare(B, T, H, D, dtype, normalizer, fla=fla)
 
 
-@pytest.mark.parametrize('D, cu', [(64, [0, 15]), (64, [0, 0, 16]), (64, [0, 256, 500, 1000]),
-                                   (100, [0, 15, 100, 300, 1200, 2000])])
-def test_chunk_varlen(D, cu):
-    compare(1, cu[-1], 4, D, torch.float16, cu=cu)
+@pytest.mark.parametrize('D, cu, fla', [(64, [0, 0, 1, 1, 15, 300], True),   # empty, one-token and short sequences
+                                        (100, [0, 15, 100, 300, 700], False)])
+def test_chunk_varlen(D, cu, fla):
+    compare(1, cu[-1], 4, D, torch.float16, cu=cu, fla=fla)
 
 
-@pytest.mark.parametrize('B, T, H, D, dtype', [(2, 256, 4, 64, torch.float32), (2, 1024, 4, 128, torch.float16)])
-def test_chunk_state_v_first(B, T, H, D, dtype):
-    compare(B, T, H, D, dtype, state_v_first=True)
+@pytest.mark.parametrize('B, T, H, D, dtype, fla', [(2, 256, 4, 64, torch.float32, False),
+                                                    (2, 300, 4, 128, torch.float16, True)])
+def test_chunk_state_v_first(B, T, H, D, dtype, fla):
+    compare(B, T, H, D, dtype, state_v_first=True, fla=fla)
 
 
 def peak_fwd_bwd(fn, q, k, v, g):
@@ -91,4 +107,4 @@ def test_compile_matches_eager():
     outs = [fn(q, k, v, g, h0) for fn in (f, torch.compile(f, fullgraph=True))]
     grads = [torch.autograd.grad(o.float().square().sum() + ht.square().sum(), (q, k, v, g, h0)) for o, ht in outs]
     for name, a, b in zip(NAMES, list(outs[0]) + list(grads[0]), list(outs[1]) + list(grads[1])):
-        assert_close(f'compiled {name}', a, b, 5e-3)
+        assert_close(f'compiled {name}', a, b, 5e-3, err_atol=0)

@@ -65,7 +65,7 @@ def test_attnres_op_matches_fla(dtype, L, onorm):
             assert not b.any(), f'attnres {name}: must be exactly 0 with one source; max |{name}| {b.abs().max():.1e}'
             print(f'attnres {name} with one source: ours exactly 0, FLA max abs {a.abs().max():.1e}')
             continue
-        assert_close(f'attnres {name}', a, b, 1e-5 if dtype == torch.float32 else 1e-2)
+        assert_close(f'attnres {name}', a, b, 1e-5 if dtype == torch.float32 else 1e-2, err_atol=0)
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
@@ -76,8 +76,8 @@ def test_logits_and_loss_match_fla(name, dtype, T):
     ids = torch.randint(0, 1000, (2, T), device='cuda')
     with torch.no_grad():
         a, b = fla(ids, labels=ids), ours(ids, labels=ids)
-    assert_close(f'{name} logits', a.logits.float(), b.logits.float(), RATIO[dtype])
-    assert_close(f'{name} loss', a.loss.float(), b.loss.float(), RATIO[dtype])
+    assert_close(f'{name} logits', a.logits.float(), b.logits.float(), RATIO[dtype], err_atol=0)
+    assert_close(f'{name} loss', a.loss.float(), b.loss.float(), RATIO[dtype], err_atol=0)
 
 
 @pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv', 'attnres'])
@@ -97,11 +97,11 @@ def test_gradients_match_fla(name):
     for n, p in ours.named_parameters():
         if theirs[n].grad is None and p.grad is None:   # unused in both (block 0's attention-residual query)
             continue
-        assert_close(f'{name} grad {n} vs float64', exact[n].grad, p.grad, 1e-3)
+        assert_close(f'{name} grad {n} vs float64', exact[n].grad, p.grad, 1e-3, err_atol=0)
         err_fla = get_err_ratio(exact[n].grad, theirs[n].grad)
         print(f'{name} grad {n}: ours {get_err_ratio(exact[n].grad, p.grad):.1e}, FLA {err_fla:.1e} vs float64')
         if err_fla <= 1e-2:
-            assert_close(f'{name} grad {n} vs FLA', theirs[n].grad, p.grad, 1e-2)
+            assert_close(f'{name} grad {n} vs FLA', theirs[n].grad, p.grad, 1e-2, err_atol=0)
         else:
             fla_off.append(n)
     # only the ill-conditioned attnres gradient may leave FLA off float64: elsewhere every parameter is compared
@@ -118,10 +118,10 @@ def test_masked_and_packed_input_match_fla(name):
     cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device='cuda')
     with torch.no_grad():
         a, b = fla(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
-        assert_close(f'{name} masked logits', a[mask.bool()], b[mask.bool()], RATIO[torch.float32])
+        assert_close(f'{name} masked logits', a[mask.bool()], b[mask.bool()], RATIO[torch.float32], err_atol=0)
         a = fla(ids.reshape(1, -1), cu_seqlens=cu).logits
         b = ours(ids.reshape(1, -1), cu_seqlens=cu).logits
-        assert_close(f'{name} packed logits', a, b, RATIO[torch.float32])
+        assert_close(f'{name} packed logits', a, b, RATIO[torch.float32], err_atol=0)
 
 
 @pytest.mark.parametrize('name', ['default', 'short_conv', 'gqa_conv'])
@@ -144,13 +144,13 @@ def test_cached_decoding_matches_fla(name):
                 steps.append(out.logits)
             caches.append(cache)
             logits.append(torch.cat(steps, 1))
-    assert_close(f'{name} decoded logits', logits[0][mask.bool()], logits[1][mask.bool()], RATIO[torch.float32])
+    assert_close(f'{name} decoded logits', logits[0][mask.bool()], logits[1][mask.bool()], RATIO[torch.float32], err_atol=0)
     for i in range(len(caches[1])):
         a, b = caches[0][i], caches[1][i]
-        assert_close(f'{name} layer {i} state', a['recurrent_state'], b['recurrent_state'], RATIO[torch.float32])
+        assert_close(f'{name} layer {i} state', a['recurrent_state'], b['recurrent_state'], RATIO[torch.float32], err_atol=0)
         if CONFIGS[name].get('use_short_conv'):
             for ca, cb in zip(a['conv_state'], b['conv_state']):
-                assert_close(f'{name} layer {i} conv state', ca, cb, RATIO[torch.float32])
+                assert_close(f'{name} layer {i} conv state', ca, cb, RATIO[torch.float32], err_atol=0)
 
 
 @pytest.mark.parametrize('name', ['default', 'short_conv'])
