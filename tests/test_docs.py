@@ -247,23 +247,9 @@ MATHJAX_DONE = """() => (window.MathJax && MathJax.startup && MathJax.startup.pr
 # page -> the start of each such problem (figures by their file, named by a hash of the image). The list may only
 # shrink: a listed problem that no longer occurs fails too, so that its entry goes once its notebook is fixed.
 KNOWN_WIDE = {
-    '01_convolution': ['code scrolls sideways: ShortConvolution(8, 8, kernel_size=(4,)'],
-    '03_recurrent': ['figure: e0004db6229b14864ae38fe29dba30d242dd9492',
-                     'code scrolls sideways: normalizer ', 'code scrolls sideways: 7 kernels for one decoding step',
-                     'code scrolls sideways: B=1 T=512 H=2 K=V=64 float32, inputs 1.0 MiB',
-                     'code scrolls sideways: B=2 T=4096 H=4 K=V=128 fused_recurrent_gla: forward',
-                     'code scrolls sideways: 1 thread(s), B=2 T=4096 H=4 K=V=128 float32 forward',
-                     'code scrolls sideways: --- cpu torch.float64: relative RMS error'],
     '06_layer': ['figure: 59ccb42fd02d152242c6d3ab7eb382d504378822', 'code scrolls sideways: config '],
     '07_selfcheck': ['code scrolls sideways: myfla_gla 0.1.0 self-check', 'code scrolls sideways: device  check'],
     '08_bench': ['code scrolls sideways: B=1 T=128 H=2 K=16 V=16 float32 on cpu'],
-    '10_models': ["code scrolls sideways: ['config.json', 'generation_config.json', 'model-00001-of-"],
-    '10a_checkpoint': ["code scrolls sideways: CheckpointFileError: 'ckpt/config.json' is not valid JSON"],
-    '12_cp': ["code scrolls sideways: 0 [0, 3, 4] {'pre_num_conv_tokens': 0"],
-    '13_distributed': ['code scrolls sideways: [[4, 7, 0, 3, 6, 9, 9, 6, 3, 0, 7, 4]] [0, 6, 12]',
-                       'code scrolls sideways: torchrun --standalone --nproc-per-node=2',
-                       'code scrolls sideways: torchrun --standalone --nproc-per-node=4'],
-    '14_export': ["code scrolls sideways: ['input_ids', 'layer0_conv_q', 'layer0_conv_k'"],
 }
 
 
