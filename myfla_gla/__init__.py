@@ -1,6 +1,10 @@
 "Gated Linear Attention of flash-linear-attention in pure PyTorch."
 __version__ = "0.1.0"
 
+# `python -m myfla_gla[.bench] --help`: the help, printed before anything below imports torch
+from .cli import exit_on_help as _exit_on_help
+_exit_on_help()
+
 from .utils import *
 from .ops.recurrent import *
 from .ops.chunk import *
