@@ -701,13 +701,16 @@ def format_table(record: dict, markdown: bool = False) -> str:
 
 # %% ../nbs/08_bench.ipynb #c6df42f5
 def record_markdown(record: dict) -> str:
-    "A stored record as markdown: what, where and when, the command, then the table (bench records)."
+    "A stored record as markdown: what, where and when, the command, then the table (bench and generation records)."
     m = record['meta']
-    text = f"**{describe(record)}**  \nCommand: `{m.get('command') or '?'}`"
+    what = describe_generate(record) if record.get('kind') == 'generate' else describe(record)
+    text = f"**{what}**  \nCommand: `{m.get('command') or '?'}`"
     if m.get('note'):   # how the record was made, where that is more than its command
         text += f"  \n{m['note']}"
     if record.get('kind') == 'bench':
         text += '\n\n' + format_table(record, markdown=True)
+    elif record.get('kind') == 'generate':
+        text += '\n\n' + format_generate(record, markdown=True)
     return text
 
 def load_record(path) -> dict | None:
@@ -989,7 +992,7 @@ def onnx_runner(model, cfg: GenConfig) -> Runner:
     import onnxruntime
     return Runner(prefill, decode, argmax=lambda logits: np.argmax(logits, -1)[:, None], memory=False,
                   info=dict(export_s=round(seconds, 1), onnxruntime=onnxruntime.__version__),
-                  note=f'exported once in {seconds:.0f} s; onnxruntime {onnxruntime.__version__}; memory: its own allocator')
+                  note=f'exported in {seconds:.0f} s; onnxruntime {onnxruntime.__version__}')
 _onnx_step = lambda: None
 _onnx_step.cache = None
 
@@ -1011,31 +1014,35 @@ def greedy(runner: Runner, ids, new_tokens: int, device) -> tuple[float, float, 
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, [[int(t) for t in row] for row in zip(*(tok[:, 0].tolist() for tok in tokens))]
 
-def decode_at(runner: Runner, ids, steps: int, device) -> float:
-    "ms per decoding step after a prompt of `ids.shape[1]` tokens (the prompt and one step untimed)."
+def decode_at(runner: Runner, ids, steps: int, device, repeats: int = 1, pick=min) -> float:
+    """ms per decoding step after a prompt of `ids.shape[1]` tokens (the prompt and one step untimed): `pick` of
+    `repeats` timings of `steps` steps each (the context grows by `steps * repeats` tokens meanwhile)."""
     logits, state = runner.prefill(ids)
     tok = runner.argmax(logits)
     logits, state = runner.decode(tok, state)
     tok = runner.argmax(logits)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        logits, state = runner.decode(tok, state)
-        tok = runner.argmax(logits)
-    _sync(device)
-    return 1e3 * (time.perf_counter() - t0) / steps
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits, state = runner.decode(tok, state)
+            tok = runner.argmax(logits)
+        _sync(device)
+        times.append(1e3 * (time.perf_counter() - t0) / steps)
+    return pick(times)
 
 def _gen_runner(name: str, cfg: GenConfig, gla, batch: int) -> Runner:
     "The runner of row `name` at `batch` (models other than ours are built once per run, see `_other_model`)."
     if name == 'myfla_gla (eager)':
-        return replace(hf_runner(gla), note='model(...) with its Cache')
+        return replace(hf_runner(gla), note='its Cache')
     if name == 'myfla_gla (compiled step)':
         return replace(step_runner(gla, batch, cfg.compile_mode),
-                       note=f'DecodeStep: one-token step torch.compile(mode={cfg.compile_mode!r}), prompt eager')
+                       note=f'DecodeStep, step compiled ({cfg.compile_mode})')
     if name == 'myfla_gla (ONNX Runtime)':
         return onnx_runner(gla, cfg)
     runner = hf_runner(_other_model(name, cfg, gla))
-    return replace(runner, note="FLA's Cache" if name.startswith('FLA') else 'DynamicCache (its default)')
+    return replace(runner, note="FLA's Cache" if name.startswith('FLA') else 'DynamicCache')
 
 def _other_model(name, cfg, gla):
     "FLA's model or the Llama, kept while its row runs (one at a time)."
@@ -1108,9 +1115,10 @@ def run_generate(cfg: GenConfig, progress: bool = True, command: str | None = No
     try:
         for name in names:
             for B in cfg.batch:
-                row = _gen_row(name, cfg, gla, B, prompts[B], first.get(B), bar)
+                same = GEN_GROUPS[name] != 'reference'   # the rows with the GLA model's weights
+                row = _gen_row(name, cfg, gla, B, prompts[B], first.get(B) if same else None, bar)
                 tokens = row.pop('tokens', None)
-                if tokens is not None:
+                if tokens is not None and same:
                     first.setdefault(B, tokens)
                 rows.append(row)
                 bar.print(gen_row_line(row))
@@ -1124,7 +1132,8 @@ def run_generate(cfg: GenConfig, progress: bool = True, command: str | None = No
                     bar.step(f'{name}: context {T}')
                     ids = torch.randint(cfg.vocab, (1, T), generator=gen).to(cfg.device)
                     try:
-                        ms = decode_at(_gen_runner(name, cfg, gla, 1), ids, cfg.context_steps, cfg.device)
+                        ms = decode_at(_gen_runner(name, cfg, gla, 1), ids, cfg.context_steps, cfg.device, cfg.repeats,
+                                       statistics.median if cfg.stat == 'median' else min)
                         curves[name].append(dict(T=T, decode_ms=ms))
                     except Exception as e:
                         curves[name].append(dict(T=T, decode_ms=None, status='OOM' if _is_oom(e) else 'error',
@@ -1164,7 +1173,7 @@ def describe_generate(record: dict) -> str:
     "One line: the models, tokens, dtype, device, versions, date and statistic of a generation record."
     c, m = record['config'], record['meta']
     load = f", load {m['loadavg'][0]} before the run" if m.get('loadavg') and not str(m['device']).startswith('cuda') else ''
-    return (f"GLA {c['gla_params'] / 1e6:.0f}M (hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads, "
+    return (f"GLA {c['gla_params'] / 1e6:.3g}M parameters (hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads, "
             f"vocabulary {c['vocab']}, random weights); prompt {c['prompt']}, {c['new_tokens']} new tokens; "
             f"{c['dtype']} on {m['device']} ({m.get('device_name', '?')}, {m.get('threads')} threads{load}); "
             f"torch {m['torch']}, transformers {m.get('transformers')}, FLA {m.get('fla') or 'absent'}, "
@@ -1180,7 +1189,7 @@ def gen_table_rows(record: dict) -> tuple[list[str], list[list[str]], list[str]]
     for r in rows:
         note = r['note'] if r['status'] in ('ok', 'n/a') else f"{r['status']}: {r['note']}"
         if r.get('same_tokens') is not None:
-            note += f"; first {r['same_tokens']} of {record['config']['new_tokens']} tokens as the first row's"
+            note += f"; tokens as the first GLA row's: {r['same_tokens']}/{record['config']['new_tokens']}"
         x = llama.get(r['batch'])
         body.append([r['name'], _fmt(r['batch'], 'd'), _fmt(r['prefill_ms'], '.1f'), _fmt(r['decode_ms'], '.2f'),
                      _fmt(r['tokens_s'], '.1f'), '-' if not x or not r['decode_ms'] else f"{x / r['decode_ms']:.2f}x",
@@ -1196,7 +1205,15 @@ def format_generate(record: dict, markdown: bool = False) -> str:
     if markdown:
         lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
         lines += ['| ' + ' | '.join(c.replace('|', '/') for c in r) + ' |' for r in body]
-        return '\n'.join(lines + ([''] + [f'{x}  ' for x in not_run] if not_run else []))
+        lines += [''] + [f'{x}  ' for x in not_run] if not_run else []
+        curves = record.get('contexts') or {}
+        Ts = sorted({p['T'] for pts in curves.values() for p in pts})
+        if Ts:   # the curve's numbers: one row per context length
+            ms = {name: {p['T']: p['decode_ms'] for p in pts} for name, pts in curves.items()}
+            lines += ['', 'Decode ms per token at batch 1 against the context length:', '',
+                      '| context | ' + ' | '.join(curves) + ' |', '|' + '|'.join('---' for _ in range(len(curves) + 1)) + '|']
+            lines += [f'| {T} | ' + ' | '.join(_fmt(ms[n].get(T), '.2f') for n in curves) + ' |' for T in Ts]
+        return '\n'.join(lines)
     w = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: '  '.join(c.ljust(n) if i in (0, len(w) - 1) else c.rjust(n)
                                   for i, (c, n) in enumerate(zip(cells, w))).rstrip()

@@ -599,7 +599,7 @@ def test_generate_record(tmp_path, capsys):
             r = rows[name, B]
             assert r['status'] == 'ok' and r['prefill_ms'] > 0 and r['decode_ms'] > 0 and r['peak_mib'] > 0, r
             assert r['tokens_s'] == pytest.approx(B * 1e3 / r['decode_ms'], rel=1e-6)
-    assert rows['myfla_gla (eager)', 1]['same_tokens'] is None and rows['transformers Llama', 1]['same_tokens'] <= 4
+    assert rows['myfla_gla (eager)', 1]['same_tokens'] is None and rows['transformers Llama', 1]['same_tokens'] is None
     if not torch.cuda.is_available():
         assert rows['FLA GLAForCausalLM', None]['status'] == 'n/a'
     for name in ('myfla_gla (eager)', 'transformers Llama'):
