@@ -1,9 +1,9 @@
 "Gated Linear Attention of flash-linear-attention in pure PyTorch."
 __version__ = "0.1.0"
 
-# `python -m myfla_gla[.bench] --help`: the help, printed before anything below imports torch
-from .cli import exit_on_help as _exit_on_help
-_exit_on_help()
+# `python -m myfla_gla[.bench]`: --help printed, and the benchmark's OpenMP settings made, before torch is imported
+from .cli import before_torch as _before_torch
+_before_torch()
 
 from .utils import *
 from .ops.recurrent import *

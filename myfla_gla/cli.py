@@ -17,7 +17,7 @@ from typing import Callable
 # %% auto #0
 __all__ = ['positive_int', 'PRESETS', 'CPU_PRESET', 'IMPL_GROUPS', 'GEN_GROUPS', 'OPT_IN', 'DEFAULT_TS', 'GEN_DEFAULTS',
            'COMMANDS', 'int_at_least', 'positive_float', 'available_device', 'unwritable', 'output_file',
-           'write_atomically', 'impl_name', 'lengths', 'selfcheck_parser', 'bench_parser', 'exit_on_help']
+           'write_atomically', 'impl_name', 'lengths', 'selfcheck_parser', 'bench_parser', 'command', 'before_torch']
 
 # %% ../nbs/07a_cli.ipynb #8eb76b8e
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -118,7 +118,7 @@ PRESETS = {   # the op benchmark's shapes
     'gpu1': dict(B=4, T=4096, H=16, K=128, V=128, dtype='bfloat16'),
     'gpu2': dict(B=8, T=2048, H=4, K=256, V=512, dtype='bfloat16'),
     'cpu': dict(B=2, T=4096, H=4, K=128, V=128, dtype='float32'),
-    'quick': dict(B=1, T=2048, H=4, K=128, V=128, dtype='float32'),
+    'quick': dict(B=1, T=1024, H=4, K=128, V=128, dtype='float32'),
     'small': dict(B=2, T=512, H=2, K=64, V=64, dtype='float32'),
 }
 CPU_PRESET = 'quick'   # the default without CUDA: the cpu shape's heads at an eighth of its tokens, under a minute
@@ -177,7 +177,9 @@ def bench_parser() -> argparse.ArgumentParser:
         "implementation (myfla_gla's and, on CUDA, FLA's), in one process on one device; with --scaling, "
         'against the sequence length, with a log-log plot; with --generate, greedy decoding of GLA language '
         'models instead. Rows are printed to stderr as they are measured (a progress bar too, on a terminal); '
-        'the results go to stdout. Ctrl-C prints and saves (--json) what was measured and exits with status 130.'))
+        'the results go to stdout. Ctrl-C prints and saves (--json) what was measured and exits with status 130. '
+        'Where OMP_WAIT_POLICY is unset, the command sets it to PASSIVE for itself: waiting threads sleep '
+        'instead of spinning on cores that other work needs (OMP_WAIT_POLICY=ACTIVE times spinning threads).'))
     p.add_argument('--preset', choices=list(PRESETS),
                    help=f'reference shapes (default: gpu1 with CUDA, {CPU_PRESET} otherwise): ' + '; '.join(
                        f"{k}: {' '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
@@ -259,16 +261,27 @@ def _asks_help(args: list[str]) -> bool:
             return True
     return False
 
-def exit_on_help():
-    """In `python -m myfla_gla[.bench] ... --help`, while Python imports the package to find the command's module
-    (`sys.argv[0]` is then `'-m'`), parse the command line with the command's parser: argparse prints the help and
-    exits before the package imports torch. Anything else returns at once."""
-    if sys.argv[:1] != ['-m'] or not _asks_help(sys.argv[1:]):
-        return
+def command() -> str | None:
+    """The module of `python -m <module>` while Python imports its package to find it (`sys.argv[0]` is then
+    `'-m'`, and `sys.orig_argv` names the module); None at any other time."""
+    if sys.argv[:1] != ['-m']:
+        return None
     orig = getattr(sys, 'orig_argv', [])    # [python, options..., -m, module, the command's arguments...]
     at = len(orig) - len(sys.argv)          # where the module's name is
     if at < 1:
-        return
-    module = orig[at][2:] if orig[at].startswith('-m') and orig[at] != '-m' else orig[at]
-    if module in COMMANDS:
+        return None
+    return orig[at][2:] if orig[at].startswith('-m') and orig[at] != '-m' else orig[at]
+
+def before_torch():
+    """What the package's `__init__` does first, before it imports torch, in `python -m myfla_gla[.bench]`:
+    `--help` is printed by the command's parser (argparse exits); and the benchmark sets `OMP_WAIT_POLICY=PASSIVE`
+    for its own process where the variable is unset, before torch loads OpenMP, so that the threads of a parallel
+    region that wait sleep instead of spinning on cores that other work needs (on two cores at a load of 3 to 5,
+    the default run took 159 to 196 s with spinning threads, 37 to 52 s with sleeping ones). Anything else (an
+    `import myfla_gla` in a program, a notebook, a test) returns at once."""
+    module = command()
+    if module == 'myfla_gla.bench' and 'OMP_WAIT_POLICY' not in os.environ:
+        os.environ['OMP_WAIT_POLICY'] = 'PASSIVE'
+    if module in COMMANDS and _asks_help(sys.argv[1:]):
         COMMANDS[module]().parse_args(sys.argv[1:])   # help: printed, exit 0 (a bad option before it: exit 2)
+

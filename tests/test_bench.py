@@ -528,13 +528,17 @@ def test_progress_bar():
 
 # ---------------------------------------------------------------- output streams, FLA's line, --help without torch
 
-def test_stdout_has_only_the_table():
+def test_stdout_has_only_the_table(tmp_path):
     """Redirected, `python -m myfla_gla.bench` writes the table alone to stdout and no progress-bar text anywhere; the
-    FLA rows that cannot run here are one line (which says why) instead of rows of dashes."""
+    FLA rows that cannot run here are one line (which says why) instead of rows of dashes. Without OMP_WAIT_POLICY,
+    the command runs with PASSIVE (its record says so)."""
     args = [a for a in tiny if a != '-q'] + ['--no-floor', '--no-memory', '--impl', 'chunk_gla', '--impl', 'FLA chunk_gla',
-                                             '--impl', 'FLA fused_recurrent_gla', '--impl', 'FLA GatedLinearAttention (chunk)']
-    p = subprocess.run([sys.executable, '-m', 'myfla_gla.bench', *args], env=env, cwd=root, capture_output=True, text=True)
+                                             '--impl', 'FLA fused_recurrent_gla', '--impl', 'FLA GatedLinearAttention (chunk)',
+                                             '--json', str(tmp_path / 'r.json')]
+    unset = {k: v for k, v in env.items() if k != 'OMP_WAIT_POLICY'}
+    p = subprocess.run([sys.executable, '-m', 'myfla_gla.bench', *args], env=unset, cwd=root, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / 'r.json').read_text())['meta']['omp_wait_policy'] == 'PASSIVE'
     out = p.stdout.splitlines()
     assert len(out) == 5 and out[1].startswith('implementation') and out[3].startswith('chunk_gla'), p.stdout
     assert '\r' not in p.stdout + p.stderr and 'step/s' not in p.stderr and 'chunk_gla: fwd ' in p.stderr
@@ -560,6 +564,20 @@ def test_fla_line_says_why(monkeypatch):
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'fla' else find_spec(name, *a))
     assert bench.fla_missing('cpu') == bench.fla_missing('cuda') == (
         'FLA is not installed (pip install flash-linear-attention fla-core)')
+
+
+def test_bench_keeps_a_wait_policy_it_is_given(monkeypatch):
+    "OMP_WAIT_POLICY is set to PASSIVE only by the benchmark's command, and only where it is unset."
+    from myfla_gla import cli
+    monkeypatch.setattr(sys, 'orig_argv', ['python', '-m', 'myfla_gla.bench', '-T', '5'])
+    monkeypatch.setattr(sys, 'argv', ['-m', '-T', '5'])
+    monkeypatch.setenv('OMP_WAIT_POLICY', 'ACTIVE')
+    cli.before_torch()
+    assert os.environ['OMP_WAIT_POLICY'] == 'ACTIVE'
+    monkeypatch.delenv('OMP_WAIT_POLICY')
+    monkeypatch.setattr(sys, 'orig_argv', ['python', '-m', 'myfla_gla', '-T', '5'])
+    cli.before_torch()
+    assert 'OMP_WAIT_POLICY' not in os.environ
 
 
 @pytest.mark.parametrize('module', ['myfla_gla', 'myfla_gla.bench'])
