@@ -1,6 +1,10 @@
 "Gated Linear Attention of flash-linear-attention in pure PyTorch."
 __version__ = "0.1.0"
 
+# `python -m myfla_gla[.bench]`: --help printed, and the benchmark's OpenMP settings made, before torch is imported
+from .cli import before_torch as _before_torch
+_before_torch()
+
 from .utils import *
 from .ops.recurrent import *
 from .ops.chunk import *

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import stat
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +17,18 @@ import torch
 import torch.nn.functional as F
 
 import myfla_gla
+# the argument types: also importable from here, as the distributed training command does
+from .cli import (available_device, int_at_least, output_file, positive_float, positive_int,
+                           selfcheck_parser as make_parser, unwritable, write_atomically)
 from .ops.recurrent import naive_recurrent_gla as reference_gla
 from .testing import (DEFAULT_RATIO, check_devices, check_dtypes, compare, fla_available, get_err_ratio,
                                op_inputs, reference_op, run_op, run_reference)
 
 # %% auto #0
-__all__ = ['GATE_ARG', 'LAYER_CONFIG', 'LAYER_RATIO', 'FLA_RATIO', 'FLA_LAYER_RATIO', 'OPS', 'MODULES', 'MODES', 'positive_int',
-           'CheckResult', 'piece', 'memo', 'packed_boundaries', 'check_op', 'check_module', 'check_layer',
-           'check_decoding', 'check_padding', 'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check',
-           'format_row', 'format_header', 'selfcheck', 'int_at_least', 'positive_float', 'available_device',
-           'unwritable', 'output_file', 'write_atomically', 'make_parser', 'parse_args', 'main']
+__all__ = ['GATE_ARG', 'LAYER_CONFIG', 'LAYER_RATIO', 'FLA_RATIO', 'FLA_LAYER_RATIO', 'OPS', 'MODULES', 'MODES', 'CheckResult',
+           'piece', 'memo', 'packed_boundaries', 'check_op', 'check_module', 'check_layer', 'check_decoding',
+           'check_padding', 'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check', 'format_row',
+           'format_header', 'selfcheck', 'parse_args', 'main']
 
 # %% ../nbs/07_selfcheck.ipynb #5887a571
 @dataclass
@@ -381,114 +380,7 @@ def _no_fla_reason(fla):
         return 'no CUDA device'
     return 'FLA not importable'
 
-# %% ../nbs/07_selfcheck.ipynb #5c261c9a
-def int_at_least(low: int) -> Callable[[str], int]:
-    "argparse type maker: an integer of at least `low`."
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'expected an integer of at least {low}, got {text!r}') from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f'expected an integer of at least {low}, got {n}')
-        return n
-    parse.__name__ = f'int_at_least_{low}'
-    return parse
-
-positive_int = int_at_least(1)   # argparse type: a size, a count
-
-def positive_float(text: str) -> float:
-    "argparse type: a finite number above 0 (a time, a scale); nan, inf, 0 and negatives are refused."
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a positive number, got {text!r}') from None
-    if not (math.isfinite(x) and x > 0):
-        raise argparse.ArgumentTypeError(f'expected a finite number above 0, got {text}')
-    return x
-
-def available_device(name: str) -> str:
-    """argparse type: a device PyTorch can compute on in this process ('cpu', 'cuda', 'cuda:1', 'mps', ...); not
-    'meta', whose tensors hold no data."""
-    try:
-        torch.empty(0, device=name)
-    except (RuntimeError, AssertionError, ValueError) as e:   # unknown name, or a build/machine without it
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise argparse.ArgumentTypeError(f'device {name!r} is not available here: {why}') from None
-    if torch.device(name).type == 'meta':
-        raise argparse.ArgumentTypeError(f"device {name!r} holds no data: nothing can be computed or timed on it")
-    return name
-
-# %% ../nbs/07_selfcheck.ipynb #ea6368cb
-_KINDS = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO'), (stat.S_ISCHR, 'a character device'),
-          (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'))
-
-def unwritable(path) -> str | None:
-    """Why `path` cannot be written as a regular file, or None. A symlink stands for its target (written through it,
-    never replaced); what exists there must be a regular file, and the folder that will hold it writable."""
-    target = Path(os.path.realpath(path))
-    try:
-        mode = os.stat(target).st_mode
-    except FileNotFoundError:   # absent: its nearest existing folder must take a new entry
-        mode = None
-    except OSError as e:        # a symlink loop, a path through a file, no permission
-        return e.strerror or str(e)
-    link = f'its target {target} ' if os.path.islink(path) else 'it '
-    kind = next((k for test, k in _KINDS if mode is not None and test(mode)), None)
-    if kind or (mode is not None and not stat.S_ISREG(mode)):
-        return f"{link}is {kind or 'not a regular file'}"
-    folder = target.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        return f'{folder} is not a directory'
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f'{folder} is not writable'
-    return None
-
-def output_file(text: str) -> str:
-    """argparse type: a file the command will write, checked before it starts (`unwritable`); '' names no file."""
-    why = text and unwritable(text)
-    if why:
-        raise argparse.ArgumentTypeError(f'cannot write {text}: {why}')
-    return text
-
-def write_atomically(path, write: Callable[[str], None]) -> Path:
-    """`write(tmp)` fills a temporary file beside `path`'s target, which is then renamed onto the target: a reader
-    sees the old file or the new one, never a part. A symlink stays a symlink and its target gets the file; what is
-    not a regular file is refused (`ValueError`) and left alone. The written file's path."""
-    why = unwritable(path)
-    if why:
-        raise ValueError(f'cannot write {path}: {why}')
-    target = Path(os.path.realpath(path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mode = (target.stat().st_mode & 0o7777) if target.exists() else 0o644   # an existing file keeps its mode
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f'.{target.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
 # %% ../nbs/07_selfcheck.ipynb #60b5e5f9
-def make_parser() -> argparse.ArgumentParser:
-    "The command line of `python -m myfla_gla`."
-    p = argparse.ArgumentParser(prog='python -m myfla_gla', description=(
-        'Self-check: build a GLA layer, run every op and mode against the float64 recurrence on every '
-        'available device (and against FLA on CUDA when importable); exit status 1 if any check fails.'))
-    p.add_argument('--device', action='append', type=available_device, help='device to check (repeatable; default: every available one)')
-    p.add_argument('--dtype', action='append', choices=['float64', 'float32', 'bfloat16', 'float16'],
-                   help='dtype to check (repeatable; default: all the device supports)')
-    p.add_argument('--only', action='append', help='keep checks whose name contains this text (repeatable)')
-    p.add_argument('--no-fla', action='store_true', help='skip the comparisons against FLA')
-    p.add_argument('-T', '--seq-len', type=positive_int, default=100, help='sequence length of the checks (default 100)')
-    p.add_argument('-q', '--quiet', action='store_true', help='print only failures and the summary')
-    return p
-
 def parse_args(argv=None) -> argparse.Namespace:
     "The command line, every option checked (exit status 2 and one line of error otherwise) before any check runs."
     p = make_parser()

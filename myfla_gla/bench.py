@@ -10,12 +10,14 @@ import datetime
 import gc
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import math
 import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,27 +33,23 @@ from torch.utils import benchmark
 from tqdm import tqdm
 
 import myfla_gla
-from .__main__ import available_device, output_file, positive_float, positive_int, write_atomically
+from .cli import (CPU_PRESET, DEFAULT_TS, GEN_DEFAULTS, GEN_GROUPS, IMPL_GROUPS, OPT_IN, PRESETS,
+                           bench_parser as make_parser, write_atomically)
 from .floor import floor as measure_floor
 from .ops.chunk import loop_free_gla
 from .ops.recurrent import naive_recurrent_gla as reference_gla
 from .testing import fla_available, get_err_ratio, random_gla_inputs
 
 # %% auto #0
-__all__ = ['PRESETS', 'IMPLS', 'MiB', 'STEPS', 'SCALING_IMPLS', 'OPT_IN', 'DEFAULT_TS', 'BenchConfig', 'time_fn', 'peak_memory',
-           'NotAvailable', 'Case', 'Inputs', 'measure', 'machine_info', 'Progress', 'bench_floor', 'best_floor',
-           'floor_text', 'run_bench', 'floor_ms', 'flags', 'row_line', 'table_rows', 'describe', 'format_table',
-           'record_markdown', 'load_record', 'scaling', 'plot_scaling', 'impl_name', 'lengths', 'make_parser',
-           'parse_args', 'config_from_args', 'save_record', 'save_plot', 'main']
+__all__ = ['IMPLS', 'MiB', 'STEPS', 'SCALING_IMPLS', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable', 'Case',
+           'fla_missing', 'Inputs', 'measure', 'machine_info', 'Progress', 'bench_floor', 'best_floor', 'floor_text',
+           'run_bench', 'floor_ms', 'flags', 'row_line', 'table_rows', 'describe', 'format_table', 'record_markdown',
+           'load_record', 'scaling', 'plot_scaling', 'GenConfig', 'gla_model', 'llama_model', 'fla_model', 'n_params',
+           'Runner', 'hf_runner', 'step_runner', 'onnx_runner', 'greedy', 'decode_at', 'run_generate', 'gen_row_line',
+           'describe_generate', 'gen_table_rows', 'format_generate', 'plot_contexts', 'parse_args', 'config_from_args',
+           'gen_config_from_args', 'save_record', 'save_plot', 'main']
 
 # %% ../nbs/08_bench.ipynb #c53030fd
-PRESETS = {
-    'gpu1': dict(B=4, T=4096, H=16, K=128, V=128, dtype='bfloat16'),
-    'gpu2': dict(B=8, T=2048, H=4, K=256, V=512, dtype='bfloat16'),
-    'cpu': dict(B=2, T=4096, H=4, K=128, V=128, dtype='float32'),
-    'small': dict(B=2, T=512, H=2, K=64, V=64, dtype='float32'),
-}
-
 @dataclass
 class BenchConfig:
     "What to run: shapes, dtype, device, repeats, and which implementations."
@@ -179,9 +177,20 @@ class Case:
     memory: bool = True                   # PyTorch's allocator sees its memory (ONNX Runtime has its own)
     info: dict = field(default_factory=dict)   # more fields of the row (JSON), e.g. seconds spent exporting
 
+def fla_missing(device) -> str | None:
+    "Why FLA's Triton kernels cannot run on `device` in this process, or None if they can."
+    if importlib.util.find_spec('fla') is None:
+        return 'FLA is not installed (pip install flash-linear-attention fla-core)'
+    if not str(device).startswith('cuda'):
+        return "FLA's kernels need a CUDA device"
+    if not fla_available():
+        return 'FLA is installed but cannot be imported here'
+    return None
+
 def _need_fla(cfg):
-    if not (str(cfg.device).startswith('cuda') and fla_available()):
-        raise NotAvailable('FLA needs CUDA and the fla package')
+    why = fla_missing(cfg.device)
+    if why:
+        raise NotAvailable(why)
 
 # %% ../nbs/08_bench.ipynb #34c684fa
 class Inputs:
@@ -351,21 +360,23 @@ def _onnx_case(inp):
 
 
 # %% ../nbs/08_bench.ipynb #e215a60a
-IMPLS: dict[str, tuple[str, Callable[[Inputs], Case]]] = {  # name: (group, case maker)
-    'chunk_gla': ('myfla_gla', lambda i: _op_case(myfla_gla.chunk_gla, i)),
-    'chunk_gla (compiled)': ('myfla_gla', lambda i: _op_case(_compiled(myfla_gla.chunk_gla), i)),
-    'fused_chunk_gla': ('myfla_gla', lambda i: _op_case(myfla_gla.fused_chunk_gla, i)),
-    'fused_recurrent_gla': ('myfla_gla', lambda i: _op_case(myfla_gla.fused_recurrent_gla, i, gate='gk')),
-    'naive_recurrent_gla': ('myfla_gla', _naive),
-    'FLA naive_recurrent_gla': ('FLA', _fla_naive),
-    'loop_free_gla (torch.export)': ('myfla_gla', _export_case),
-    'loop_free_gla (ONNX Runtime)': ('myfla_gla', _onnx_case),
-    'GatedLinearAttention (chunk)': ('myfla_gla', _layer_case),
-    'FLA chunk_gla': ('FLA', lambda i: _fla_op('chunk_gla', i)),
-    'FLA fused_recurrent_gla': ('FLA', lambda i: _fla_op('fused_recurrent_gla', i)),
-    'FLA GatedLinearAttention (chunk)': ('FLA', _fla_layer),
-    'softmax attention (SDPA, causal)': ('reference', _sdpa),
+_MAKERS: dict[str, Callable[[Inputs], Case]] = {   # name: case maker
+    'chunk_gla': lambda i: _op_case(myfla_gla.chunk_gla, i),
+    'chunk_gla (compiled)': lambda i: _op_case(_compiled(myfla_gla.chunk_gla), i),
+    'fused_chunk_gla': lambda i: _op_case(myfla_gla.fused_chunk_gla, i),
+    'fused_recurrent_gla': lambda i: _op_case(myfla_gla.fused_recurrent_gla, i, gate='gk'),
+    'naive_recurrent_gla': _naive,
+    'FLA naive_recurrent_gla': _fla_naive,
+    'loop_free_gla (torch.export)': _export_case,
+    'loop_free_gla (ONNX Runtime)': _onnx_case,
+    'GatedLinearAttention (chunk)': _layer_case,
+    'FLA chunk_gla': lambda i: _fla_op('chunk_gla', i),
+    'FLA fused_recurrent_gla': lambda i: _fla_op('fused_recurrent_gla', i),
+    'FLA GatedLinearAttention (chunk)': _fla_layer,
+    'softmax attention (SDPA, causal)': _sdpa,
 }
+IMPLS = {name: (group, _MAKERS[name]) for name, group in IMPL_GROUPS.items()}   # name: (group, case maker)
+
 
 # %% ../nbs/08_bench.ipynb #5d395c9e
 def _is_oom(e: BaseException) -> bool:
@@ -472,9 +483,12 @@ def _cpu_name():
 
 # %% ../nbs/08_bench.ipynb #32028c3f
 class Progress(tqdm):
-    "tqdm's bar (on stderr) advanced one phase at a time, with the phase as its description."
+    """tqdm's bar advanced one phase at a time, with the phase as its description; on stderr, and only where that is
+    a terminal (tqdm's `disable=None`): redirected, it writes no bar text. The rows measured (`print`) go to the same
+    file, terminal or not, unless not `enabled`."""
     def __init__(self, total: int, file=None, enabled: bool = True):
-        super().__init__(total=total, file=file or sys.stderr, disable=not enabled, unit='step', dynamic_ncols=True)
+        self.out, self.enabled = file or sys.stderr, enabled
+        super().__init__(total=total, file=self.out, disable=None if enabled else True, unit='step', dynamic_ncols=True)
 
     def step(self, desc: str):
         "One phase done; `desc` says which."
@@ -483,7 +497,9 @@ class Progress(tqdm):
 
     def print(self, line: str):
         "A line that stays (a measured row), printed above the bar."
-        if not self.disable:
+        if self.enabled and self.disable:
+            print(line, file=self.out, flush=True)
+        elif self.enabled:
             self.write(line, file=self.fp)
 
 
@@ -547,7 +563,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, command: str | None = Non
         bar.print(floor_text(fl))
     for n in names:
         rows.append(measure(n, inp, bar))
-        bar.print(row_line(rows[-1], info, fl))
+        if not (rows[-1]['status'] == 'n/a' and len(rows) > 1 and rows[-2]['note'] == rows[-1]['note']):
+            bar.print(row_line(rows[-1], info, fl))   # rows not run for one reason: the reason once
         if checkpoint:
             checkpoint(record())
     for _ in range(cfg.rounds - 1):  # later rounds time again; each column keeps its best round
@@ -612,9 +629,19 @@ def row_line(row: dict, meta: dict, floor: dict | None = None) -> str:
     note = '; '.join(([row['note']] if row['note'] else []) + ([f"! {'; '.join(marks)}: {_retry_hint(meta)}"] if marks else []))
     return f"{row['name']}: {', '.join(parts)}" + (f'  ({note})' if note else '')
 
+def _not_run(rows) -> tuple[list, list[str]]:
+    "Rows to show, and one line per reason shared by rows not run (n/a): 'A, B, C: not run (reason)'."
+    why = {}
+    for r in rows:
+        if r['status'] == 'n/a':
+            why.setdefault(r['note'], []).append(r['name'])
+    shared = {note for note, names in why.items() if len(names) > 1}
+    lines = [f"{', '.join(names)}: not run ({note})" for note, names in why.items() if note in shared]
+    return [r for r in rows if not (r['status'] == 'n/a' and r['note'] in shared)], lines
+
 def table_rows(record: dict) -> tuple[list[str], list[list[str]]]:
     "Header and cells of the results table (the columns of multiples of the floor only where the record has one)."
-    rows, floors = record['results'], floor_ms(record.get('floor'))
+    rows, floors = _not_run(record['results'])[0], floor_ms(record.get('floor'))
     best = {c: min((r[c] for r in rows if r[c] is not None and r['group'] != 'reference'), default=None)
             for c in ('fwd_ms', 'fwd_bwd_ms')}
     ratios = lambda r, c: ['-' if r[c] is None or not best[c] else f'{r[c] / best[c]:.2f}x',   # to the best, the floor
@@ -661,24 +688,29 @@ def describe(record: dict) -> str:
 def format_table(record: dict, markdown: bool = False) -> str:
     "The results as a text (or markdown) table."
     head, body = table_rows(record)
+    not_run = _not_run(record['results'])[1]   # rows not run for one reason: a line each reason
     if markdown:
         lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
         flag = re.compile(r'(?<![`\w-])(--[a-zA-Z][\w-]*(?:=\S+)?)')   # `--naive-bwd` as code, not an en dash
-        return '\n'.join(lines + ['| ' + ' | '.join(flag.sub(r'`\1`', c) for c in r) + ' |' for r in body])
+        lines += ['| ' + ' | '.join(flag.sub(r'`\1`', c) for c in r) + ' |' for r in body]
+        return '\n'.join(lines + ([''] + [f'{x}  ' for x in not_run] if not_run else []))
     w = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: '  '.join(c.ljust(n) if i in (0, len(w) - 1) else c.rjust(n)
                                   for i, (c, n) in enumerate(zip(cells, w))).rstrip()
-    return '\n'.join([describe(record), fmt(head), fmt(['-' * n for n in w])] + [fmt(r) for r in body])
+    return '\n'.join([describe(record), fmt(head), fmt(['-' * n for n in w])] + [fmt(r) for r in body] + not_run)
 
 # %% ../nbs/08_bench.ipynb #c6df42f5
 def record_markdown(record: dict) -> str:
-    "A stored record as markdown: what, where and when, the command, then the table (bench records)."
+    "A stored record as markdown: what, where and when, the command, then the table (bench and generation records)."
     m = record['meta']
-    text = f"**{describe(record)}**  \nCommand: `{m.get('command') or '?'}`"
+    what = describe_generate(record) if record.get('kind') == 'generate' else describe(record)
+    text = f"**{what}**  \nCommand: `{m.get('command') or '?'}`"
     if m.get('note'):   # how the record was made, where that is more than its command
         text += f"  \n{m['note']}"
     if record.get('kind') == 'bench':
         text += '\n\n' + format_table(record, markdown=True)
+    elif record.get('kind') == 'generate':
+        text += '\n\n' + format_generate(record, markdown=True)
     return text
 
 def load_record(path) -> dict | None:
@@ -808,84 +840,408 @@ def plot_scaling(record: dict, axes=None):
     axes[0].figure.tight_layout()
     return axes
 
-# %% ../nbs/08_bench.ipynb #865c43fb
-OPT_IN = {'chunk_gla (compiled)': 'compile', 'naive_recurrent_gla': 'naive', 'FLA naive_recurrent_gla': 'naive',
-          'loop_free_gla (torch.export)': 'exported', 'loop_free_gla (ONNX Runtime)': 'exported'}
+# %% ../nbs/08_bench.ipynb #b956d360
+@dataclass
+class GenConfig:
+    "What the generation benchmark runs: the GLA model's size (default FLA's GLA 340M), the tokens, batches and rows."
+    layers: int = GEN_DEFAULTS['layers']
+    hidden: int = GEN_DEFAULTS['hidden']
+    heads: int = GEN_DEFAULTS['heads']
+    vocab: int = GEN_DEFAULTS['vocab']
+    prompt: int = GEN_DEFAULTS['prompt']            # prompt tokens, prefilled in one call
+    new_tokens: int = GEN_DEFAULTS['new_tokens']    # greedy tokens after the prompt: 1 from the prefill, the rest decoded
+    batch: list[int] = field(default_factory=lambda: list(GEN_DEFAULTS['batch']))
+    contexts: list[int] = field(default_factory=lambda: list(GEN_DEFAULTS['contexts']))   # the decode-time curve, batch 1
+    context_steps: int = GEN_DEFAULTS['context_steps']   # decoding steps timed at each context length
+    dtype: str = 'float32'
+    device: str = 'cpu'
+    repeats: int = 1          # timed generations per row and batch (the table's statistic over them)
+    warmup: int = 1           # untimed short generations first (compilation, autotuning, allocator growth)
+    stat: str = ''            # 'median' or 'min' (default: median on CUDA, min elsewhere)
+    memory: bool = True       # peak memory of a generation
+    impls: list[str] | None = None   # rows (default: all of GEN_GROUPS but the opt-in ones)
+    compile_mode: str = 'default'    # torch.compile's mode for the compiled step
+    seed: int = 0
 
-def impl_name(name: str) -> str:
-    "argparse type: the name of an implementation of `IMPLS`."
-    if name not in IMPLS:
-        raise argparse.ArgumentTypeError(f"unknown implementation {name!r}; known: {', '.join(map(repr, IMPLS))}")
-    return name
+    def __post_init__(self):
+        self.stat = self.stat or ('median' if str(self.device).startswith('cuda') else 'min')
+        if self.stat not in ('median', 'min'):
+            raise ValueError(f"`stat` must be 'median' or 'min', got {self.stat!r}")
+        for name in ('layers', 'hidden', 'heads', 'vocab', 'prompt', 'new_tokens', 'context_steps', 'repeats'):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f'`{name}` must be an int of at least 1, got {getattr(self, name)!r}')
+        if self.hidden % self.heads or (self.hidden // 2) % self.heads:
+            raise ValueError(f'`hidden` ({self.hidden}) and hidden/2 (the key size, expand_k=0.5) must be divisible '
+                             f'by `heads` ({self.heads})')
+        if not self.batch or any(not isinstance(b, int) or b < 1 for b in self.batch):
+            raise ValueError(f'`batch` must be a non-empty list of positive ints, got {self.batch!r}')
+        if any(not isinstance(t, int) or t < 1 for t in self.contexts):
+            raise ValueError(f'`contexts` must be positive ints, got {self.contexts!r}')
 
-def lengths(text: str) -> list[int]:
-    "argparse type: comma-separated positive integers."
+    @property
+    def torch_dtype(self): return getattr(torch, self.dtype)
+
+    def gla_config(self) -> dict:
+        "FLA's `GLAConfig` fields of the model (fla-org's GLA 340M training configuration at the defaults)."
+        return dict(hidden_size=self.hidden, num_hidden_layers=self.layers, num_heads=self.heads, expand_k=0.5,
+                    expand_v=1, hidden_ratio=4, vocab_size=self.vocab, tie_word_embeddings=True, attn_mode='chunk',
+                    use_short_conv=False, initializer_range=0.006, fuse_cross_entropy=False)
+
+# %% ../nbs/08_bench.ipynb #c8f5300e
+def gla_model(cfg: GenConfig):
+    "Our `GLAForCausalLM` of `cfg`'s size with random weights (seeded), in `cfg`'s dtype and device, for inference."
+    torch.manual_seed(cfg.seed)
+    model = myfla_gla.GLAForCausalLM(myfla_gla.GLAConfig(**cfg.gla_config()))
+    return model.to(cfg.device, cfg.torch_dtype).eval()
+
+def llama_model(cfg: GenConfig, gla):
+    """A transformers `LlamaForCausalLM` of the same size: hidden size, layers, vocabulary, tied embeddings, and the
+    GLA model's MLP width (the same gated MLP, so the same parameter count there); heads of 64 dimensions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, vocab_size=cfg.vocab,
+                         intermediate_size=gla.model.layers[0].mlp.intermediate_size,
+                         num_attention_heads=max(1, cfg.hidden // 64), num_key_value_heads=max(1, cfg.hidden // 64),
+                         max_position_embeddings=max([cfg.prompt, *cfg.contexts]) + cfg.new_tokens + cfg.context_steps,
+                         tie_word_embeddings=True, rms_norm_eps=1e-6)
+    return LlamaForCausalLM(config).to(cfg.device, cfg.torch_dtype).eval()
+
+def fla_model(cfg: GenConfig, gla):
+    "FLA's `GLAForCausalLM` with the GLA model's weights (its `state_dict`)."
+    why = fla_missing(cfg.device)
+    if why:
+        raise NotAvailable(why)
+    from fla.models import GLAConfig as FLAConfig, GLAForCausalLM as FLAModel
+    model = FLAModel(FLAConfig(**cfg.gla_config())).to(cfg.device, cfg.torch_dtype).eval()
+    model.load_state_dict(gla.state_dict())
+    return model
+
+def n_params(model) -> int:
+    "Parameters, tied ones once."
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+# %% ../nbs/08_bench.ipynb #b0caa6c5
+@dataclass
+class Runner:
+    "One way of decoding: the prompt in one call, then one token a call; `argmax` picks the next tokens."
+    prefill: Callable     # input_ids [B, T] -> (last logits [B, vocab], state)
+    decode: Callable      # (input_ids [B, 1], state) -> (last logits, state)
+    argmax: Callable = lambda logits: logits.argmax(-1, keepdim=True)
+    memory: bool = True   # PyTorch's allocator sees its memory (ONNX Runtime has its own)
+    note: str = ''
+    info: dict = field(default_factory=dict)
+
+def hf_runner(model) -> Runner:
+    """A transformers-style model (ours, FLA's, Llama) called as transformers' `generate` calls it, minus the logits
+    processors: `model(input_ids, cache, use_cache=True, logits_to_keep=1)`, the cache it returns passed back."""
+    name = 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
+    def call(ids, cache=None):
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{name: cache})
+        return out.logits[:, -1], (out['cache'] if 'cache' in out else out['past_key_values'])
+    return Runner(call, call)
+
+def step_runner(model, batch: int, compile_mode: str | None = None) -> Runner:
+    """`myfla_gla.export.DecodeStep`: the model as a function of tensors. With `compile_mode`, the one-token step
+    is `torch.compile`d (static shapes, one graph per batch size); the prompt runs eagerly."""
+    from myfla_gla.export import DecodeStep
+    step = DecodeStep(model).eval()
+    one = step if compile_mode is None else _compiled_step(step, batch, compile_mode)
+    graphs = compile_mode == 'reduce-overhead'   # CUDA graphs: each call is a new step of the tree
+    def prefill(ids):
+        logits, *states = step(ids, *step.initial_states(ids.shape[0]))
+        return logits, states
+    def decode(ids, states):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, *states = one(ids, *states)
+        return logits, states
+    return Runner(prefill, decode)
+
+def _compiled_step(step, batch, mode):
+    key = (id(step.model), batch, mode)   # kept for the run: the decode-time curve reuses batch 1's graph
+    if key not in _compiled_step.cache:
+        _compiled_step.cache[key] = torch.compile(step, mode=mode, dynamic=False)
+    return _compiled_step.cache[key]
+_compiled_step.cache = {}
+
+def onnx_runner(model, cfg: GenConfig) -> Runner:
+    """The model written by `myfla_gla.export.to_onnx` (batch and length dynamic up to what the run needs) and run by
+    ONNX Runtime's CPU provider (`OnnxStep`, NumPy arrays) with torch's thread count; exported once per run."""
+    for module in ('onnxruntime', 'onnxscript'):
+        if importlib.util.find_spec(module) is None:
+            raise NotAvailable(f"{module} is not installed (pip install 'myfla_gla[export]')")
+    if str(cfg.device) != 'cpu' or cfg.dtype != 'float32':
+        raise NotAvailable("ONNX Runtime's CPU provider: a --device cpu run in float32 only")
+    from myfla_gla.export import OnnxStep, to_onnx
+    if _onnx_step.cache is None or _onnx_step.cache[0] is not model:
+        t0 = time.perf_counter()
+        d = tempfile.mkdtemp(prefix='myfla_gla_onnx_')
+        with _quiet_stderr():   # the exporter's lines about absent packages
+            path = to_onnx(model, Path(d, 'gla.onnx'), max_batch=max(max(cfg.batch), 2),
+                           max_length=max([cfg.prompt, *cfg.contexts, 2]), external_data=True)
+        runner = OnnxStep(path, threads=torch.get_num_threads())
+        _onnx_step.cache = (model, runner, time.perf_counter() - t0, d)
+    _, step, seconds, _ = _onnx_step.cache
+    import numpy as np
+    def prefill(ids):
+        logits, *states = step(ids.numpy(), *step.initial_states(ids.shape[0]))
+        return logits, states
+    def decode(ids, states):
+        logits, *states = step(ids, *states)
+        return logits, states
+    import onnxruntime
+    return Runner(prefill, decode, argmax=lambda logits: np.argmax(logits, -1)[:, None], memory=False,
+                  info=dict(export_s=round(seconds, 1), onnxruntime=onnxruntime.__version__),
+                  note=f'exported in {seconds:.0f} s; onnxruntime {onnxruntime.__version__}')
+_onnx_step = lambda: None
+_onnx_step.cache = None
+
+# %% ../nbs/08_bench.ipynb #13022fac
+def greedy(runner: Runner, ids, new_tokens: int, device) -> tuple[float, float, list]:
+    """`new_tokens` greedy tokens after the prompt `ids`: the prompt in one call (its last logits give the first
+    token), then `new_tokens - 1` one-token calls. Seconds of the prompt's call, seconds of the decoding calls, and
+    the tokens (`[B, new_tokens]` as lists). The device is synchronised only around the two parts."""
+    _sync(device)
+    t0 = time.perf_counter()
+    logits, state = runner.prefill(ids)
+    tokens = [runner.argmax(logits)]
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        logits, state = runner.decode(tokens[-1], state)
+        tokens.append(runner.argmax(logits))
+    _sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, [[int(t) for t in row] for row in zip(*(tok[:, 0].tolist() for tok in tokens))]
+
+def decode_at(runner: Runner, ids, steps: int, device, repeats: int = 1, pick=min) -> float:
+    """ms per decoding step after a prompt of `ids.shape[1]` tokens (the prompt and one step untimed): `pick` of
+    `repeats` timings of `steps` steps each (the context grows by `steps * repeats` tokens meanwhile)."""
+    logits, state = runner.prefill(ids)
+    tok = runner.argmax(logits)
+    logits, state = runner.decode(tok, state)
+    tok = runner.argmax(logits)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits, state = runner.decode(tok, state)
+            tok = runner.argmax(logits)
+        _sync(device)
+        times.append(1e3 * (time.perf_counter() - t0) / steps)
+    return pick(times)
+
+def _gen_runner(name: str, cfg: GenConfig, gla, batch: int) -> Runner:
+    "The runner of row `name` at `batch` (models other than ours are built once per run, see `_other_model`)."
+    if name == 'myfla_gla (eager)':
+        return replace(hf_runner(gla), note='its Cache')
+    if name == 'myfla_gla (compiled step)':
+        return replace(step_runner(gla, batch, cfg.compile_mode),
+                       note=f'DecodeStep, step compiled ({cfg.compile_mode})')
+    if name == 'myfla_gla (ONNX Runtime)':
+        return onnx_runner(gla, cfg)
+    runner = hf_runner(_other_model(name, cfg, gla))
+    return replace(runner, note="FLA's Cache" if name.startswith('FLA') else 'DynamicCache')
+
+def _other_model(name, cfg, gla):
+    "FLA's model or the Llama, kept while its row runs (one at a time)."
+    if _other_model.cache and _other_model.cache[0] != name:
+        _other_model.cache = None
+        _free(cfg.device)
+    if not _other_model.cache:
+        _other_model.cache = (name, (fla_model if name.startswith('FLA') else llama_model)(cfg, gla))
+    return _other_model.cache[1]
+_other_model.cache = None
+
+def _gen_row(name, cfg, gla, B, ids, want, bar) -> dict:
+    "One row: the prefill, decoding speed and peak memory of `name` at batch `B`."
+    row = dict(name=name, group=GEN_GROUPS[name], batch=B, status='ok', note='', prefill_ms=None, decode_ms=None,
+               tokens_s=None, peak_mib=None, warmup_s=None, same_tokens=None, repeats=cfg.repeats)
     try:
-        return [positive_int(t) for t in text.split(',')]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f'expected comma-separated positive integers, got {text!r}') from None
+        bar.step(f'{name} B={B}: set-up')
+        runner = _gen_runner(name, cfg, gla, B)
+        row.update(note=runner.note, **runner.info)
+        bar.step(f'{name} B={B}: warm-up')
+        for i in range(cfg.warmup):   # the same prompt: FLA autotunes, compilation sees, the shapes timed below
+            t0 = time.perf_counter()
+            greedy(runner, ids, min(3, cfg.new_tokens), cfg.device)
+            row['warmup_s'] = row['warmup_s'] or round(time.perf_counter() - t0, 2)
+        bar.step(f'{name} B={B}: timing')
+        runs = [greedy(runner, ids, cfg.new_tokens, cfg.device) for _ in range(cfg.repeats)]
+        pick = statistics.median if cfg.stat == 'median' else min
+        prefill, decode = pick(r[0] for r in runs), pick(r[1] for r in runs)
+        steps = cfg.new_tokens - 1
+        row.update(prefill_ms=1e3 * prefill, decode_ms=1e3 * decode / steps if steps else None,
+                   tokens_s=B * steps / decode if steps and decode > 0 else None)
+        tokens = runs[0][2]
+        if want is not None:   # leading tokens equal to the first row's (same weights; rounding may part them)
+            row['same_tokens'] = min(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                                     for x, y in zip(tokens, want))
+        if cfg.memory and runner.memory:
+            bar.step(f'{name} B={B}: memory')
+            n = cfg.new_tokens if str(cfg.device).startswith('cuda') else min(cfg.new_tokens, 8)
+            p = peak_memory(lambda: greedy(runner, ids, n, cfg.device), cfg.device)
+            row.update(peak_mib=None if p is None else p / MiB, memory_tokens=n)
+        row['tokens'] = tokens
+    except NotAvailable as e:
+        row.update(status='n/a', note=str(e), batch=None)
+    except Exception as e:
+        row.update(status='OOM' if _is_oom(e) else 'error',
+                   note=f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:160]}')
+    if hasattr(os, 'getloadavg'):
+        row['load'] = round(os.getloadavg()[0], 2)
+    return row
 
-def make_parser() -> argparse.ArgumentParser:
-    "The command line of `python -m myfla_gla.bench`."
-    p = argparse.ArgumentParser(prog='python -m myfla_gla.bench', description=(
-        'Time forward and forward+backward, peak memory and error against the float64 recurrence of every GLA '
-        "implementation (myfla_gla's and, on CUDA, FLA's), in one process on one device; with --scaling, "
-        'against the sequence length, with a log-log plot. Rows are printed to stderr as they are measured; '
-        'Ctrl-C prints and saves (--json) what was measured and exits with status 130.'))
-    cuda = torch.cuda.is_available()
-    p.add_argument('--preset', choices=list(PRESETS), default='gpu1' if cuda else 'cpu',
-                   help='reference shapes (default: gpu1 with CUDA, cpu otherwise): ' + '; '.join(
-                       f"{k}: {' '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
-    p.add_argument('--device', type=available_device, default='cuda' if cuda else 'cpu',
-                   help='device to run on, as PyTorch names it: cpu, cuda, cuda:1, mps, ... (default: cuda if '
-                        'available, else cpu)')
-    p.add_argument('--dtype', choices=['float64', 'float32', 'bfloat16', 'float16'], help="default: the preset's")
-    for k, what in zip('BTHKV', ('batch size', 'sequence length', 'heads', 'key size per head', 'value size per head')):
-        p.add_argument(f'-{k}', type=positive_int, help=f"{what} (default: the preset's)")
-    p.add_argument('--repeats', type=positive_int, default=20 if cuda else 5,
-                   help='timed runs per measurement (default: 20 on CUDA, 5 otherwise)')
-    p.add_argument('--warmup', type=positive_int, default=3 if cuda else 2,
-                   help='untimed runs before timing (default: 3 on CUDA, 2 otherwise)')
-    p.add_argument('--budget', type=positive_float, default=10., help='seconds a measurement may take: fewer repeats (default: 10)')
-    p.add_argument('--rounds', type=positive_int, default=1,
-                   help='time all implementations this many times in turn and keep the best: for busy machines')
-    p.add_argument('--stat', choices=['median', 'min'], help="the table's time statistic (default: median on CUDA, min elsewhere)")
-    p.add_argument('--impl', action='append', type=impl_name, metavar='NAME',
-                   help=f"implementation to run (repeatable; default: all but the opt-in ones): {', '.join(IMPLS)}")
-    p.add_argument('--skip', action='append', default=[], type=impl_name, metavar='NAME',
-                   help='implementation to leave out (repeatable)')
-    p.add_argument('--compile', action='store_true', help='also run the torch.compile variant (compiling takes minutes)')
-    p.add_argument('--naive', action='store_true',
-                   help="also run the token-by-token references naive_recurrent_gla and FLA's (slow)")
-    p.add_argument('--exported', action='store_true', help=(
-        'also run the op as an exported model carries it (loop_free_gla, torch.export with a dynamic batch and '
-        "length), forward only: the program in eager PyTorch and, where onnxruntime is installed, in ONNX Runtime's "
-        'CPU provider with as many threads as torch; exporting, once, is not timed (about 10 s)'))
-    p.add_argument('--no-backward', action='store_true', help='time the forward only')
-    p.add_argument('--no-memory', action='store_true', help='do not measure peak memory')
-    p.add_argument('--no-error', action='store_true', help='do not compute errors against float64')
-    p.add_argument('--floor', action='store_true', default=True, help=(
-        "on by default: time this machine's floor at the shape (myfla_gla.floor: the chunk form's products as batched "
-        'matmuls, its bytes at the measured copy bandwidth) in this process, with the time statistic of the rows, '
-        'and give each time as its multiple (columns fwd/floor, fwd+bwd/floor; about 2 s at the cpu preset); '
-        'with --scaling, the floor at each T, drawn in the plot'))
-    p.add_argument('--no-floor', dest='floor', action='store_false', help='do not time the floor')
-    p.add_argument('--naive-max-T', type=positive_int, default=4096, help='longest T naive_recurrent_gla runs at (default: 4096)')
-    p.add_argument('--naive-bwd', action='store_true', help='also run the (memory-hungry) backward through naive_recurrent_gla')
-    p.add_argument('--normalizer', type=positive_float, default=1., help='gate_logit_normalizer of the random inputs (default: 1)')
-    p.add_argument('--scaling', action='store_true', help='measure against T instead (no errors)')
-    p.add_argument('--Ts', type=lengths, metavar='T,T,...', help='lengths for --scaling (default: 256,512,...,16384)')
-    p.add_argument('--max-s', type=positive_float, help='--scaling: stop an implementation after a run this long (default: 5 s)')
-    p.add_argument('--json', metavar='PATH', type=output_file, help=(
-        'write the record to this JSON file (also during the run): a regular file or a new one; a symlink is written '
-        'through'))
-    p.add_argument('--plot', metavar='PATH', type=output_file, help='--scaling: save the plot to this image file (as --json)')
-    p.add_argument('-q', '--quiet', action='store_true', help='no progress bar and no rows as measured')
-    return p
+def run_generate(cfg: GenConfig, progress: bool = True, command: str | None = None, checkpoint=None) -> dict:
+    """Greedy decoding by every row of `cfg.impls` at every batch size, then the decode-time curve against the context
+    length at batch 1: the record (JSON-able). `checkpoint(record)` receives it after each measurement."""
+    names = cfg.impls or [n for n in GEN_GROUPS if n not in OPT_IN]
+    unknown = [n for n in names if n not in GEN_GROUPS]
+    if unknown:
+        raise ValueError(f'unknown generation row(s) {unknown}; known: {list(GEN_GROUPS)}')
+    info, t0 = machine_info(cfg.device), time.perf_counter()
+    info['transformers'] = _version('transformers')
+    gla = gla_model(cfg)
+    model = dict(gla_params=n_params(gla), intermediate_size=gla.model.layers[0].mlp.intermediate_size)
+    rows, curves = [], {}
+    def record():
+        return dict(kind='generate', meta=dict(info, command=command, seconds=round(time.perf_counter() - t0, 1)),
+                    config=dict(asdict(cfg), impls=names, **model), results=rows, contexts=curves)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prompts = {B: torch.randint(cfg.vocab, (B, cfg.prompt), generator=gen).to(cfg.device) for B in cfg.batch}
+    bar = Progress(len(names) * (len(cfg.batch) * 4 + len(cfg.contexts)), enabled=progress)
+    first = {}   # batch -> the first row's tokens
+    try:
+        for name in names:
+            for B in cfg.batch:
+                same = GEN_GROUPS[name] != 'reference'   # the rows with the GLA model's weights
+                row = _gen_row(name, cfg, gla, B, prompts[B], first.get(B) if same else None, bar)
+                tokens = row.pop('tokens', None)
+                if tokens is not None and same:
+                    first.setdefault(B, tokens)
+                rows.append(row)
+                bar.print(gen_row_line(row))
+                if checkpoint:
+                    checkpoint(record())
+                if row['status'] == 'n/a':
+                    break
+            if cfg.contexts and rows[-1]['status'] == 'ok':
+                curves[name] = []
+                for T in cfg.contexts:
+                    bar.step(f'{name}: context {T}')
+                    ids = torch.randint(cfg.vocab, (1, T), generator=gen).to(cfg.device)
+                    try:
+                        ms = decode_at(_gen_runner(name, cfg, gla, 1), ids, cfg.context_steps, cfg.device, cfg.repeats,
+                                       statistics.median if cfg.stat == 'median' else min)
+                        curves[name].append(dict(T=T, decode_ms=ms))
+                    except Exception as e:
+                        curves[name].append(dict(T=T, decode_ms=None, status='OOM' if _is_oom(e) else 'error',
+                                                 note=f'{type(e).__name__}: {str(e)[:120]}'))
+                        break
+                    if checkpoint:
+                        checkpoint(record())
+                bar.print(f"{name}: decode ms/token at context " +
+                          ', '.join(f"{c['T']}: {_fmt(c['decode_ms'], '.1f')}" for c in curves[name]))
+            _other_model.cache = None
+            _free(cfg.device)
+    finally:
+        _other_model.cache = None
+        if _onnx_step.cache is not None:
+            shutil.rmtree(_onnx_step.cache[3], ignore_errors=True)
+            _onnx_step.cache = None
+        _compiled_step.cache.clear()
+        bar.close()
+    return record()
+
+# %% ../nbs/08_bench.ipynb #357aca2c
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+def gen_row_line(row: dict) -> str:
+    "One measured row of the generation benchmark as a line of text."
+    if row['status'] != 'ok':
+        return f"{row['name']}: {row['status']}: {row['note']}"
+    return (f"{row['name']} B={row['batch']}: prefill {_fmt(row['prefill_ms'], '.1f')} ms, decode "
+            f"{_fmt(row['decode_ms'], '.2f')} ms/token, {_fmt(row['tokens_s'], '.1f')} tokens/s, peak "
+            f"{_mib(row['peak_mib'])} MiB" + (f"  ({row['note']})" if row['note'] else ''))
+
+def describe_generate(record: dict) -> str:
+    "One line: the models, tokens, dtype, device, versions, date and statistic of a generation record."
+    c, m = record['config'], record['meta']
+    load = f", load {m['loadavg'][0]} before the run" if m.get('loadavg') and not str(m['device']).startswith('cuda') else ''
+    return (f"GLA {c['gla_params'] / 1e6:.3g}M parameters (hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads, "
+            f"vocabulary {c['vocab']}, random weights); prompt {c['prompt']}, {c['new_tokens']} new tokens; "
+            f"{c['dtype']} on {m['device']} ({m.get('device_name', '?')}, {m.get('threads')} threads{load}); "
+            f"torch {m['torch']}, transformers {m.get('transformers')}, FLA {m.get('fla') or 'absent'}, "
+            f"myfla_gla {m['myfla_gla']}; {m['date']}; times: {c['stat']} of {c['repeats']} generation(s)")
+
+def gen_table_rows(record: dict) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, cells and the lines of rows not run, of a generation record. `× Llama`: the Llama's decode time per
+    token at the same batch over the row's (above 1: faster than the Llama)."""
+    rows, not_run = _not_run(record['results'])
+    llama = {r['batch']: r['decode_ms'] for r in rows if r['name'] == 'transformers Llama' and r['decode_ms']}
+    head = ['implementation', 'batch', 'prefill ms', 'decode ms/token', 'tokens/s', '× Llama', 'peak MiB', 'note']
+    body = []
+    for r in rows:
+        note = r['note'] if r['status'] in ('ok', 'n/a') else f"{r['status']}: {r['note']}"
+        if r.get('same_tokens') is not None:
+            note += f"; tokens as the first GLA row's: {r['same_tokens']}/{record['config']['new_tokens']}"
+        x = llama.get(r['batch'])
+        body.append([r['name'], _fmt(r['batch'], 'd'), _fmt(r['prefill_ms'], '.1f'), _fmt(r['decode_ms'], '.2f'),
+                     _fmt(r['tokens_s'], '.1f'), '-' if not x or not r['decode_ms'] else f"{x / r['decode_ms']:.2f}x",
+                     _mib(r['peak_mib']), note.lstrip('; ')])
+    return head, body, not_run
+
+def format_generate(record: dict, markdown: bool = False) -> str:
+    "A generation record's table as text (or markdown), with the decode-time curve in words."
+    head, body, not_run = gen_table_rows(record)
+    curve = [f"{name}: " + ', '.join(f"{c['T']}: {_fmt(c['decode_ms'], '.2f')}" for c in pts)
+             for name, pts in record.get('contexts', {}).items()]
+    curve = ['decode ms/token at batch 1 against the context length (tokens before the timed steps):', *curve] if curve else []
+    if markdown:
+        lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
+        lines += ['| ' + ' | '.join(c.replace('|', '/') for c in r) + ' |' for r in body]
+        lines += [''] + [f'{x}  ' for x in not_run] if not_run else []
+        curves = record.get('contexts') or {}
+        Ts = sorted({p['T'] for pts in curves.values() for p in pts})
+        if Ts:   # the curve's numbers: one row per context length
+            ms = {name: {p['T']: p['decode_ms'] for p in pts} for name, pts in curves.items()}
+            lines += ['', 'Decode ms per token at batch 1 against the context length:', '',
+                      '| context | ' + ' | '.join(curves) + ' |', '|' + '|'.join('---' for _ in range(len(curves) + 1)) + '|']
+            lines += [f'| {T} | ' + ' | '.join(_fmt(ms[n].get(T), '.2f') for n in curves) + ' |' for T in Ts]
+        return '\n'.join(lines)
+    w = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: '  '.join(c.ljust(n) if i in (0, len(w) - 1) else c.rjust(n)
+                                  for i, (c, n) in enumerate(zip(cells, w))).rstrip()
+    return '\n'.join([describe_generate(record), fmt(head), fmt(['-' * n for n in w]), *map(fmt, body), *not_run, *curve])
+
+def plot_contexts(record: dict, ax=None):
+    "Decode ms per token at batch 1 against the context length, one line per row: flat for GLA, rising for attention."
+    import textwrap
+    import matplotlib.pyplot as plt
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, pts) in enumerate(record.get('contexts', {}).items()):
+        pts = [(c['T'], c['decode_ms']) for c in pts if c.get('decode_ms') is not None]
+        if pts:
+            ax.plot(*zip(*pts), 'k--' if 'Llama' in name else ('--' if name.startswith('FLA') else '-'),
+                    marker='osv^D'[i % 5], ms=5, label=name)
+    Ts = sorted({c['T'] for pts in record.get('contexts', {}).values() for c in pts})
+    ax.set(xscale='log', xlabel='context length (tokens)', ylabel='decode time per token (ms)', ylim=(0, None))
+    if Ts:
+        ax.set_xticks(Ts, [f'{t // 1024}k' if t >= 1024 and t % 1024 == 0 else str(t) for t in Ts])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(textwrap.fill(describe_generate(record), 110), fontsize=6.5)
+    ax.figure.tight_layout()
+    return ax
 
 # %% ../nbs/08_bench.ipynb #86c03025
-DEFAULT_TS = [256, 512, 1024, 2048, 4096, 8192, 16384]
-
 def _plot_format(path) -> str:
     "The image format matplotlib writes for `path` (from its suffix; its default where there is none)."
     import matplotlib
@@ -896,26 +1252,51 @@ def _plot_format(path) -> str:
                          f"{', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))}")
     return fmt
 
+_GEN_ONLY = ('layers', 'hidden', 'heads', 'vocab', 'prompt', 'new_tokens', 'context_steps', 'batch', 'contexts',
+             'compile_mode')
+_OP_ONLY = ('preset', 'B', 'T', 'H', 'K', 'V')
+
 def parse_args(argv=None) -> argparse.Namespace:
-    "The command line, every option checked (exit status 2 and one line of error otherwise) before anything is timed."
+    """The command line, every option checked (exit status 2 and one line of error otherwise) before anything is timed;
+    the defaults that depend on the device set (the parser, `myfla_gla.cli.bench_parser`, imports no torch)."""
     p = make_parser()
     a = p.parse_args(argv)
+    a.device = a.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    cuda = str(a.device).startswith('cuda')
+    if a.generate:
+        for opt in _OP_ONLY + ('scaling', 'naive'):
+            if getattr(a, opt) not in (None, False):
+                p.error(f"argument {'-' * (1 + (len(opt) > 1))}{opt}: not with --generate")
+        a.repeats, a.warmup = a.repeats or (3 if cuda else 1), a.warmup or 1
+    else:
+        for opt in _GEN_ONLY + ('no_contexts',):
+            if getattr(a, opt) not in (None, False):
+                p.error(f"argument --{opt.replace('_', '-')}: only with --generate")
+        a.repeats, a.warmup = a.repeats or (20 if cuda else 5), a.warmup or (3 if cuda else 2)
+    a.preset = a.preset or ('gpu1' if cuda else CPU_PRESET)
     if not a.scaling:
-        for opt, given in (('--plot', a.plot), ('--Ts', a.Ts is not None), ('--max-s', a.max_s is not None)):
+        for opt, given in (('--Ts', a.Ts is not None), ('--max-s', a.max_s is not None)):
             if given:
                 p.error(f'argument {opt}: only with --scaling')
+    if a.plot and not (a.scaling or a.generate):
+        p.error('argument --plot: only with --scaling or --generate')
     if a.plot:
         try:
             _plot_format(a.plot)
         except ValueError as e:
             p.error(f'argument --plot: {e}')
     a.Ts, a.max_s = a.Ts or DEFAULT_TS, 5. if a.max_s is None else a.max_s
+    rows = GEN_GROUPS if a.generate else IMPL_GROUPS
+    wrong = [n for n in (a.impl or []) + a.skip if n not in rows]
+    if wrong:
+        p.error(f"argument --impl: {wrong[0]!r} is {'not ' if a.generate else 'only '}a row of --generate")
     if not _impls(a):
         p.error(f"argument --skip: no implementation is left to run (--impl {a.impl or 'default'}, --skip {a.skip})")
     return a
 
 def _impls(a: argparse.Namespace) -> list[str]:
-    impls = a.impl or [n for n in (SCALING_IMPLS if a.scaling else IMPLS) if n not in OPT_IN or getattr(a, OPT_IN[n])]
+    rows = GEN_GROUPS if a.generate else SCALING_IMPLS if a.scaling else IMPLS
+    impls = a.impl or [n for n in rows if n not in OPT_IN or getattr(a, OPT_IN[n])]
     return [n for n in impls if n not in a.skip]
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
@@ -930,6 +1311,15 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
                        backward=not a.no_backward, memory=not a.no_memory, error=not a.no_error, impls=_impls(a),
                        naive_max_T=a.naive_max_T, naive_bwd=a.naive_bwd, normalizer=a.normalizer, floor=a.floor)
 
+def gen_config_from_args(a: argparse.Namespace) -> GenConfig:
+    "The `GenConfig` of a `--generate` command line."
+    given = {k: getattr(a, k) for k in GEN_DEFAULTS if getattr(a, k) is not None}
+    if a.no_contexts:
+        given['contexts'] = []
+    return GenConfig(**given, dtype=a.dtype or ('bfloat16' if str(a.device).startswith('cuda') else 'float32'),
+                     device=a.device, repeats=a.repeats, warmup=a.warmup, stat=a.stat or '', memory=not a.no_memory,
+                     impls=_impls(a), compile_mode=a.compile_mode or 'default')
+
 # %% ../nbs/08_bench.ipynb #be841abb
 def save_record(record: dict, path):
     """Write `record` to `path` atomically (`write_atomically`: a temporary file beside it, renamed onto it); a symlink
@@ -937,9 +1327,10 @@ def save_record(record: dict, path):
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + '\n'))
 
 def save_plot(record: dict, path):
-    "`plot_scaling(record)` saved to the image `path` (its format from the suffix), atomically as `save_record`."
+    """`plot_scaling(record)` (`plot_contexts` for a generation record) saved to the image `path` (its format from the
+    suffix), atomically as `save_record`."""
     import matplotlib.pyplot as plt
-    fig = plot_scaling(record)[0].figure
+    fig = plot_contexts(record).figure if record.get('kind') == 'generate' else plot_scaling(record)[0].figure
     try:
         write_atomically(path, lambda tmp: fig.savefig(tmp, format=_plot_format(path), dpi=120))
     finally:
@@ -947,7 +1338,9 @@ def save_plot(record: dict, path):
 
 # %% ../nbs/08_bench.ipynb #836e75c8
 def _print_results(a, record):
-    if a.scaling:
+    if a.generate:
+        print(format_generate(record))
+    elif a.scaling:
         for name, rows in record['results'].items():
             key = 'fwd_bwd_ms' if any(r['fwd_bwd_ms'] is not None for r in rows) else 'fwd_ms'   # forward-only rows
             cells = ', '.join(f"{r['T']}: {_fmt(r[key], '.1f')}" + ('' if r['status'] == 'ok' else f" ({r['status']})")
@@ -965,7 +1358,7 @@ def main(argv=None) -> int:
     for opt in ('json', 'plot'):
         if getattr(a, opt) == '':
             print(f"python -m myfla_gla.bench: --{opt} '': no file is written", file=sys.stderr)
-    cfg = config_from_args(a)
+    cfg = gen_config_from_args(a) if a.generate else config_from_args(a)
     command = 'python -m myfla_gla.bench ' + ' '.join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     latest = []
     def keep(record):
@@ -973,7 +1366,9 @@ def main(argv=None) -> int:
         if a.json:
             save_record(record, a.json)
     try:
-        if a.scaling:
+        if a.generate:
+            record = run_generate(cfg, not a.quiet, command, keep)
+        elif a.scaling:
             record = scaling(cfg, a.Ts, a.max_s, not a.quiet, command, keep)
         else:
             record = run_bench(cfg, not a.quiet, command, keep)

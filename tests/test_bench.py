@@ -497,7 +497,12 @@ def test_cuda_peak_memory_collects_garbage_first(monkeypatch):
 
 def test_progress_bar():
     import io
-    f = io.StringIO()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    f = Terminal()
     p = bench.Progress(3, file=f)
     p.step('a')
     p.print('row a')
@@ -506,6 +511,12 @@ def test_progress_bar():
     p.close()
     out = f.getvalue()
     assert 'row a\n' in out and '3/3' in out and out.rstrip().split('\r')[-1].startswith('b:')
+    f = io.StringIO()   # not a terminal (stderr redirected): the rows, no bar
+    p = bench.Progress(2, file=f)
+    p.step('a')
+    p.print('row a')
+    p.close()
+    assert f.getvalue() == 'row a\n'
     f = io.StringIO()
     p = bench.Progress(2, file=f, enabled=False)
     p.step('a')
@@ -513,3 +524,112 @@ def test_progress_bar():
     p.close()
     assert f.getvalue() == ''
 
+
+
+# ---------------------------------------------------------------- output streams, FLA's line, --help without torch
+
+def test_stdout_has_only_the_table(tmp_path):
+    """Redirected, `python -m myfla_gla.bench` writes the table alone to stdout and no progress-bar text anywhere; the
+    FLA rows that cannot run here are one line (which says why) instead of rows of dashes. Without OMP_WAIT_POLICY,
+    the command runs with PASSIVE (its record says so)."""
+    args = [a for a in tiny if a != '-q'] + ['--no-floor', '--no-memory', '--impl', 'chunk_gla', '--impl', 'FLA chunk_gla',
+                                             '--impl', 'FLA fused_recurrent_gla', '--impl', 'FLA GatedLinearAttention (chunk)',
+                                             '--json', str(tmp_path / 'r.json')]
+    unset = {k: v for k, v in env.items() if k != 'OMP_WAIT_POLICY'}
+    p = subprocess.run([sys.executable, '-m', 'myfla_gla.bench', *args], env=unset, cwd=root, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / 'r.json').read_text())['meta']['omp_wait_policy'] == 'PASSIVE'
+    out = p.stdout.splitlines()
+    assert len(out) == 5 and out[1].startswith('implementation') and out[3].startswith('chunk_gla'), p.stdout
+    assert '\r' not in p.stdout + p.stderr and 'step/s' not in p.stderr and 'chunk_gla: fwd ' in p.stderr
+    fla = 'FLA chunk_gla, FLA fused_recurrent_gla, FLA GatedLinearAttention (chunk): not run ('
+    if not torch.cuda.is_available():
+        why = ("FLA's kernels need a CUDA device" if importlib.util.find_spec('fla')
+               else 'FLA is not installed (pip install flash-linear-attention fla-core)')
+        assert out[4] == fla + why + ')', out[4]
+        assert p.stderr.count(why) == 1   # the rows as measured: the reason once
+
+
+def test_fla_line_says_why(monkeypatch):
+    "Not installed, installed without CUDA: a different line each, in the table and its markdown."
+    rec = bench.run_bench(bench.BenchConfig(B=1, T=16, H=1, K=4, V=4, repeats=1, warmup=1, memory=False, floor=False,
+                                            impls=['chunk_gla', 'FLA chunk_gla', 'FLA GatedLinearAttention (chunk)']),
+                          progress=False)
+    names = [b[0] for b in bench.table_rows(rec)[1]]
+    assert names == ['chunk_gla'] and len(rec['results']) == 3   # the record keeps every row
+    assert bench.format_table(rec).splitlines()[-1] == (
+        "FLA chunk_gla, FLA GatedLinearAttention (chunk): not run (FLA's kernels need a CUDA device)")
+    assert bench.format_table(rec, markdown=True).endswith("(FLA's kernels need a CUDA device)  ")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'fla' else find_spec(name, *a))
+    assert bench.fla_missing('cpu') == bench.fla_missing('cuda') == (
+        'FLA is not installed (pip install flash-linear-attention fla-core)')
+
+
+def test_bench_keeps_a_wait_policy_it_is_given(monkeypatch):
+    "OMP_WAIT_POLICY is set to PASSIVE only by the benchmark's command, and only where it is unset."
+    from myfla_gla import cli
+    monkeypatch.setattr(sys, 'orig_argv', ['python', '-m', 'myfla_gla.bench', '-T', '5'])
+    monkeypatch.setattr(sys, 'argv', ['-m', '-T', '5'])
+    monkeypatch.setenv('OMP_WAIT_POLICY', 'ACTIVE')
+    cli.before_torch()
+    assert os.environ['OMP_WAIT_POLICY'] == 'ACTIVE'
+    monkeypatch.delenv('OMP_WAIT_POLICY')
+    monkeypatch.setattr(sys, 'orig_argv', ['python', '-m', 'myfla_gla', '-T', '5'])
+    cli.before_torch()
+    assert 'OMP_WAIT_POLICY' not in os.environ
+
+
+@pytest.mark.parametrize('module', ['myfla_gla', 'myfla_gla.bench'])
+def test_help_imports_no_torch(module):
+    "`python -m myfla_gla[.bench] --help` prints the help without importing torch or transformers (-X importtime)."
+    p = subprocess.run([sys.executable, '-X', 'importtime', '-m', module, '--help'], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.startswith(f"usage: python -m {module.replace('.__main__', '')}"), p.stderr
+    imported = {line.rsplit('|', 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith('import time:')}
+    assert 'myfla_gla.cli' in imported and 'argparse' in imported   # the log is read
+    assert not {m for m in imported if m.split('.')[0] in ('torch', 'transformers', 'numpy')}, sorted(imported)
+    if module == 'myfla_gla.bench':
+        assert '--generate' in p.stdout and '--new-tokens' in p.stdout
+
+
+# ---------------------------------------------------------------- the generation benchmark
+
+gen_tiny = ['--generate', '--device', 'cpu', '--layers', '1', '--hidden', '32', '--heads', '2', '--vocab', '50',
+            '--prompt', '8', '--new-tokens', '4', '--batch', '1,2', '--contexts', '4,16', '--context-steps', '2', '-q']
+
+
+def test_generate_record(tmp_path, capsys):
+    "--generate at a tiny size: the table, a valid record (rows per batch, the curve), the plot; FLA's row on a CPU: n/a."
+    out, png = tmp_path / 'g.json', tmp_path / 'g.png'
+    assert bench.main([*gen_tiny, '--skip', 'myfla_gla (compiled step)', '--json', str(out), '--plot', str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert 'decode ms/token' in printed and 'transformers Llama' in printed
+    rec = json.loads(out.read_text())
+    assert rec['kind'] == 'generate' and rec['meta']['command'].startswith('python -m myfla_gla.bench --generate')
+    assert rec['meta']['transformers'] and rec['meta']['device'] == 'cpu'
+    c = rec['config']
+    assert (c['layers'], c['hidden'], c['prompt'], c['new_tokens'], c['batch']) == (1, 32, 8, 4, [1, 2])
+    assert c['gla_params'] > 0 and c['intermediate_size'] == 256   # 2/3 * 4 * 32, rounded up to 256 (FLA's rule)
+    rows = {(r['name'], r['batch']): r for r in rec['results']}
+    for name in ('myfla_gla (eager)', 'transformers Llama'):
+        for B in (1, 2):
+            r = rows[name, B]
+            assert r['status'] == 'ok' and r['prefill_ms'] > 0 and r['decode_ms'] > 0 and r['peak_mib'] > 0, r
+            assert r['tokens_s'] == pytest.approx(B * 1e3 / r['decode_ms'], rel=1e-6)
+    assert rows['myfla_gla (eager)', 1]['same_tokens'] is None and rows['transformers Llama', 1]['same_tokens'] is None
+    if not torch.cuda.is_available():
+        assert rows['FLA GLAForCausalLM', None]['status'] == 'n/a'
+    for name in ('myfla_gla (eager)', 'transformers Llama'):
+        assert [p['T'] for p in rec['contexts'][name]] == [4, 16] and all(p['decode_ms'] > 0 for p in rec['contexts'][name])
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_generate_same_tokens_as_simple_generate():
+    "The benchmark's loop decodes what the package's own loop does, through the model and through DecodeStep."
+    cfg = bench.GenConfig(layers=1, hidden=32, heads=2, vocab=50, prompt=8, new_tokens=5, batch=[2], contexts=[])
+    gla = bench.gla_model(cfg)
+    ids = torch.randint(50, (2, 8))
+    want = myfla_gla.simple_generate(gla, ids, max_new_tokens=5)[:, 8:].tolist()
+    assert bench.greedy(bench.hf_runner(gla), ids, 5, 'cpu')[2] == want
+    assert bench.greedy(bench.step_runner(gla, 2), ids, 5, 'cpu')[2] == want
