@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,10 @@ from .testing import (DEFAULT_RATIO, check_devices, check_dtypes, compare, fla_a
                                op_inputs, reference_op, run_op, run_reference)
 
 # %% auto #0
-__all__ = ['GATE_ARG', 'LAYER_CONFIG', 'LAYER_RATIO', 'FLA_RATIO', 'FLA_LAYER_RATIO', 'OPS', 'MODULES', 'MODES', 'CheckResult',
-           'piece', 'memo', 'packed_boundaries', 'check_op', 'check_module', 'check_layer', 'check_decoding',
-           'check_padding', 'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check', 'format_row',
-           'format_header', 'selfcheck', 'parse_args', 'main']
+__all__ = ['GATE_ARG', 'LAYER_CONFIG', 'LAYER_RATIO', 'FLA_RATIO', 'FLA_LAYER_RATIO', 'OPS', 'MODULES', 'MODES', 'WIDTH',
+           'CheckResult', 'piece', 'memo', 'packed_boundaries', 'check_op', 'check_module', 'check_layer',
+           'check_decoding', 'check_padding', 'check_fla_op', 'check_fla_layer', 'plan', 'check_build', 'run_check',
+           'format_row', 'format_header', 'row_lines', 'selfcheck', 'parse_args', 'main']
 
 # %% ../nbs/07_selfcheck.ipynb #5887a571
 @dataclass
@@ -328,18 +329,34 @@ def run_check(device, check, dtype, thunk) -> CheckResult:
     return row
 
 # %% ../nbs/07_selfcheck.ipynb #167bc387
-_COLS = (('device', 6), ('check', 36), ('dtype', 8), ('result', 6), ('error', 8), ('bound', 7), ('worst', 26), ('ms', 8))
+_COLS = (('check', 34), ('dtype', 8), ('result', 6), ('error', 7), ('bound', 5), ('ms', 6))   # then the worst tensor
+_NUMBERS = ('error', 'bound', 'ms')   # right-aligned
+WIDTH = 88   # characters per printed line: a terminal of 88 columns, the docs' column of code
+
+def _cells(cells) -> str:
+    return '  '.join(c.rjust(w) if n in _NUMBERS else c.ljust(w) for c, (n, w) in zip(cells, _COLS))
 
 def format_row(r: CheckResult) -> str:
-    "One line of the table."
+    """A row of the table of its device (`format_header`): the check, its dtype, result, error, bound, time and worst
+    tensor. A tensor's name too long for the line, and the note, follow on indented lines."""
     f = lambda x, spec: '-' if x is None else format(x, spec)
-    cells = (r.device, r.check, r.dtype or '-', r.status, f(r.err, '.1e'), f(r.bound, '.0e'), r.worst or '-', f(r.ms, '.1f'))
-    line = '  '.join(str(c).ljust(w) for c, (_, w) in zip(cells, _COLS))
-    return (line + '  ' + r.note) if r.note else line.rstrip()
+    line = _cells((r.check, r.dtype or '-', r.status, f(r.err, '.1e'), f(r.bound, '.0e'), f(r.ms, '.1f')))
+    worst, more = r.worst or '-', r.note
+    if len(line) + 2 + len(worst) > WIDTH:
+        worst, more = '', '; '.join([f'worst: {worst}'] + ([r.note] if r.note else []))
+    rest = textwrap.wrap(more, WIDTH, initial_indent='    ', subsequent_indent='    ', break_on_hyphens=False)
+    return '\n'.join([f'{line}  {worst}'.rstrip(), *rest])
 
-def format_header() -> str:
-    line = '  '.join(n.ljust(w) for n, w in _COLS) + '  note'
+def format_header(device: str) -> str:
+    "The head of the table of one device's rows."
+    line = _cells((f'check on {device}', *(n for n, _ in _COLS[1:]))) + '  worst'
     return line + '\n' + '-' * len(line)
+
+def row_lines(r: CheckResult, shown: str | None) -> list[str]:
+    """The lines that print row `r` after rows of device `shown` (None: none yet): a new table's head first where `r`
+    is on another device."""
+    head = [] if r.device == shown else ([''] if shown else []) + format_header(r.device).splitlines()
+    return head + format_row(r).splitlines()
 
 # %% ../nbs/07_selfcheck.ipynb #b4852d07
 def selfcheck(
@@ -355,16 +372,20 @@ def selfcheck(
     todo = [c for c in plan(devices, dtypes, fla_ok, T) if not only or any(s in c[1] for s in only)]
     if file is not None:
         fla_state = ('FLA ' + _fla_version()) if fla_ok else ('FLA: skipped (' + _no_fla_reason(fla) + ')')
-        print(f'myfla_gla {myfla_gla.__version__} self-check · torch {torch.__version__} · '
-              f'devices: {", ".join(devices or check_devices())} · {fla_state}', file=file)
-        print(format_header(), file=file, flush=True)
+        print(textwrap.fill(f'myfla_gla {myfla_gla.__version__} self-check · torch {torch.__version__} · '
+                            f'devices: {", ".join(devices or check_devices())}', WIDTH, break_on_hyphens=False), file=file)
+        print(fla_state, file=file)
+    shown = str(todo[0][0]) if todo else None   # the device whose table is printing
+    if file is not None and todo:   # its head, while the first check runs
+        print(format_header(shown), file=file, flush=True)
     rows = []
     _memo.clear()
     try:
         for c in todo:
             rows.append(run_check(*c))
             if file is not None:
-                print(format_row(rows[-1]), file=file, flush=True)
+                print('\n'.join(row_lines(rows[-1], shown)), file=file, flush=True)
+                shown = rows[-1].device
     finally:
         _memo.clear()
     return rows
@@ -403,8 +424,10 @@ def main(argv=None) -> int:
     rows = selfcheck(a.device, dtypes, a.only, not a.no_fla, a.seq_len, file=None if a.quiet else sys.stdout)
     failed = [r for r in rows if r.status == 'FAIL']
     if a.quiet and failed:
-        print(format_header())
-        print('\n'.join(map(format_row, failed)))
+        shown = None
+        for r in failed:
+            print('\n'.join(row_lines(r, shown)))
+            shown = r.device
     counts = {s: sum(r.status == s for r in rows) for s in ('PASS', 'FAIL', 'SKIP')}
     print(f"{len(rows)} checks: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped "
           f"({time.perf_counter() - t:.1f} s)")
