@@ -21,6 +21,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,13 +42,14 @@ from .ops.recurrent import naive_recurrent_gla as reference_gla
 from .testing import fla_available, get_err_ratio, random_gla_inputs
 
 # %% auto #0
-__all__ = ['IMPLS', 'MiB', 'STEPS', 'SCALING_IMPLS', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable', 'Case',
-           'fla_missing', 'Inputs', 'measure', 'machine_info', 'Progress', 'bench_floor', 'best_floor', 'floor_text',
-           'run_bench', 'floor_ms', 'flags', 'row_line', 'table_rows', 'describe', 'format_table', 'record_markdown',
-           'load_record', 'scaling', 'plot_scaling', 'GenConfig', 'gla_model', 'llama_model', 'fla_model', 'n_params',
-           'Runner', 'hf_runner', 'step_runner', 'onnx_runner', 'greedy', 'decode_at', 'run_generate', 'gen_row_line',
-           'describe_generate', 'gen_table_rows', 'format_generate', 'plot_contexts', 'parse_args', 'config_from_args',
-           'gen_config_from_args', 'save_record', 'save_plot', 'main']
+__all__ = ['IMPLS', 'MiB', 'STEPS', 'TEXT_WIDTH', 'SCALING_IMPLS', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable',
+           'Case', 'fla_missing', 'Inputs', 'measure', 'machine_info', 'Progress', 'bench_floor', 'best_floor',
+           'floor_text', 'run_bench', 'floor_ms', 'flags', 'row_line', 'table_rows', 'describe', 'wrap_line',
+           'text_table', 'format_table', 'record_markdown', 'load_record', 'scaling', 'plot_scaling', 'GenConfig',
+           'gla_model', 'llama_model', 'fla_model', 'n_params', 'Runner', 'hf_runner', 'step_runner', 'onnx_runner',
+           'greedy', 'decode_at', 'run_generate', 'gen_row_line', 'describe_generate', 'gen_table_rows',
+           'format_generate', 'plot_contexts', 'parse_args', 'config_from_args', 'gen_config_from_args', 'save_record',
+           'save_plot', 'main']
 
 # %% ../nbs/08_bench.ipynb #c53030fd
 @dataclass
@@ -685,6 +687,33 @@ def describe(record: dict) -> str:
             f"torch {m['torch']}, FLA {m.get('fla') or 'absent'}, myfla_gla {m['myfla_gla']}; {m['date']}{stat}"
             f"{_floor_words(record.get('floor'))}")
 
+TEXT_WIDTH = 88   # characters per printed line: a terminal of 88 columns, the docs' column of code
+
+def wrap_line(line: str, indent: str = '') -> str:
+    "A long line of text (a heading, a reason) in lines of at most TEXT_WIDTH, never broken inside a word or a name."
+    return textwrap.fill(line, TEXT_WIDTH, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
+
+def text_table(head: list[str], body: list[list[str]]) -> list[str]:
+    """Rows as aligned text (the first and the last column, names and notes, to the left; numbers to the right), in
+    tables of at most TEXT_WIDTH characters: the columns after the first are packed in order, each table starting
+    with the first column. A row with only '-' or nothing in a table's columns is left out of it (kept in the last
+    table if that leaves it nowhere)."""
+    w = [max(len(x) for x in col) for col in zip(head, *body)]
+    tables = [[]]
+    for j in range(1, len(head)):
+        if tables[-1] and w[0] + sum(w[i] + 2 for i in tables[-1] + [j]) > TEXT_WIDTH:
+            tables.append([])
+        tables[-1].append(j)
+    empty = lambda r, cols: all(r[j] in ('', '-') for j in cols)
+    fmt = lambda r, cols: '  '.join([r[0].ljust(w[0])] + [r[j].ljust(w[j]) if j == len(w) - 1 else r[j].rjust(w[j])
+                                                         for j in cols]).rstrip()
+    lines = []
+    for n, cols in enumerate(tables):
+        last = n == len(tables) - 1
+        rows = [r for r in body if not empty(r, cols) or (last and all(empty(r, t) for t in tables))]
+        lines += ([''] if n else []) + [fmt(head, cols), fmt(['-' * k for k in w], cols), *(fmt(r, cols) for r in rows)]
+    return lines
+
 def format_table(record: dict, markdown: bool = False) -> str:
     "The results as a text (or markdown) table."
     head, body = table_rows(record)
@@ -694,10 +723,7 @@ def format_table(record: dict, markdown: bool = False) -> str:
         flag = re.compile(r'(?<![`\w-])(--[a-zA-Z][\w-]*(?:=\S+)?)')   # `--naive-bwd` as code, not an en dash
         lines += ['| ' + ' | '.join(flag.sub(r'`\1`', c) for c in r) + ' |' for r in body]
         return '\n'.join(lines + ([''] + [f'{x}  ' for x in not_run] if not_run else []))
-    w = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: '  '.join(c.ljust(n) if i in (0, len(w) - 1) else c.rjust(n)
-                                  for i, (c, n) in enumerate(zip(cells, w))).rstrip()
-    return '\n'.join([describe(record), fmt(head), fmt(['-' * n for n in w])] + [fmt(r) for r in body] + not_run)
+    return '\n'.join([wrap_line(describe(record)), *text_table(head, body), *(wrap_line(x, '  ') for x in not_run)])
 
 # %% ../nbs/08_bench.ipynb #c6df42f5
 def record_markdown(record: dict) -> str:
@@ -1208,16 +1234,13 @@ def format_generate(record: dict, markdown: bool = False) -> str:
         lines += [''] + [f'{x}  ' for x in not_run] if not_run else []
         curves = record.get('contexts') or {}
         Ts = sorted({p['T'] for pts in curves.values() for p in pts})
-        if Ts:   # the curve's numbers: one row per context length
+        if Ts:   # the curve's numbers: a row per implementation, a column per context length (a few: narrow)
             ms = {name: {p['T']: p['decode_ms'] for p in pts} for name, pts in curves.items()}
             lines += ['', 'Decode ms per token at batch 1 against the context length:', '',
-                      '| context | ' + ' | '.join(curves) + ' |', '|' + '|'.join('---' for _ in range(len(curves) + 1)) + '|']
-            lines += [f'| {T} | ' + ' | '.join(_fmt(ms[n].get(T), '.2f') for n in curves) + ' |' for T in Ts]
+                      '| implementation | ' + ' | '.join(map(str, Ts)) + ' |', '|---|' + '---|' * len(Ts)]
+            lines += [f'| {n} | ' + ' | '.join(_fmt(ms[n].get(T), '.2f') for T in Ts) + ' |' for n in curves]
         return '\n'.join(lines)
-    w = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: '  '.join(c.ljust(n) if i in (0, len(w) - 1) else c.rjust(n)
-                                  for i, (c, n) in enumerate(zip(cells, w))).rstrip()
-    return '\n'.join([describe_generate(record), fmt(head), fmt(['-' * n for n in w]), *map(fmt, body), *not_run, *curve])
+    return '\n'.join([wrap_line(describe_generate(record)), *text_table(head, body), *(wrap_line(x, '  ') for x in not_run + curve)])
 
 def plot_contexts(record: dict, ax=None):
     "Decode ms per token at batch 1 against the context length, one line per row: flat for GLA, rising for attention."

@@ -239,8 +239,9 @@ def bench_parser() -> argparse.ArgumentParser:
     g.add_argument('--contexts', type=lengths, metavar='T,T,...', help=(
         f"context lengths of the decode-time curve, at batch 1 (default: {','.join(map(str, d['contexts']))})"))
     g.add_argument('--no-contexts', action='store_true', help='leave out the decode-time curve')
-    g.add_argument('--compile-mode', choices=['default', 'reduce-overhead', 'max-autotune-no-cudagraphs'],
-                   help="torch.compile's mode for the compiled step (default: default; reduce-overhead uses CUDA graphs)")
+    g.add_argument('--compile-mode', choices=['default', 'reduce-overhead', 'max-autotune-no-cudagraphs'], metavar='MODE',
+                   help=("torch.compile's mode for the compiled step, one of: default (the default), "
+                         'max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs)'))
     p.add_argument('--json', metavar='PATH', type=output_file, help=(
         'write the record to this JSON file (also during the run): a regular file or a new one; a symlink is written '
         'through'))

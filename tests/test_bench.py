@@ -264,7 +264,7 @@ def test_bench_floor_columns_are_row_time_over_floor(monkeypatch):
         ratio = rec['results'][0][key] / fl[part]['floor_ms']
         assert chunk[col].endswith('x') and float(chunk[col][:-1]) == pytest.approx(ratio, rel=0.01, abs=0.05), (col, ratio)
     assert naive['fwd/floor'] != '-' and naive['fwd+bwd/floor'] == '-'   # forward only: no such time
-    first = bench.format_table(rec).splitlines()[0]
+    first = ' '.join(bench.format_table(rec).split('\nimplementation')[0].split())   # the heading, over lines
     assert f"copy {fl['bandwidth_gbs']:.1f} GB/s" in first and f"floor fwd {fl['fwd']['floor_ms']:.3g} ms" in first
     assert '| fwd/floor |' in bench.format_table(rec, markdown=True)
     assert f"{chunk['fwd/floor']}/{chunk['fwd+bwd/floor']} the floor" in bench.row_line(rec['results'][0], rec['meta'], fl)
@@ -540,14 +540,28 @@ def test_stdout_has_only_the_table(tmp_path):
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / 'r.json').read_text())['meta']['omp_wait_policy'] == 'PASSIVE'
     out = p.stdout.splitlines()
-    assert len(out) == 5 and out[1].startswith('implementation') and out[3].startswith('chunk_gla'), p.stdout
+    assert max(map(len, out)) <= bench.TEXT_WIDTH, p.stdout   # fits a terminal of 88 columns
+    head = out.index(next(l for l in out if l.startswith('implementation')))
+    assert out[head + 2].startswith('chunk_gla'), p.stdout
     assert '\r' not in p.stdout + p.stderr and 'step/s' not in p.stderr and 'chunk_gla: fwd ' in p.stderr
     fla = 'FLA chunk_gla, FLA fused_recurrent_gla, FLA GatedLinearAttention (chunk): not run ('
     if not torch.cuda.is_available():
         why = ("FLA's kernels need a CUDA device" if importlib.util.find_spec('fla')
                else 'FLA is not installed (pip install flash-linear-attention fla-core)')
-        assert out[4] == fla + why + ')', out[4]
+        assert ' '.join(' '.join(out[-2:]).split()) == fla + why + ')', out[-2:]   # one line, wrapped
         assert p.stderr.count(why) == 1   # the rows as measured: the reason once
+
+
+def test_text_table_fits():
+    "Columns past TEXT_WIDTH go to a further table that repeats the names; a row of dashes only there is left out."
+    head = ['name', 'a', 'b', 'note']
+    body = [['x', '1.00', '2.00', ''], ['y', '-', '-', 'not run here']]
+    assert bench.text_table(head, body) == ['name     a     b  note', '----  ----  ----  ------------', 'x     1.00  2.00',
+                                            'y        -     -  not run here']
+    wide = bench.text_table(head, [['x', '1' * 40, '2' * 40, ''], ['y', '-', '-', 'not run here']])
+    assert max(map(len, wide)) == bench.TEXT_WIDTH, wide   # the names and two columns of 40: just fits
+    assert wide == ['name' + ' ' * 41 + 'a' + ' ' * 41 + 'b', '----  ' + '-' * 40 + '  ' + '-' * 40,
+                    'x     ' + '1' * 40 + '  ' + '2' * 40, '', 'name  note', '----  ------------', 'y     not run here']
 
 
 def test_fla_line_says_why(monkeypatch):
@@ -557,7 +571,7 @@ def test_fla_line_says_why(monkeypatch):
                           progress=False)
     names = [b[0] for b in bench.table_rows(rec)[1]]
     assert names == ['chunk_gla'] and len(rec['results']) == 3   # the record keeps every row
-    assert bench.format_table(rec).splitlines()[-1] == (
+    assert ' '.join(' '.join(bench.format_table(rec).splitlines()[-2:]).split()) == (   # wrapped at 88 characters
         "FLA chunk_gla, FLA GatedLinearAttention (chunk): not run (FLA's kernels need a CUDA device)")
     assert bench.format_table(rec, markdown=True).endswith("(FLA's kernels need a CUDA device)  ")
     find_spec = importlib.util.find_spec
@@ -623,6 +637,11 @@ def test_generate_record(tmp_path, capsys):
     for name in ('myfla_gla (eager)', 'transformers Llama'):
         assert [p['T'] for p in rec['contexts'][name]] == [4, 16] and all(p['decode_ms'] > 0 for p in rec['contexts'][name])
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert max(map(len, printed.splitlines())) <= bench.TEXT_WIDTH, printed
+    md = bench.format_generate(rec, markdown=True).splitlines()   # the curve: a row per implementation, a column per T
+    eager = rec['contexts']['myfla_gla (eager)']
+    assert '| implementation | 4 | 16 |' in md
+    assert f"| myfla_gla (eager) | {eager[0]['decode_ms']:.2f} | {eager[1]['decode_ms']:.2f} |" in md, md
 
 
 def test_generate_same_tokens_as_simple_generate():

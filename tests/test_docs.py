@@ -12,9 +12,8 @@ previous and next chapter in notebook order. Its layout at a desktop width (1280
 that scrolls sideways, every image at least as wide as it was drawn, no lead-in sentence (a paragraph ending with
 ':') without what it introduces after it (as when its cell is hidden), no number in a table split across two
 lines, no command-line flag rendered with a dash (`--naive-bwd` as "–naive-bwd"), and no blank lines inside a
-cell of imports only (`KNOWN_WIDE` lists the wide outputs of chapters still to be reformatted). The layout check
-is itself tested: each defect, put into a correct page, must be reported (`test_layout_check_catches`). Chromium runs headless on a fresh profile with the flags
-below. A screenshot of every page is saved under `docs/_build/screenshots/`; the home page's path is printed.
+cell of imports only. The layout check is itself tested: each defect, put into a correct page, must be reported
+(`test_layout_check_catches`). Chromium runs headless on a fresh profile with the flags below. A screenshot of every page is saved under `docs/_build/screenshots/`; the home page's path is printed.
 
 Without Chromium (or Playwright) the test skips, except in CI (`CI=true`), where that is a failure.
 """
@@ -243,28 +242,6 @@ MATHJAX_DONE = """() => (window.MathJax && MathJax.startup && MathJax.startup.pr
   ? MathJax.startup.promise.then(() => document.querySelectorAll('mjx-container').length) : -1"""
 
 
-# Outputs and figures that are still wider than the column, on chapters whose notebooks are yet to be reformatted:
-# page -> the start of each such problem (figures by their file, named by a hash of the image). The list may only
-# shrink: a listed problem that no longer occurs fails too, so that its entry goes once its notebook is fixed.
-KNOWN_WIDE = {
-    '07_selfcheck': ['code scrolls sideways: myfla_gla 0.1.0 self-check', 'code scrolls sideways: device  check'],
-    '08_bench': ['code scrolls sideways: B=1 T=128 H=2 K=16 V=16 float32 on cpu'],
-}
-
-
-def known_wide(name, problems):
-    "The layout problems not listed in KNOWN_WIDE for page `name`, and the listed ones that did not occur."
-    listed, seen = KNOWN_WIDE.get(name, []), set()
-    rest = []
-    for p in problems:   # the sizes vary with fonts; the text and the figure's file don't
-        key = re.sub(r'^figure \d+ px wide, the column \d+ px:', 'figure:', re.sub(r' \(\d+ > \d+ px\)', '', p))
-        hit = [k for k in listed if key.startswith(k)]
-        seen.update(hit)
-        if not hit:
-            rest.append(p)
-    return rest + [f'listed in KNOWN_WIDE but not found (remove the entry): {k}' for k in listed if k not in seen]
-
-
 @functools.lru_cache(maxsize=None)
 def ids_in(path):
     return set(re.findall(r'\bid="([^"]+)"', path.read_text(encoding='utf-8')))
@@ -349,7 +326,7 @@ def test_page(browser, base_url, name, capsys):
         problems += [f'link to the nbdev site left in: {h}' for h in hrefs if h.startswith(doc_host)]
         problems += [f'link to the repository host of settings.ini: {h}' for h in hrefs if h.startswith(git_url)]
         if name in pages:
-            problems += known_wide(name, page.evaluate(LAYOUT))
+            problems += page.evaluate(LAYOUT)
         assert not problems, '\n'.join(problems)
         if name in pages:
             shots.mkdir(parents=True, exist_ok=True)
@@ -384,7 +361,7 @@ def test_layout_check_catches(browser, base_url, defect):
     try:
         page.goto(base_url + f'{pages[-1]}.html', wait_until='load')
         page.wait_for_load_state('networkidle')
-        before = known_wide(pages[-1], page.evaluate(LAYOUT))
+        before = page.evaluate(LAYOUT)
         assert not before, f'the page has layout problems of its own: {before}'
         page.evaluate("html => [...document.querySelectorAll('article section')].pop()"
                       ".insertAdjacentHTML('beforeend', html)", html)
