@@ -69,6 +69,26 @@ def _conv_projections(projs, convs, h, last_state, use_cache, cu_seqlens, cp_con
         finals.append(final)
     return (*out, tuple(finals) if use_cache else None)   # the outputs, then the new windows (None unless use_cache)
 
+def _layer_inputs(layer, hidden_states, attention_mask, past_key_values, use_cache: bool, kwargs: dict):
+    """What a layer on GLA's ops (this one, HGRN2's) does first: check the cache, choose the op's mode for this
+    length, take the context-parallel shard's `cu_seqlens`, read this layer's cache record, pack the input.
+    Returns `(mode, last_state, h, indices, cu_seqlens, cp_context)`."""
+    if past_key_values is not None:
+        require_cache_layer_idx(layer, past_key_values)   # FLA's ValueError first, whatever the cache
+        check_cache(past_key_values)   # a legacy tuple could be read, but not written
+    q_len = hidden_states.shape[1]
+    # exported, one op serves every length (`ops.chunk.loop_free_gla`): no branch on q_len
+    mode = layer.mode if _exporting() or q_len > 64 else 'fused_recurrent'
+    cu_seqlens, cp_context = kwargs.get('cu_seqlens'), kwargs.get('cp_context')
+    if cp_context is not None:   # context parallel (beyond FLA): this rank's shard [1, T/W, hidden_size]
+        from myfla_gla.ops.cp import cp_layer_cu_seqlens
+        cu_seqlens = cp_layer_cu_seqlens(cp_context, hidden_states, attention_mask, past_key_values, use_cache)
+    last_state = get_layer_cache(layer, past_key_values)
+    if last_state is not None:
+        check_conv_state(last_state, layer.use_short_conv, layer.layer_idx,
+                         past_key_values.get_seq_length(layer.layer_idx))
+    h, indices, cu_seqlens = unpad_hidden_states(hidden_states, cu_seqlens, attention_mask, q_len)
+    return mode, last_state, h, indices, cu_seqlens, cp_context
 
 # %% ../../nbs/06_layer.ipynb #1ce679df
 def _check_layer_inputs(hidden_states, hidden_size: int, attention_mask=None, cu_seqlens=None):
@@ -215,22 +235,10 @@ class GatedLinearAttention(nn.Module):
         "FLA's GLA forward: pack, project, convolve, gate, attend (recurrent for T <= 64), norm, gate, project, unpack."
         warn_unknown_kwargs(GatedLinearAttention.forward, kwargs, used=('cu_seqlens', 'cp_context'))
         _check_layer_inputs(hidden_states, self.hidden_size, attention_mask, kwargs.get('cu_seqlens'))
-        if past_key_values is not None:
-            require_cache_layer_idx(self, past_key_values)   # FLA's ValueError first, whatever the cache
-            check_cache(past_key_values)   # a legacy tuple could be read, but not written
         batch_size, q_len, _ = hidden_states.shape
-        # exported, one op serves every length (`ops.chunk.loop_free_gla`): no branch on q_len
-        mode = self.mode if _exporting() or q_len > 64 else 'fused_recurrent'
         use_cache = bool(use_cache)
-
-        cp_context = kwargs.get('cp_context')  # context parallel (beyond FLA): this rank's shard [1, T/W, hidden_size]
-        if cp_context is not None:
-            from myfla_gla.ops.cp import cp_layer_cu_seqlens
-            kwargs['cu_seqlens'] = cp_layer_cu_seqlens(cp_context, hidden_states, attention_mask, past_key_values, use_cache)
-        last_state = get_layer_cache(self, past_key_values)
-        if last_state is not None:
-            check_conv_state(last_state, self.use_short_conv, self.layer_idx, past_key_values.get_seq_length(self.layer_idx))
-        h, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get('cu_seqlens'), attention_mask, q_len)
+        mode, last_state, h, indices, cu_seqlens, cp_context = _layer_inputs(
+            self, hidden_states, attention_mask, past_key_values, use_cache, kwargs)
 
         conv_state = None
         if self.use_short_conv:

@@ -10,12 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..cache import check_cache, check_conv_state, get_layer_cache, require_cache_layer_idx, update_layer_cache
+from ..cache import update_layer_cache
 from ..checks import InputError, check_int, check_number, check_tensor, warn_unknown_kwargs
-from .gla import _check, _check_layer_inputs, _conv_projections, _gla_op
+from .gla import _check, _check_layer_inputs, _conv_projections, _gla_op, _layer_inputs
 from ..modules.convolution import ShortConvolution
 from ..modules.norms import RMSNorm, rms_norm
-from ..utils import _exporting, repad_hidden_states, swish, unpad_hidden_states
+from ..utils import repad_hidden_states, swish
 
 # %% auto #0
 __all__ = ['hgrn2_gates', 'HGRN2Attention']
@@ -121,21 +121,10 @@ class HGRN2Attention(nn.Module):
         _check_layer_inputs(hidden_states, self.hidden_size, attention_mask, kwargs.get('cu_seqlens'))
         if lower_bound is not None:
             self._check_lower_bound(lower_bound, hidden_states)
-        if past_key_values is not None:
-            require_cache_layer_idx(self, past_key_values)   # FLA's ValueError first, whatever the cache
-            check_cache(past_key_values)
         batch_size, q_len, _ = hidden_states.shape
-        mode = self.mode if _exporting() or q_len > 64 else 'fused_recurrent'
         use_cache = bool(use_cache)
-
-        cp_context = kwargs.get('cp_context')  # context parallel (beyond FLA), as the GLA layer
-        if cp_context is not None:
-            from myfla_gla.ops.cp import cp_layer_cu_seqlens
-            kwargs['cu_seqlens'] = cp_layer_cu_seqlens(cp_context, hidden_states, attention_mask, past_key_values, use_cache)
-        last_state = get_layer_cache(self, past_key_values)
-        if last_state is not None:
-            check_conv_state(last_state, self.use_short_conv, self.layer_idx, past_key_values.get_seq_length(self.layer_idx))
-        h, indices, cu_seqlens = unpad_hidden_states(hidden_states, kwargs.get('cu_seqlens'), attention_mask, q_len)
+        mode, last_state, h, indices, cu_seqlens, cp_context = _layer_inputs(
+            self, hidden_states, attention_mask, past_key_values, use_cache, kwargs)
 
         conv_state = None
         if self.use_short_conv:
