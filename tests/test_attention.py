@@ -17,7 +17,7 @@ from flash_attn_ref import flash_attn_func
 from myfla_gla import Cache, GLAConfig, GLAForCausalLM
 from myfla_gla.checks import DTypeError, InputError
 from myfla_gla.layers.attn import Attention
-from myfla_gla.modules.rotary import RotaryEmbedding, rotary_embedding
+from myfla_gla.modules.rotary import RotaryEmbedding, rotary_embedding, rotary_embedding_ref
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # (conftest.py)
 F64 = torch.float64
@@ -113,6 +113,22 @@ def test_rotary_xpos_tables_and_dtype():
     yb, _ = rope(qb, qb)
     assert yb.dtype == torch.bfloat16 and rope._cos_cached.dtype == torch.bfloat16
     close(yb.to(F64), rope_ref(qb.to(F64), pos), 1e-2)
+
+
+@pytest.mark.parametrize('interleaved', [False, True])
+def test_rotary_embedding_ref_takes_aligned_rows(interleaved):
+    # FLA's own rotary tests import `rotary_embedding_ref` from `fla.modules.rotary` and call it on one sequence
+    # without a batch ([T, H, D]) with the table rows of its positions, also for a partial rotary dimension
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, dtype=F64)
+    rope = RotaryEmbedding(4, base=500., interleaved=interleaved)
+    rope(x, x, max_seqlen=16)   # fills the tables (float32)
+    cos, sin = (t.to(F64) for t in (rope._cos_cached, rope._sin_cached))
+    y = rotary_embedding_ref(x[1], cos[3:8], sin[3:8], interleaved)
+    close(y, rope_ref(x[1:2], torch.arange(3, 8)[None], 500., 4, interleaved)[0], 1e-6)
+    assert torch.equal(y[..., 4:], x[1, ..., 4:])   # the channels past the rotary dimension pass through
+    with pytest.raises(InputError, match='rotary dimension'):
+        rotary_embedding_ref(x[..., :2], cos, sin)
 
 
 def test_rotary_bad_inputs():
