@@ -17,7 +17,7 @@ from flash_attn_ref import flash_attn_func
 from myfla_gla import Cache, GLAConfig, GLAForCausalLM
 from myfla_gla.checks import DTypeError, InputError
 from myfla_gla.layers.attn import Attention
-from myfla_gla.modules.rotary import RotaryEmbedding, rotary_embedding
+from myfla_gla.modules.rotary import RotaryEmbedding, rotary_embedding, rotary_embedding_ref
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # (conftest.py)
 F64 = torch.float64
@@ -115,6 +115,22 @@ def test_rotary_xpos_tables_and_dtype():
     close(yb.to(F64), rope_ref(qb.to(F64), pos), 1e-2)
 
 
+@pytest.mark.parametrize('interleaved', [False, True])
+def test_rotary_embedding_ref_takes_aligned_rows(interleaved):
+    # FLA's own rotary tests import `rotary_embedding_ref` from `fla.modules.rotary` and call it on one sequence
+    # without a batch ([T, H, D]) with the table rows of its positions, also for a partial rotary dimension
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, dtype=F64)
+    rope = RotaryEmbedding(4, base=500., interleaved=interleaved)
+    rope(x, x, max_seqlen=16)   # fills the tables (float32)
+    cos, sin = (t.to(F64) for t in (rope._cos_cached, rope._sin_cached))
+    y = rotary_embedding_ref(x[1], cos[3:8], sin[3:8], interleaved)
+    close(y, rope_ref(x[1:2], torch.arange(3, 8)[None], 500., 4, interleaved)[0], 1e-6)
+    assert torch.equal(y[..., 4:], x[1, ..., 4:])   # the channels past the rotary dimension pass through
+    with pytest.raises(InputError, match='rotary dimension'):
+        rotary_embedding_ref(x[..., :2], cos, sin)
+
+
 def test_rotary_bad_inputs():
     cos = torch.ones(4, 4)
     with pytest.raises(InputError, match='`dim`'):
@@ -201,6 +217,20 @@ def test_packed_sequences_do_not_attend_across():
         close(o[:, a:b], layer(x[:, a:b])[0])
 
 
+def test_batched_layout_with_cu_seqlens_is_its_rows_end_to_end():
+    # FLA's layer accepts a [B, T] batch with `cu_seqlens` and reads it as one packed row (FLA's
+    # tests/layers/test_attn_varlen_pack_layout.py); a sequence may cross a row boundary
+    layer = make_layer(num_kv_heads=2, window_size=3)
+    x = torch.randn(2, 4, 32, dtype=F64)
+    cu = torch.tensor([0, 3, 8])
+    o = layer(x, cu_seqlens=cu)[0]
+    close(o, layer(x.reshape(1, 8, 32), cu_seqlens=cu)[0].reshape(2, 4, 32), 1e-12)
+    close(o.reshape(1, 8, 32)[:, 3:], layer_ref(layer, x.reshape(1, 8, 32)[:, 3:], torch.arange(5)[None], 3), 1e-6)
+    cache = Cache()
+    layer(x, past_key_values=cache, cu_seqlens=cu)
+    assert cache[0]['attn_state'][0].shape == (2, 3, 16)   # FLA's cache layout: the rows, the window's last 3 keys
+
+
 def test_autocast_bf16_matches_float32():
     layer = make_layer(num_kv_heads=2, window_size=3, qk_norm=True).float()
     x = torch.randn(2, 6, 32)
@@ -236,8 +266,8 @@ def test_bad_inputs_name_the_argument():
         layer(x, cp_context=object())
     cache = Cache()
     layer(x, past_key_values=cache)
-    with pytest.raises(InputError, match='cu_seqlens'):
-        layer(x[:1], past_key_values=cache, cu_seqlens=torch.tensor([0, 3]))
+    with pytest.raises(AssertionError, match='cu_seqlens should not be provided when past_key_values has content'):
+        layer(x[:1], past_key_values=cache, cu_seqlens=torch.tensor([0, 3]))   # FLA's message, matched by its tests
     with pytest.warns(UserWarning, match='ignores the keyword argument `cu_seqlen`'):
         layer(x, cu_seqlen=None)
 

@@ -108,12 +108,10 @@ def _check_attention_inputs(hidden_states, hidden_size: int, attention_mask, cu_
                      device_of='hidden_states')
     if cu_seqlens is not None:
         check_tensor('cu_seqlens', cu_seqlens, 'N+1', device=hidden_states.device, device_of='hidden_states')
-        if B != 1:
-            raise InputError(f"with `cu_seqlens`, `hidden_states` must be one packed row [1, total, hidden_size], "
-                             f"got shape {tuple(hidden_states.shape)}")
         if seen > 0:
-            raise InputError("`cu_seqlens` should not be provided when `past_key_values` has content (it packs whole "
-                             f"sequences); this layer's cache has seen {seen} tokens")
+            # FLA's words (its tests match them): `cu_seqlens` packs whole sequences
+            raise InputError("cu_seqlens should not be provided when past_key_values has content; "
+                             f"this layer's cache has seen {seen} tokens")
 
 
 class Attention(nn.Module):
@@ -162,7 +160,7 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        hidden_states: torch.Tensor,                   # [B, T, hidden_size]; [1, total, hidden_size] with `cu_seqlens`
+        hidden_states: torch.Tensor,                   # [B, T, hidden_size]; with `cu_seqlens`, its rows end to end
         attention_mask: torch.Tensor | None = None,    # [B, seen + T] padding mask of the cached and new tokens
         past_key_values: Cache | None = None,          # read, and appended to (whatever `use_cache` says, as in FLA)
         output_attentions: bool = False,               # no attention weights are returned (None)
@@ -188,9 +186,12 @@ class Attention(nn.Module):
         v = rearrange(self.v_proj(hidden_states), '... (h d) -> ... h d', d=self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cu_seqlens is not None and B > 1:   # FLA reads a batch with `cu_seqlens` as its rows laid end to end
+            q, k, v = (rearrange(x, 'b t h d -> 1 (b t) h d') for x in (q, k, v))
+        L = q.shape[1]                         # tokens in a row: T, or B T packed
 
         # FLA's positions: after the cached tokens; with a cache and a mask, each row starts after its padding
-        offset, max_seqlen = seen, seen + T
+        offset, max_seqlen = seen, seen + L
         if past_key_values is not None and attention_mask is not None and cu_seqlens is None:
             offset = seen + attention_mask.sum(-1) - attention_mask.shape[-1]     # [B] (negative on padding)
             max_seqlen = T + int(offset.max())
@@ -207,12 +208,13 @@ class Attention(nn.Module):
 
         if past_key_values is not None:
             cached = past_key_values[self.layer_idx]['attn_state'] if seen > 0 else None   # before this update
-            past_key_values.update(attn_state=(k.flatten(-2), v.flatten(-2)), layer_idx=self.layer_idx, offset=T,
+            state = (k.reshape(B, T, -1), v.reshape(B, T, -1))   # FLA's [B, T, H_kv D], packed or not
+            past_key_values.update(attn_state=state, layer_idx=self.layer_idx, offset=T,
                                    cache_kwargs=dict(window_size=self.window_size))
             if cached is not None:
                 k, v = (torch.cat([rearrange(c, '... (h d) -> ... h d', d=self.head_dim), x], dim=1)
                         for c, x in zip(cached[:2], (k, v)))
         if self.window_size is not None:   # keys older than every query's window are not needed
-            k, v = k[:, -(self.window_size + T - 1):], v[:, -(self.window_size + T - 1):]
+            k, v = k[:, -(self.window_size + L - 1):], v[:, -(self.window_size + L - 1):]
         o = attend(q, k, v, attention_mask, cu_seqlens, self.window_size)
         return self.o_proj(o.reshape(B, T, -1)), None, past_key_values

@@ -12,7 +12,7 @@ from einops import rearrange, repeat
 from ..checks import DTypeError, InputError, check_int, check_number, check_tensor
 
 # %% auto #0
-__all__ = ['rotate_half', 'rotary_embedding', 'RotaryEmbedding']
+__all__ = ['rotate_half', 'rotary_embedding_ref', 'rotary_embedding', 'RotaryEmbedding']
 
 # %% ../../nbs/06a_rotary.ipynb #505bedc4
 def rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
@@ -60,6 +60,22 @@ def _check_rotary(x, cos, sin, seqlen_offsets, cu_seqlens):
             raise InputError(f"`seqlen_offsets` + T = {seqlen_offsets} + {T} exceeds the {cos.shape[0]} positions of `cos`")
 
 
+def rotary_embedding_ref(
+    x: torch.Tensor,                     # [..., T, H, D]
+    cos: torch.Tensor,                   # [..., T, R] each token's cos(position * frequency), R <= D / 2
+    sin: torch.Tensor,                   # [..., T, R] the same for sin
+    interleaved: bool = False,           # rotate pairs (x0, x1), (x2, x3), ... instead of (x_i, x_{i + R})
+) -> torch.Tensor:                       # [..., T, H, D]: the first 2R channels rotated, the rest as they were
+    "FLA's `rotary_embedding_ref`: the rotation itself, from angle rows already aligned with `x`'s tokens."
+    R = cos.shape[-1]
+    if 2 * R > x.shape[-1]:
+        raise InputError(f"the rotary dimension 2 * cos.shape[-1] = {2 * R} exceeds the head dimension {x.shape[-1]}")
+    pattern = '... d -> ... 1 (d 2)' if interleaved else '... d -> ... 1 (2 d)'
+    c, s = repeat(cos, pattern), repeat(sin, pattern)            # one row per token, shared by its heads
+    xr = x[..., :2 * R]
+    return torch.cat([xr * c + rotate_half(xr, interleaved) * s, x[..., 2 * R:]], dim=-1)
+
+
 def rotary_embedding(
     x: torch.Tensor,                     # [B, T, H, D] ([1, total, H, D] with `cu_seqlens`)
     cos: torch.Tensor,                   # [TR, R] table of cos(position * frequency), R <= D / 2
@@ -79,11 +95,8 @@ def rotary_embedding(
     valid = ((pos >= 0) & (pos < TR))[..., None, None]
     pos = pos.clamp(0, TR - 1)
     acc = torch.promote_types(x.dtype, torch.float32)              # FLA's kernel computes in float32
-    pattern = '... d -> ... 1 (d 2)' if interleaved else '... d -> ... 1 (2 d)'
-    c, s = (repeat(table[pos].to(acc), pattern) for table in (cos, sin))   # [B, T, 1, 2R]
-    xr = x[..., :2 * R].to(acc)
-    y = torch.where(valid, xr * c + rotate_half(xr, interleaved) * s, 0).to(x.dtype)
-    y = torch.cat([y, x[..., 2 * R:]], dim=-1)
+    y = rotary_embedding_ref(x[..., :2 * R].to(acc), cos[pos].to(acc), sin[pos].to(acc), interleaved)
+    y = torch.cat([torch.where(valid, y, 0).to(x.dtype), x[..., 2 * R:]], dim=-1)
     return x.copy_(y) if inplace else y
 
 # %% ../../nbs/06a_rotary.ipynb #e7fb00d4
