@@ -45,9 +45,9 @@ from .testing import fla_available, get_err_ratio, random_gla_inputs
 __all__ = ['IMPLS', 'MiB', 'STEPS', 'TEXT_WIDTH', 'SCALING_IMPLS', 'BenchConfig', 'time_fn', 'peak_memory', 'NotAvailable',
            'Case', 'fla_missing', 'Inputs', 'measure', 'machine_info', 'Progress', 'bench_floor', 'best_floor',
            'floor_text', 'run_bench', 'floor_ms', 'flags', 'row_line', 'table_rows', 'describe', 'wrap_line',
-           'text_table', 'format_table', 'record_markdown', 'load_record', 'scaling', 'plot_scaling', 'GenConfig',
-           'gla_model', 'llama_model', 'fla_model', 'n_params', 'Runner', 'hf_runner', 'step_runner', 'onnx_runner',
-           'greedy', 'decode_at', 'run_generate', 'gen_row_line', 'describe_generate', 'gen_table_rows',
+           'text_table', 'markdown_table', 'format_table', 'record_markdown', 'load_record', 'scaling', 'plot_scaling',
+           'GenConfig', 'gla_model', 'llama_model', 'fla_model', 'n_params', 'Runner', 'hf_runner', 'step_runner',
+           'onnx_runner', 'greedy', 'decode_at', 'run_generate', 'gen_row_line', 'describe_generate', 'gen_table_rows',
            'format_generate', 'plot_contexts', 'parse_args', 'config_from_args', 'gen_config_from_args', 'save_record',
            'save_plot', 'main']
 
@@ -714,14 +714,18 @@ def text_table(head: list[str], body: list[list[str]]) -> list[str]:
         lines += ([''] if n else []) + [fmt(head, cols), fmt(['-' * k for k in w], cols), *(fmt(r, cols) for r in rows)]
     return lines
 
+def markdown_table(head: list[str], body: list[list[str]]) -> list[str]:
+    "Rows as a markdown table (a `|` inside a cell written `/`)."
+    return ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|',
+            *('| ' + ' | '.join(c.replace('|', '/') for c in r) + ' |' for r in body)]
+
 def format_table(record: dict, markdown: bool = False) -> str:
     "The results as a text (or markdown) table."
     head, body = table_rows(record)
     not_run = _not_run(record['results'])[1]   # rows not run for one reason: a line each reason
     if markdown:
-        lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
         flag = re.compile(r'(?<![`\w-])(--[a-zA-Z][\w-]*(?:=\S+)?)')   # `--naive-bwd` as code, not an en dash
-        lines += ['| ' + ' | '.join(flag.sub(r'`\1`', c) for c in r) + ' |' for r in body]
+        lines = markdown_table(head, [[flag.sub(r'`\1`', c) for c in r] for r in body])
         return '\n'.join(lines + ([''] + [f'{x}  ' for x in not_run] if not_run else []))
     return '\n'.join([wrap_line(describe(record)), *text_table(head, body), *(wrap_line(x, '  ') for x in not_run)])
 
@@ -1229,16 +1233,14 @@ def format_generate(record: dict, markdown: bool = False) -> str:
              for name, pts in record.get('contexts', {}).items()]
     curve = ['decode ms/token at batch 1 against the context length (tokens before the timed steps):', *curve] if curve else []
     if markdown:
-        lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
-        lines += ['| ' + ' | '.join(c.replace('|', '/') for c in r) + ' |' for r in body]
-        lines += [''] + [f'{x}  ' for x in not_run] if not_run else []
+        lines = markdown_table(head, body) + ([''] + [f'{x}  ' for x in not_run] if not_run else [])
         curves = record.get('contexts') or {}
         Ts = sorted({p['T'] for pts in curves.values() for p in pts})
         if Ts:   # the curve's numbers: a row per implementation, a column per context length (a few: narrow)
             ms = {name: {p['T']: p['decode_ms'] for p in pts} for name, pts in curves.items()}
             lines += ['', 'Decode ms per token at batch 1 against the context length:', '',
-                      '| implementation | ' + ' | '.join(map(str, Ts)) + ' |', '|---|' + '---|' * len(Ts)]
-            lines += [f'| {n} | ' + ' | '.join(_fmt(ms[n].get(T), '.2f') for T in Ts) + ' |' for n in curves]
+                      *markdown_table(['implementation', *map(str, Ts)],
+                                      [[n, *(_fmt(ms[n].get(T), '.2f') for T in Ts)] for n in curves])]
         return '\n'.join(lines)
     return '\n'.join([wrap_line(describe_generate(record)), *text_table(head, body), *(wrap_line(x, '  ') for x in not_run + curve)])
 
