@@ -65,3 +65,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+_FLA_PREAMBLE = '''\
+import importlib.util, json, sys
+if importlib.util.find_spec('fla') is None:
+    print('SKIP ModuleNotFoundError: no module named fla'); sys.exit(0)
+import torch
+sys.path.insert(0, {tests!r})
+import flash_attn_ref
+flash_attn_ref.install()               # before FLA imports flash_attn: FLA's Attention builds without flash-attn
+import myfla_gla                       # registered first ...
+try:
+    import fla                         # ... then FLA registers the same model types: no error
+    assert fla.__version__ == '0.6.0', fla.__version__
+{imports}
+except Exception as e:
+    print('SKIP', type(e).__name__, e); sys.exit(0)
+'''
+
+
+def run_with_fla(imports: str, script: str, *args) -> str:
+    """Run `script` (its arguments in `sys.argv[1:]`) in a fresh process that imported myfla_gla, then FLA 0.6.0 and
+    `imports` from it (FLA's kernels never run on the CPU; flash-attn is `flash_attn_ref`); its stdout. The test is
+    skipped if FLA 0.6.0 does not import here."""
+    import os
+    import subprocess
+    import textwrap
+    from pathlib import Path
+    imports = textwrap.indent(textwrap.dedent(imports).strip(), '    ')
+    code = _FLA_PREAMBLE.format(tests=str(Path(__file__).parent), imports=imports) + textwrap.dedent(script)
+    run = subprocess.run([sys.executable, '-c', code, *map(str, args)], capture_output=True, text=True,
+                         env={**os.environ, 'PYTHONWARNINGS': 'ignore'}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    if run.stdout.startswith('SKIP'):
+        pytest.skip(f'FLA 0.6.0 does not import here: {run.stdout.strip()}')
+    return run.stdout

@@ -4,15 +4,11 @@ FLA's positions (after the cache; after the padding with a cache and a mask), GQ
 packing, the cache; gradients by autograd through both. A checkpoint written by FLA's own hybrid model loads strict
 and FLA's `Attention` layer (run on the CPU with `flash_attn_ref` for flash-attn) gives the same outputs and cache.
 Context parallelism of the layer and of hybrid models is checked with the other CP cases in test_cp.py."""
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_with_fla
 from flash_attn_ref import flash_attn_func
 from myfla_gla import Cache, GLAConfig, GLAForCausalLM
 from myfla_gla.checks import DTypeError, InputError
@@ -352,22 +348,7 @@ def test_hybrid_packed_sequences_equal_separate():
 
 # ---------------------------------------------------------------- FLA's own classes
 
-FLA_RUN = textwrap.dedent('''
-    import importlib.util, json, sys
-    if importlib.util.find_spec('fla') is None:
-        print('SKIP ModuleNotFoundError: no module named fla'); sys.exit(0)
-    import torch
-    sys.path.insert(0, sys.argv[2])
-    import flash_attn_ref
-    flash_attn_ref.install()               # before FLA imports flash_attn
-    import myfla_gla
-    try:
-        import fla
-        from fla.models import GLAConfig, GLAForCausalLM
-        from fla.models.utils import Cache
-        assert fla.__version__ == '0.6.0', fla.__version__
-    except Exception as e:
-        print('SKIP', type(e).__name__, e); sys.exit(0)
+FLA_RUN = '''
     out = sys.argv[1]
     torch.manual_seed(0)
     config = GLAConfig(hidden_size=32, num_hidden_layers=3, num_heads=2, vocab_size=64, use_short_conv=True,
@@ -399,18 +380,13 @@ FLA_RUN = textwrap.dedent('''
                                         layer(x[:, 2:], past_key_values=cache)[0]], 1)
     torch.save(res, out + '/fla_outputs.pt')
     print('OK')
-''')
+'''
 
 
 @pytest.fixture(scope='module')
 def fla_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp('fla_hybrid')
-    env = {**os.environ, 'PYTHONWARNINGS': 'ignore'}
-    run = subprocess.run([sys.executable, '-c', FLA_RUN, str(folder), str(Path(__file__).parent)], capture_output=True,
-                         text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    if run.stdout.startswith('SKIP'):
-        pytest.skip(f'FLA 0.6.0 does not import here: {run.stdout.strip()}')
+    run_with_fla('from fla.models import GLAConfig, GLAForCausalLM\nfrom fla.models.utils import Cache', FLA_RUN, folder)
     return folder
 
 

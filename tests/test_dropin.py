@@ -7,16 +7,14 @@ FLA registers its own `'gla'` Auto classes; skipped where FLA does not import), 
 releases wrote, and folders that do not fit, each failing with an error that names the key and the file.
 """
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 transformers = pytest.importorskip('transformers')
+
+from conftest import run_with_fla  # noqa: E402
 
 # --- the FLA user's script, `fla` -> `myfla_gla` -------------------------------------------------------------
 import myfla_gla  # noqa: E402  (registers the Auto classes, as `import fla` does)
@@ -233,20 +231,7 @@ def test_save_is_never_half_written(tmp_path, monkeypatch):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / 'ckpt').config.num_hidden_layers == 3
 
 
-FLA_WRITER = textwrap.dedent('''
-    import importlib.util, json, sys
-    if importlib.util.find_spec('fla') is None:
-        print('SKIP ModuleNotFoundError: no module named fla')
-        sys.exit(0)
-    import torch
-    import myfla_gla                  # registered first ...
-    try:
-        import fla                    # ... then FLA registers the same model type: no error
-        from fla.models import GLAConfig, GLAForCausalLM
-        assert fla.__version__ == '0.6.0', fla.__version__
-    except Exception as e:
-        print('SKIP', type(e).__name__, e)
-        sys.exit(0)
+FLA_WRITER = '''
     torch.manual_seed(0)
     for tied in (False, True):
         config = GLAConfig(hidden_size=32, num_hidden_layers=2, num_heads=2, vocab_size=64, use_short_conv=True,
@@ -257,19 +242,14 @@ FLA_WRITER = textwrap.dedent('''
     print(json.dumps({'AutoConfig': type(AutoConfig.for_model('gla')).__module__.split('.')[0],
                       'from_config(ours)': type(AutoModelForCausalLM.from_config(myfla_gla.GLAConfig(**tiny))).__module__,
                       'from_config(FLA)': type(AutoModelForCausalLM.from_config(GLAConfig(**tiny))).__module__}))
-''')
+'''
 
 
 def test_checkpoints_written_by_fla(tmp_path):
     from safetensors.torch import load_file
-    env = {**os.environ, 'PYTHONWARNINGS': 'ignore'}
-    run = subprocess.run([sys.executable, '-c', FLA_WRITER, str(tmp_path)], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    if run.stdout.startswith('SKIP'):
-        pytest.skip(f'FLA 0.6.0 does not import here: {run.stdout.strip()}')
+    out = run_with_fla('from fla.models import GLAConfig, GLAForCausalLM', FLA_WRITER, tmp_path)
     # what the porting page says of the Auto classes with both packages imported (FLA last)
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == {
+    assert json.loads(out.strip().splitlines()[-1]) == {
         'AutoConfig': 'fla', 'from_config(ours)': 'myfla_gla.models.gla', 'from_config(FLA)': 'fla.models.gla.modeling_gla'}
     for tied in (False, True):
         folder = tmp_path / f'tied={tied}'

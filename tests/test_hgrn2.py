@@ -3,16 +3,13 @@ in float64 (no GLA op), in all three modes with gradients; packed and padded inp
 against a handwritten float64 stack; generation; checkpoints written by FLA; the Auto classes; bad input.
 FLA parity on CUDA lives in tests/gpu/test_hgrn2_fla.py."""
 import json
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_with_fla
 from myfla_gla import Cache, HGRN2Attention, HGRN2Config, HGRN2ForCausalLM, HGRN2Model, get_err_ratio
 from myfla_gla.models.gla import TRANSFORMERS_AVAILABLE
 
@@ -439,20 +436,7 @@ def test_hybrid_attention_layers():
 # checkpoints written by FLA
 
 
-FLA_WRITER = textwrap.dedent('''
-    import importlib.util, json, sys
-    if importlib.util.find_spec('fla') is None:
-        print('SKIP ModuleNotFoundError: no module named fla')
-        sys.exit(0)
-    import torch
-    import myfla_gla                  # registered first ...
-    try:
-        import fla                    # ... then FLA registers the same model type: no error
-        from fla.models import HGRN2Config, HGRN2ForCausalLM
-        assert fla.__version__ == '0.6.0', fla.__version__
-    except Exception as e:
-        print('SKIP', type(e).__name__, e)
-        sys.exit(0)
+FLA_WRITER = '''
     torch.manual_seed(0)
     config = HGRN2Config(hidden_size=32, num_hidden_layers=3, expand_ratio=8, vocab_size=64, intermediate_size=48,
                          use_short_conv=True, bos_token_id=None, eos_token_id=None)
@@ -463,7 +447,7 @@ FLA_WRITER = textwrap.dedent('''
     from transformers import AutoConfig
     print(json.dumps({'AutoConfig': type(AutoConfig.for_model('hgrn2')).__module__.split('.')[0],
                       'use_lower_bound': config.use_lower_bound}))
-''')
+'''
 
 
 @needs_transformers
@@ -471,12 +455,8 @@ def test_checkpoint_written_by_fla(tmp_path):
     "FLA's HGRN2ForCausalLM (built on the CPU, its kernels never run) saves; ours loads it strict, logits as the stack."
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-    run = subprocess.run([sys.executable, '-c', FLA_WRITER, str(tmp_path)], capture_output=True, text=True,
-                         env={**os.environ, 'PYTHONWARNINGS': 'ignore'}, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    if run.stdout.startswith('SKIP'):
-        pytest.skip(f'FLA 0.6.0 does not import here: {run.stdout.strip()}')
-    written = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_with_fla('from fla.models import HGRN2Config, HGRN2ForCausalLM', FLA_WRITER, tmp_path)
+    written = json.loads(out.strip().splitlines()[-1])
     assert written['AutoConfig'] == 'fla'   # with both imported, the last registration wins
     stored = load_file(tmp_path / 'model.safetensors')
     for load in (HGRN2ForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
