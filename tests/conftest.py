@@ -101,3 +101,32 @@ def run_with_fla(imports: str, script: str, *args) -> str:
     if run.stdout.startswith('SKIP'):
         pytest.skip(f'FLA 0.6.0 does not import here: {run.stdout.strip()}')
     return run.stdout
+
+
+def cp_layer_errors(layer, rank: int, world: int, cu: list, conv1d_kernel_size=None, **kwargs):
+    """A float64 layer run once on the whole packed batch `cu` and, on each of `world` ranks, on its share with
+    `cp_context`: `(errors, received)`, this rank's relative errors of the output, dx and every parameter's gradient
+    (summed over the ranks), and the bytes it received in its forward. `kwargs` go to both forwards; x and the
+    output's gradient are drawn from the global generator."""
+    import torch.distributed as dist
+    from myfla_gla.ops.cp import COMM_BYTES, build_cp_context, reset_comm_bytes
+    from myfla_gla.utils import get_err_ratio
+    T, C = cu[-1], layer.hidden_size
+    x = torch.randn(1, T, C, dtype=torch.float64, requires_grad=True)
+    do = torch.randn(1, T, C, dtype=torch.float64)
+    o = layer(x, cu_seqlens=torch.tensor(cu), **kwargs)[0]
+    o.backward(do)
+    ref = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    sl = slice(rank * T // world, (rank + 1) * T // world)
+    xl = x.detach()[:, sl].requires_grad_()
+    conv = {} if conv1d_kernel_size is None else {'conv1d_kernel_size': conv1d_kernel_size}
+    reset_comm_bytes()
+    ol = layer(xl, cp_context=build_cp_context(torch.tensor(cu), None, **conv), **kwargs)[0]
+    received = COMM_BYTES['received']
+    ol.backward(do[:, sl])
+    errs = {'o': get_err_ratio(o[:, sl], ol), 'dx': get_err_ratio(x.grad[:, sl], xl.grad)}
+    for n, p in layer.named_parameters():
+        dist.all_reduce(p.grad)
+        errs[n] = get_err_ratio(ref[n], p.grad)
+    return errs, received

@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 from myfla_gla import (Attention, GatedLinearAttention, GLAConfig, GLAForCausalLM, ShortConvolution, causal_conv1d,
                        chunk_gla, fused_chunk_gla, fused_recurrent_gla)
-from myfla_gla.ops.cp import COMM_BYTES, build_cp_context, reset_comm_bytes
+from conftest import cp_layer_errors
+from myfla_gla.ops.cp import build_cp_context
 from myfla_gla.testing import cp_check_op, run_on_ranks
 from myfla_gla.testing import DEFAULT_RATIO, get_err_ratio
 from test_hgrn2 import cp_case as hgrn2_case
@@ -52,51 +53,19 @@ def _conv_case(rank, world, cu, width, dtype):
 
 def _layer_case(rank, world, cu, mode):
     "GatedLinearAttention (short convolutions, float64) with `cp_context`: output, dx, every parameter's gradient."
-    T, C = cu[-1], 32
     torch.manual_seed(2)
-    layer = GatedLinearAttention(mode=mode, hidden_size=C, num_heads=2, use_short_conv=True, conv_size=3).double()
-    x = torch.randn(1, T, C, dtype=torch.float64, requires_grad=True)
-    do = torch.randn(1, T, C, dtype=torch.float64)
-    o = layer(x, cu_seqlens=torch.tensor(cu))[0]
-    o.backward(do)
-    ref = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    layer.zero_grad()
-    P = T // world
-    sl = slice(rank * P, (rank + 1) * P)
-    xl = x.detach()[:, sl].requires_grad_()
-    ol = layer(xl, cp_context=build_cp_context(torch.tensor(cu), None, conv1d_kernel_size=3))[0]
-    ol.backward(do[:, sl])
-    errs = {'o': get_err_ratio(o[:, sl], ol), 'dx': get_err_ratio(x.grad[:, sl], xl.grad)}
-    for n, p in layer.named_parameters():
-        dist.all_reduce(p.grad)
-        errs[n] = get_err_ratio(ref[n], p.grad)
-    return errs
+    layer = GatedLinearAttention(mode=mode, hidden_size=32, num_heads=2, use_short_conv=True, conv_size=3).double()
+    return cp_layer_errors(layer, rank, world, cu, conv1d_kernel_size=3)[0]
 
 
 def _attention_case(rank, world, cu, window):
     "The softmax Attention layer (GQA, float64) with `cp_context`: output, dx, parameters' gradients, bytes received."
-    T, C, P = cu[-1], 32, cu[-1] // world
     torch.manual_seed(2)
-    layer = Attention(hidden_size=C, num_heads=4, num_kv_heads=2, window_size=window).double()
-    x = torch.randn(1, T, C, dtype=torch.float64, requires_grad=True)
-    do = torch.randn(1, T, C, dtype=torch.float64)
-    o = layer(x, cu_seqlens=torch.tensor(cu))[0]
-    o.backward(do)
-    ref = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    layer.zero_grad()
-    sl = slice(rank * P, (rank + 1) * P)
-    xl = x.detach()[:, sl].requires_grad_()
-    reset_comm_bytes()
-    ol = layer(xl, cp_context=build_cp_context(torch.tensor(cu), None))[0]
+    layer = Attention(hidden_size=32, num_heads=4, num_kv_heads=2, window_size=window).double()
+    errs, received = cp_layer_errors(layer, rank, world, cu)
     # the all-gathered keys and values (P tokens, 2 heads of 8, float64) and int64 positions of the other ranks
-    want = (world - 1) * P * (2 * 16 * 8 + 8)
-    errs = {'o': get_err_ratio(o[:, sl], ol), 'bytes': abs(COMM_BYTES['received'] - want) / want}
-    ol.backward(do[:, sl])
-    errs['dx'] = get_err_ratio(x.grad[:, sl], xl.grad)
-    for n, p in layer.named_parameters():
-        dist.all_reduce(p.grad)
-        errs[n] = get_err_ratio(ref[n], p.grad)
-    return errs
+    want = (world - 1) * (cu[-1] // world) * (2 * 16 * 8 + 8)
+    return {**errs, 'bytes': abs(received - want) / want}
 
 
 def _model_case(rank, world, cu, attn=None):

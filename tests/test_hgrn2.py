@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_with_fla
+from conftest import cp_layer_errors, run_with_fla
 from myfla_gla import Cache, HGRN2Attention, HGRN2Config, HGRN2ForCausalLM, HGRN2Model, get_err_ratio
 from myfla_gla.models.gla import TRANSFORMERS_AVAILABLE
 
@@ -203,22 +203,11 @@ def cp_case(rank, world):
     torch.set_num_threads(1)
     errs = {}
     for mode, cu in (('chunk', [0, 30, 96, 140]), ('fused_recurrent', [0, 7, 40, 48])):
-        layer, T = make_layer(mode, use_short_conv=True, conv_size=3), cu[-1]
+        layer = make_layer(mode, use_short_conv=True, conv_size=3)
         torch.manual_seed(7)
-        x = torch.randn(1, T, 32, dtype=torch.float64, requires_grad=True)
-        do, bound = torch.randn(1, T, 32, dtype=torch.float64), torch.rand(32, dtype=torch.float64) * 0.9
-        o = layer(x, lower_bound=bound, cu_seqlens=torch.tensor(cu))[0]
-        o.backward(do)
-        ref = {n: p.grad.clone() for n, p in layer.named_parameters()}
-        layer.zero_grad()
-        sl = slice(rank * T // world, (rank + 1) * T // world)
-        xl = x.detach()[:, sl].requires_grad_()
-        ol = layer(xl, lower_bound=bound, cp_context=build_cp_context(torch.tensor(cu), None, conv1d_kernel_size=3))[0]
-        ol.backward(do[:, sl])
-        errs[mode, 'o'], errs[mode, 'dx'] = get_err_ratio(o[:, sl], ol), get_err_ratio(x.grad[:, sl], xl.grad)
-        for n, p in layer.named_parameters():
-            dist.all_reduce(p.grad)
-            errs[mode, n] = get_err_ratio(ref[n], p.grad)
+        bound = torch.rand(32, dtype=torch.float64) * 0.9
+        layer_errs = cp_layer_errors(layer, rank, world, cu, conv1d_kernel_size=3, lower_bound=bound)[0]
+        errs.update({(mode, n): e for n, e in layer_errs.items()})
     model, cu = model_of(use_short_conv=True), [0, 9, 40, 48]
     ids = torch.randint(0, 64, (1, 48), generator=torch.Generator().manual_seed(8))
     loss = model(ids, labels=ids, cu_seqlens=torch.tensor(cu)).loss
