@@ -8,7 +8,7 @@ Context parallelism of the layer and of hybrid models is checked with the other 
 import pytest
 import torch
 
-from conftest import run_with_fla
+from helpers import run_with_fla
 from flash_attn_ref import flash_attn_func
 from myfla_gla import Cache, GLAConfig, GLAForCausalLM
 from myfla_gla.checks import DTypeError, InputError

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from myfla_gla import (Attention, GatedLinearAttention, GLAConfig, GLAForCausalLM, ShortConvolution, causal_conv1d,
                        chunk_gla, fused_chunk_gla, fused_recurrent_gla)
-from conftest import cp_layer_errors
+from helpers import cp_layer_errors
 from myfla_gla.ops.cp import build_cp_context
 from myfla_gla.testing import cp_check_op, run_on_ranks
 from myfla_gla.testing import DEFAULT_RATIO, get_err_ratio

@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip('transformers')
 
-from conftest import run_with_fla  # noqa: E402
+from helpers import run_with_fla  # noqa: E402
 
 # --- the FLA user's script, `fla` -> `myfla_gla` -------------------------------------------------------------
 import myfla_gla  # noqa: E402  (registers the Auto classes, as `import fla` does)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import cp_layer_errors, run_with_fla
+from helpers import cp_layer_errors, run_with_fla
 from myfla_gla import Cache, HGRN2Attention, HGRN2Config, HGRN2ForCausalLM, HGRN2Model, get_err_ratio
 from myfla_gla.models.gla import TRANSFORMERS_AVAILABLE
 
