@@ -127,6 +127,20 @@ def test_rotary_embedding_ref_takes_aligned_rows(interleaved):
         rotary_embedding_ref(x[..., :2], cos, sin)
 
 
+def test_rotary_and_layer_stay_on_the_inputs_device():
+    """Every tensor the rotary embedding and the layer make is on the inputs' device: on 'meta' (a device of its own
+    on any machine) a tensor made on the CPU raises, as it did on CUDA."""
+    x, cos, sin = torch.randn(2, 10, 4, 16, device='meta'), torch.randn(32, 4, device='meta'), torch.randn(32, 4, device='meta')
+    offsets, cu = torch.tensor([1, 2], device='meta'), torch.tensor([0, 3, 10], device='meta')
+    assert rotary_embedding(x, cos, sin).device.type == 'meta'
+    assert rotary_embedding(x, cos, sin, seqlen_offsets=offsets).device.type == 'meta'
+    assert rotary_embedding(x[:1], cos, sin, cu_seqlens=cu).device.type == 'meta'
+    with torch.device('meta'):
+        layer, h = Attention(hidden_size=64, num_heads=4, window_size=4), torch.randn(2, 10, 64)
+        assert layer(h)[0].device.type == 'meta'
+        assert layer(h[:1], cu_seqlens=cu)[0].device.type == 'meta'
+
+
 def test_rotary_bad_inputs():
     cos = torch.ones(4, 4)
     with pytest.raises(InputError, match='`dim`'):

@@ -24,14 +24,14 @@ def rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     return rearrange(torch.stack((-x2, x1), dim=-1), '... d two -> ... (d two)', two=2)
 
 # %% ../../nbs/06a_rotary.ipynb #0ccc28b4
-def _rotary_positions(B: int, T: int, seqlen_offsets, cu_seqlens) -> torch.Tensor:
-    "Each token's position `[B, T]` (`[1, T]` packed): its index in its sequence plus the sequence's offset."
-    t = torch.arange(T, device=cu_seqlens.device if cu_seqlens is not None else None)
+def _rotary_positions(B: int, T: int, seqlen_offsets, cu_seqlens, device) -> torch.Tensor:
+    "Each token's position `[B, T]` (`[1, T]` packed) on `device`: its index in its sequence plus the sequence's offset."
+    t = torch.arange(T, device=device)
     if cu_seqlens is None:
-        off = seqlen_offsets[:, None] if torch.is_tensor(seqlen_offsets) else seqlen_offsets
+        off = seqlen_offsets.to(device)[:, None] if torch.is_tensor(seqlen_offsets) else seqlen_offsets
         return t[None] + off
     seq = torch.searchsorted(cu_seqlens[1:], t, right=True)       # the sequence of each packed token
-    off = seqlen_offsets.to(t.device)[seq] if torch.is_tensor(seqlen_offsets) else seqlen_offsets
+    off = seqlen_offsets.to(device)[seq] if torch.is_tensor(seqlen_offsets) else seqlen_offsets
     return (t - cu_seqlens[seq] + off)[None]
 
 
@@ -90,7 +90,7 @@ def rotary_embedding(
     _check_rotary(x, cos, sin, seqlen_offsets, cu_seqlens)
     B, T, H, D = x.shape
     TR, R = cos.shape
-    pos = _rotary_positions(B, T, seqlen_offsets, cu_seqlens)      # [B, T]
+    pos = _rotary_positions(B, T, seqlen_offsets, cu_seqlens, x.device)   # [B, T]
     # positions outside the table (negative: left padding under a cache) give zeros, as FLA's kernel does
     valid = ((pos >= 0) & (pos < TR))[..., None, None]
     pos = pos.clamp(0, TR - 1)
