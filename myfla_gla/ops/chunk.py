@@ -158,8 +158,9 @@ def _intra_levels(q, k, g, overwrite=False, prod=None):
 _ONE_PRODUCT = {'cuda': True, 'cpu': True}   # per device type: stage 1 and its backward in one product where the
                                               # span allows (CPU: 0.8x the time with weak gates, design notes)
 
-# The largest span (max |b - r| over a chunk's rows and channels) taken in one product, by the dtype of the product's
-# operands: half of its exponent range each way (float32 and bf16 e^±87, float16 e^±9.7, float64 e^±708), rounded down
+# The largest span (max |b - r| over a chunk's rows and channels) taken in one product, by the dtype of the
+# product's operands: half of its exponent range each way (float32 and bf16 e^±87, float16 e^±9.7, float64
+# e^±708), rounded down
 _SPAN_LIMIT = {torch.float64: 350., torch.float32: 40., torch.bfloat16: 40., torch.float16: 4.}
 
 
@@ -200,15 +201,16 @@ def _by_span(one, levels, flagged, args):
     (the dyadic levels) in the `flagged` chunks `[...]`; `args` start with q, k, g `[..., C, K]`, and the results are
     tensors `[..., X, Y]` with the chunks' leading dims. Eager: one host check; then one product for all chunks where
     none is flagged, the levels for all where more than a quarter are, else both: the levels for the flagged chunks
-    alone, gathered by indexing (cheaper than the levels for all and a `where`; see the design notes). Compiled: `torch.cond`, the levels for all chunks and a `where` only when some
-    are flagged; a host check would break the graph and leave the whole op eager."""
+    alone, gathered by indexing (cheaper than the levels for all and a `where`; see the design notes). Compiled:
+    `torch.cond`, the levels for all chunks and a `where` only when some are flagged (a host check would break the
+    graph and leave the whole op eager)."""
     if torch.compiler.is_compiling():
         def branch(fn):
             return lambda flagged, qk, *rest: fn(*qk.unbind(0), *rest)
 
         def with_levels(flagged, qk, g, *rest):
             mask = flagged[..., None, None]
-            weak = branch(one)(flagged, qk, torch.where(mask, 0., g), *rest)   # see below
+            weak = branch(one)(flagged, qk, torch.where(mask, 0., g), *rest)   # gates zeroed, as eager
             return tuple(torch.where(mask, x, y) for x, y in zip(branch(levels)(flagged, qk, g, *rest), weak))
         # Two workarounds for Inductor (torch 2.13). It hands a branch its operands in the layout it chose for them,
         # not the contiguous one the branch was compiled for (`as_strided` pins it). And where the cond sits in a
