@@ -30,11 +30,12 @@ from myfla_gla.floor import floor
 
 results = []
 
-EAGER = {'dyadic levels': dict(rows=0, keep=False), 'broadcast m<=1': dict(rows=1, keep=False),
-         'broadcast m<=2': dict(rows=2, keep=False), 'broadcast m<=4': dict(rows=4, keep=False),
-         'broadcast m<=8': dict(rows=8, keep=False), 'kept states': dict(rows=0, keep=True),
-         'broadcast m<=2, kept states': dict(rows=2, keep=True), 'broadcast m<=4, kept states': dict(rows=4, keep=True),
-         'dyadic levels (again)': dict(rows=0, keep=False), 'default': {},
+EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1': dict(rows=1, keep=False, one=False),
+         'broadcast m<=2': dict(rows=2, keep=False, one=False), 'broadcast m<=4': dict(rows=4, keep=False, one=False),
+         'broadcast m<=8': dict(rows=8, keep=False, one=False), 'kept states': dict(rows=0, keep=True, one=False),
+         'broadcast m<=2, kept states': dict(rows=2, keep=True, one=False),
+         'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False),
+         'dyadic levels (again)': dict(rows=0, keep=False, one=False), 'default': {},
          'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
          'one product': dict(one=True)}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
