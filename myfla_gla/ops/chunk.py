@@ -224,13 +224,15 @@ def _by_span(one, levels, flagged, args):
         return one(*args)
     if 4 * n > flagged.numel():   # many flagged: the levels for all cost less than both forms and the copies
         return levels(*args)
-    idx = flagged.nonzero(as_tuple=True)
-    part = levels(*(x[idx] for x in args))
+    idx = torch.nonzero_static(flagged.flatten(), size=n)[:, 0]   # n known: no second synchronisation
+    flat = lambda x: x.flatten(0, -3)                              # [chunks, X, Y]
+    part = levels(*(flat(x)[idx] for x in args))
     # one product for all chunks, the flagged ones with their gates zeroed: values to overwrite, finite (a CPU's exp
     # of an argument out of range is some 50 times slower)
-    out = one(*args[:2], args[2].index_put(idx, args[2].new_zeros(())), *args[3:])
+    g = flat(args[2]).index_put((idx,), args[2].new_zeros(())).view(args[2].shape)
+    out = one(*args[:2], g, *args[3:])
     for x, y in zip(out, part):
-        x[idx] = y
+        x.view(-1, *x.shape[-2:])[idx] = y   # `view`: into the result itself (it raises where it cannot)
     return out
 
 
