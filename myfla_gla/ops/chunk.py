@@ -183,7 +183,7 @@ def _factors(g, overwrite=False):
     if lo is not None:
         log_q.clamp_min_(math.log(lo))
         log_k.clamp_min_(math.log(lo))
-    up = b - b[..., -1:, :] * 0.5                           # [..., C, K]: b - r, within ±span
+    up = b.sub_(b[..., -1:, :] * 0.5)                       # [..., C, K]: b - r, within ±span (in b's memory)
     down = torch.neg(up).exp_()
     return log_q.exp_(), log_k.exp_(), up.exp_(), down
 
