@@ -238,6 +238,9 @@ def test_compiled_walk_stacks_the_states(cu, monkeypatch):
     "The walk's path under torch.compile (entered states stacked, not written in place) gives the eager numbers."
     x = op_inputs('cpu', torch.float32, 1, 201, 2, 8, 8, cu_seqlens=cu, seed=None)
     kw = dict(cu_seqlens=None if cu is None else torch.tensor(cu))
+    # the levels' stage 1: forced in eager, the one-product form's `torch.cond` would compile (and run Dynamo under
+    # this patch, which leaves it unable to trace the real `is_compiling` in later tests)
+    monkeypatch.setitem(chunk_ops._ONE_PRODUCT, 'cpu', False)
     eager = run_op(chunk_gla, x, **kw)
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
     compiled = run_op(chunk_gla, x, **kw)
@@ -248,21 +251,28 @@ def test_compiled_walk_stacks_the_states(cu, monkeypatch):
 @pytest.mark.compile
 def test_compile_matches_eager(monkeypatch):
     """torch.compile(fullgraph=True) traces forward and backward (no graph break) and gives the eager numbers, through
-    the chunked path, not the export path (Dynamo made `torch.compiler.is_exporting()` True before pytorch#176499)."""
+    the chunked path, not the export path (Dynamo made `torch.compiler.is_exporting()` True before pytorch#176499).
+    With the one-product stage 1 on (`_ONE_PRODUCT`), both branches of its `torch.cond`: weak gates (every chunk in one
+    product), then the same shapes with head 1 at -25 a token (its chunks flagged, the levels)."""
     def export_path(*args):
         raise AssertionError('torch.compile took the export path')
     monkeypatch.setattr(chunk_ops, '_gla_while_exporting', export_path)
+    monkeypatch.setitem(chunk_ops._ONE_PRODUCT, 'cpu', True)
     q, k, v, g = random_gla_inputs(2, 150, 2, 4, requires_grad=True)   # three chunks, the last one partial
     h0 = torch.rand(2, 2, 4, 4, requires_grad=True)
+    strong = (g.detach() * torch.tensor([1., 50.])[:, None]).requires_grad_()
 
     def f(q, k, v, g, h0):
         return chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
 
     torch._dynamo.reset()
-    out = torch.compile(f, fullgraph=True)(q, k, v, g, h0)
-    ref = f(q, k, v, g, h0)
+    compiled = torch.compile(f, fullgraph=True)
     loss = lambda o: (o[0] ** 2).sum() + (o[1] ** 2).sum()
-    grads = torch.autograd.grad(loss(out), (q, k, v, g, h0))
-    grads_ref = torch.autograd.grad(loss(ref), (q, k, v, g, h0))
-    for name, r, x in zip(NAMES, list(ref) + list(grads_ref), list(out) + list(grads)):
-        assert_close(f'compiled {name}', r, x, 1e-6, err_atol=0)
+    for gates in (g, strong):   # the same shapes: one compilation
+        flagged = chunk_ops._flagged(gates.detach().transpose(1, 2)[..., :64, :])   # the first chunks [B, H]
+        assert flagged.tolist() == [[False, gates is strong]] * 2
+        out, ref = compiled(q, k, v, gates, h0), f(q, k, v, gates, h0)
+        grads = torch.autograd.grad(loss(out), (q, k, v, gates, h0))
+        grads_ref = torch.autograd.grad(loss(ref), (q, k, v, gates, h0))
+        for name, r, x in zip(NAMES, list(ref) + list(grads_ref), list(out) + list(grads)):
+            assert_close(f'compiled {name}', r, x, 1e-6, err_atol=0)

@@ -1,7 +1,8 @@
-"""chunk_gla's switchable internals on CPU, against the float64 recurrence: the smallest levels as broadcast products
-(`_BROADCAST_ROWS`), the forward's chunk states kept for the backward (`_KEEP_STATES`), products of half-precision operands
-(`_HALF_PRODUCTS`; on a CPU with float32 products of the rounded operands, the tensor cores' numbers), and the decay floors when
-denormals are not flushed (several threads) and when they are (one thread)."""
+"""chunk_gla's switchable internals on CPU, against the float64 recurrence: the dyadic levels for every chunk
+(`_ONE_PRODUCT` off) with the smallest levels as broadcast products (`_BROADCAST_ROWS`), the forward's chunk states
+kept for the backward (`_KEEP_STATES`), products of half-precision operands (`_HALF_PRODUCTS`; on a CPU with float32
+products of the rounded operands, the tensor cores' numbers), and the decay floors when denormals are not flushed
+(several threads) and when they are (one thread)."""
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from test_chunk import check
 
 @pytest.mark.parametrize('rows, keep', [(1, False), (4, True), (64, True)])
 def test_variants(monkeypatch, rows, keep):
+    monkeypatch.setitem(chunk._ONE_PRODUCT, 'cpu', False)   # the levels for every chunk: `rows` is theirs
     monkeypatch.setitem(chunk._BROADCAST_ROWS, 'cpu', rows)
     monkeypatch.setitem(chunk._KEEP_STATES, 'cpu', keep)
     check(2, 100, 2, 16, 8, torch.float64, ratio=1e-11, fns=(chunk_gla,))

@@ -131,11 +131,11 @@ def _mm(a, b, prod=None):
     return ab.view(*batch, *ab.shape[-2:])
 
 # %% ../../nbs/04_chunk.ipynb #3548fa05
-def _intra_attention(q, k, g, overwrite=False, prod=None):
-    """Stage 1, diagonal blocks: the intra-chunk attention `A[t, s]` `[..., C, C]` (zero for s > t, unscaled) from q, k,
-    g `[..., C, K]`, and the chunk's decay factors `decay_q` = exp(b), `decay_k` = exp(b_last - b) `[..., C, K]`.
-    `intra_attention_plain` with buffers reused; `overwrite`: `decay_q` is built in g's memory. With `prod` the
-    level products round their operands to `prod` (`_mm`)."""
+def _intra_levels(q, k, g, overwrite=False, prod=None):
+    """Stage 1, diagonal blocks, over the dyadic levels: the intra-chunk attention `A[t, s]` `[..., C, C]` (zero for
+    s > t, unscaled) from q, k, g `[..., C, K]`, and the chunk's decay factors `decay_q` = exp(b), `decay_k` =
+    exp(b_last - b) `[..., C, K]`. `intra_attention_plain` with buffers reused; `overwrite`: `decay_q` is built in g's
+    memory. With `prod` the level products round their operands to `prod` (`_mm`)."""
     A = q.new_zeros(q.shape[:-1] + (q.shape[-2],))                   # [..., C, C]
     decay_k = torch.mul(q, k)                                         # [..., C, K]: q * k first, then the ones
     A.diagonal(dim1=-2, dim2=-1).copy_(decay_k.sum(-1))               # s == t: no decay
@@ -153,6 +153,99 @@ def _intra_attention(q, k, g, overwrite=False, prod=None):
         else:
             _blocks(A, m).copy_(_mm(q1_decayed, k0_decayed.transpose(-1, -2), prod))             # [..., C/2m, m, m]
     return A, decay_q, decay_k
+
+# %% ../../nbs/04_chunk.ipynb #a1e0b7c2
+_ONE_PRODUCT = {'cuda': True, 'cpu': True}   # per device type: stage 1 and its backward in one product where the
+                                              # span allows (CPU: 0.8x the time with weak gates, design notes)
+
+# The largest span (max |b - r| over a chunk's rows and channels) taken in one product, by the dtype of the
+# product's operands: half of its exponent range each way (float32 and bf16 e^±87, float16 e^±9.7, float64
+# e^±708), rounded down
+_SPAN_LIMIT = {torch.float64: 350., torch.float32: 40., torch.bfloat16: 40., torch.float16: 4.}
+
+
+def _flagged(g, prod=None):
+    """The chunks `[...]` of g `[..., C, K]` whose span exceeds the limit of the products' dtype (`prod`, else g's).
+    The gates are <= 0, so b falls from b_0 to b_last and the midrange reference r = (b_0 + b_last) / 2 gives the
+    smallest span, (b_0 - b_last) / 2: half the sum of the gates after the chunk's first."""
+    return (g[..., 1:, :].sum(-2) < -2 * _SPAN_LIMIT[prod or g.dtype]).any(-1)
+
+
+def _factors(g, overwrite=False):
+    """The chunk's `decay_q` = exp(b) and `decay_k` = exp(b_last - b) (floored, see `_floor`; `overwrite`: `decay_q` in
+    g's memory), and the one-product factors `up` = exp(b - r), `down` = exp(r - b) `[..., C, K]` with r at b's
+    midrange. All but `decay_q` come from sums of g from the chunk's second token, b - b_0: the first gate enters no
+    pair of A, and left out it costs no digits where it is large."""
+    lo = _floor(g)
+    b = F.pad(g[..., 1:, :], (0, 0, 1, 0)).cumsum_(-2)     # [..., C, K]: b_t - b_0
+    log_q = g.cumsum_(-2) if overwrite else g.cumsum(-2)    # [..., C, K]: b_t, with the first gate
+    log_k = b[..., -1:, :] - b                              # [..., C, K]: b_last - b_t
+    if lo is not None:
+        log_q.clamp_min_(math.log(lo))
+        log_k.clamp_min_(math.log(lo))
+    up = b.sub_(b[..., -1:, :] * 0.5)                       # [..., C, K]: b - r, within ±span (in b's memory)
+    down = torch.neg(up).exp_()
+    return log_q.exp_(), log_k.exp_(), up.exp_(), down
+
+
+def _intra_one_product(q, k, g, prod=None, overwrite=False):
+    """Stage 1 in one product: `A` = tril((q * exp(b - r)) (k * exp(r - b))^T) `[..., C, C]` and the chunk's `decay_q`,
+    `decay_k` `[..., C, K]`, exact for chunks within the span limit (`_flagged`)."""
+    decay_q, decay_k, up, down = _factors(g, overwrite)
+    A = _mm(up.mul_(q), down.mul_(k).transpose(-1, -2), prod)   # [..., C, C]
+    return A.tril_(), decay_q, decay_k   # tril_ selects: the entries above (up to e^(2 span), maybe inf) vanish
+
+
+def _by_span(one, levels, flagged, args):
+    """Stage 1 (or its backward) per chunk: `one(*args)` (one product) where the span allows it and `levels(*args)`
+    (the dyadic levels) in the `flagged` chunks `[...]`; `args` start with q, k, g `[..., C, K]`, and the results are
+    tensors `[..., X, Y]` with the chunks' leading dims. Eager: one host check; then one product for all chunks where
+    none is flagged, the levels for all where more than a quarter are, else both: the levels for the flagged chunks
+    alone, gathered by indexing (cheaper than the levels for all and a `where`; see the design notes). Compiled:
+    `torch.cond`, the levels for all chunks and a `where` only when some are flagged (a host check would break the
+    graph and leave the whole op eager)."""
+    if torch.compiler.is_compiling():
+        def branch(fn):
+            return lambda flagged, qk, *rest: fn(*qk.unbind(0), *rest)
+
+        def with_levels(flagged, qk, g, *rest):
+            mask = flagged[..., None, None]
+            weak = branch(one)(flagged, qk, torch.where(mask, 0., g), *rest)   # gates zeroed, as eager
+            return tuple(torch.where(mask, x, y) for x, y in zip(branch(levels)(flagged, qk, g, *rest), weak))
+        # Two workarounds for Inductor (torch 2.13). It hands a branch its operands in the layout it chose for them,
+        # not the contiguous one the branch was compiled for (`as_strided` pins it). And where the cond sits in a
+        # backward graph it may write a branch's results into its operands' memory (it takes them for the backward's
+        # donated buffers): q and k, which the caller uses again, go in as one stacked copy, dead after the cond
+        ops = (flagged, torch.stack(args[:2]), *args[2:])
+        ops = tuple(torch.as_strided(x, x.shape, x.stride()) for x in ops)
+        return torch.cond(flagged.any(), with_levels, branch(one), ops)
+    n = int(flagged.sum())   # the one host check
+    if n == 0:
+        return one(*args)
+    if 4 * n > flagged.numel():   # many flagged: the levels for all cost less than both forms and the copies
+        return levels(*args)
+    idx = torch.nonzero_static(flagged.flatten(), size=n)[:, 0]   # n known: no second synchronisation
+    flat = lambda x: x.flatten(0, -3)                              # [chunks, X, Y]
+    part = levels(*(flat(x)[idx] for x in args))
+    # one product for all chunks, the flagged ones with their gates zeroed: values to overwrite, finite (a CPU's exp
+    # of an argument out of range is some 50 times slower)
+    g = flat(args[2]).index_put((idx,), args[2].new_zeros(())).view(args[2].shape)
+    out = one(*args[:2], g, *args[3:])
+    for x, y in zip(out, part):
+        x.view(-1, *x.shape[-2:])[idx] = y   # `view`: into the result itself (it raises where it cannot)
+    return out
+
+
+def _intra_attention(q, k, g, overwrite=False, prod=None):
+    """Stage 1, diagonal blocks: the intra-chunk attention `A` `[..., C, C]` (zero for s > t, unscaled) and the chunk's
+    `decay_q` = exp(b), `decay_k` = exp(b_last - b) `[..., C, K]`, from q, k, g `[..., C, K]`. In one product per chunk
+    where `_ONE_PRODUCT` is on and the chunk's span allows it, else over the dyadic levels (`_intra_levels`).
+    `overwrite`: `decay_q` may be built in g's memory (eager: a branch of `torch.cond` may not write its operands)."""
+    if not _switched_on(_ONE_PRODUCT, q):
+        return _intra_levels(q, k, g, overwrite, prod)
+    overwrite = overwrite and not torch.compiler.is_compiling()
+    return _by_span(functools.partial(_intra_one_product, prod=prod, overwrite=overwrite),
+                    functools.partial(_intra_levels, overwrite=overwrite, prod=prod), _flagged(g, prod), (q, k, g))
 
 # %% ../../nbs/04_chunk.ipynb #6eab0a2d
 def _chunk_size(T):
@@ -348,11 +441,12 @@ def _chunk_fwd(q, k, v, g, h0, grid, prod=None):
     return o, grid.unsort(ht), A, states
 
 # %% ../../nbs/04_chunk.ipynb #7985423e
-def _intra_bwd(q, k, g, dA):
-    """Stage 1 backward: dq and dk `[..., C, K]` through the intra-chunk attention, given dL/dA `[..., C, C]`, without
-    the s == t terms; and the chunk's `decay_q`, `decay_k` `[..., C, K]` (`decay_q` in g's memory)."""
+def _intra_bwd_levels(q, k, g, dA, overwrite=True):
+    """Stage 1 backward over the dyadic levels: dq and dk `[..., C, K]` through the intra-chunk attention, given dL/dA
+    `[..., C, C]`, without the s == t terms; and the chunk's `decay_q`, `decay_k` `[..., C, K]` (`decay_q` in g's
+    memory, unless not `overwrite`)."""
     dq, dk = torch.zeros_like(q), torch.zeros_like(k)                 # [..., C, K]
-    decay_q, decay_k = _token_decays(g, overwrite=True)               # [..., C, K] each, level 1
+    decay_q, decay_k = _token_decays(g, overwrite)                    # [..., C, K] each, level 1
     half = q.shape[:-2] + (q.shape[-2] // 2, q.shape[-1])             # [..., C/2, K]
     q_buf, k_buf, buf = q.new_empty(half), q.new_empty(half), q.new_empty(half)   # reused by every level
     rows = _broadcast_rows(q)
@@ -372,6 +466,29 @@ def _intra_bwd(q, k, g, dA):
         else:
             dk0.addcmul_(dk0_decayed, decay_k0)
     return dq, dk, decay_q, decay_k
+
+
+def _intra_bwd_one_product(q, k, g, dA, overwrite=True):
+    """Stage 1 backward in two products, for chunks within the span limit: dq = (dA (k * down)) * up and
+    dk = (dA^T (q * up)) * down with `dA` zero on and above the diagonal (so without the s == t terms); and the chunk's
+    `decay_q`, `decay_k` (as `_intra_bwd_levels`)."""
+    decay_q, decay_k, up, down = _factors(g, overwrite)
+    dq = (dA @ (k * down)).mul_(up)                      # [..., C, K]
+    dk = (dA.transpose(-1, -2) @ up.mul_(q)).mul_(down)   # [..., C, K]
+    return dq, dk, decay_q, decay_k
+
+
+def _intra_bwd(q, k, g, dA):
+    """Stage 1 backward: dq and dk `[..., C, K]` through the intra-chunk attention, given dL/dA `[..., C, C]` (a
+    temporary of the caller's, overwritten), without the s == t terms; and the chunk's `decay_q`, `decay_k`
+    `[..., C, K]` (`decay_q` in g's memory). One product per chunk where `_ONE_PRODUCT` is on and the span allows
+    (`_by_span`), else the dyadic levels."""
+    if not _switched_on(_ONE_PRODUCT, q):
+        return _intra_bwd_levels(q, k, g, dA)
+    overwrite = not torch.compiler.is_compiling()   # a branch of `torch.cond` may not write its operands
+    return _by_span(functools.partial(_intra_bwd_one_product, overwrite=overwrite),
+                    functools.partial(_intra_bwd_levels, overwrite=overwrite), _flagged(g),
+                    (q, k, g, dA.tril_(-1)))   # the levels read only below the diagonal
 
 
 def _intra_grads(q, k, v, g, do, A):

@@ -7,38 +7,52 @@ peak memory and error against the float64 recurrence for each switchable variant
 smallest levels as broadcast products (`_BROADCAST_ROWS`), the forward's chunk states kept for the backward
 (`_KEEP_STATES`), products of bf16 operands on tensor cores (`_HALF_PRODUCTS`). `fla` adds FLA's Triton `chunk_gla` (autotuned by its first calls, then timed the same way);
 `compile` the `torch.compile`d op for the variants in `COMPILED`; `--eager`/`--compiled` select variants by name (comma-
-separated). 'default' is the module's own setting. `stage` times stage 1 alone (the intra-chunk attention `A` of the
-forward), the dyadic levels against a two-level scheme of 16-token sub-chunks (`intra_two_level`), eager and compiled,
-with the error of `A` against float64 at gate normalisers 1 and 0.02. Also prints the floor (`myfla_gla.floor`)."""
+separated). 'default' is the module's own setting; 'one product' and 'levels' turn the intra-chunk attention in one
+product where the chunk's span allows (`_ONE_PRODUCT`) on and off. `stage` times stage 1 alone (the intra-chunk
+attention `A` of the forward, and its backward), the dyadic levels against the one-product form (`_intra_attention`
+with the switch on: all chunks in one product at normaliser 1, all flagged and so computed both ways at 0.02) and a
+two-level scheme of 16-token sub-chunks (`intra_two_level`), eager and compiled, with the error of `A` against float64
+at gate normalisers 1 and 0.02. Also prints the floor (`myfla_gla.floor`).
+
+`cpu` (no GPU needed) compares the one-product switch on the CPU, one thread: forward and forward+backward of
+`chunk_gla`, on and off interleaved in one process, at B=2 T=4096 H=4 K=V=128 and B=1 T=1024 H=4 K=V=128 float32 at
+normaliser 1 (every chunk in one product), 0.1 (every chunk flagged) and mixes (one or two heads of four at 0.1); for
+the mixes also the flagged chunks' levels by indexing (the op's way) against the levels for all chunks and a `where`.
+`--threads N` (default 1)."""
 import json
 import sys
 
 import torch
 
 import myfla_gla.ops.chunk as chunk
-from myfla_gla import bench, chunk_gla
+from myfla_gla import bench, chunk_gla, random_gla_inputs
 from myfla_gla.floor import floor
 
 results = []
 
-EAGER = {'dyadic levels': dict(rows=0, keep=False), 'broadcast m<=1': dict(rows=1, keep=False),
-         'broadcast m<=2': dict(rows=2, keep=False), 'broadcast m<=4': dict(rows=4, keep=False),
-         'broadcast m<=8': dict(rows=8, keep=False), 'kept states': dict(rows=0, keep=True),
-         'broadcast m<=2, kept states': dict(rows=2, keep=True), 'broadcast m<=4, kept states': dict(rows=4, keep=True),
-         'dyadic levels (again)': dict(rows=0, keep=False), 'default': {},
-         'float32 products': dict(half=False), 'bf16 products': dict(half=True)}
-COMPILED = {'dyadic levels': dict(rows=0, keep=False), 'broadcast m<=4, kept states': dict(rows=4, keep=True),
-            'default': {}, 'float32 products': dict(half=False), 'bf16 products': dict(half=True)}
+EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1': dict(rows=1, keep=False, one=False),
+         'broadcast m<=2': dict(rows=2, keep=False, one=False), 'broadcast m<=4': dict(rows=4, keep=False, one=False),
+         'broadcast m<=8': dict(rows=8, keep=False, one=False), 'kept states': dict(rows=0, keep=True, one=False),
+         'broadcast m<=2, kept states': dict(rows=2, keep=True, one=False),
+         'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False),
+         'dyadic levels (again)': dict(rows=0, keep=False, one=False), 'default': {},
+         'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
+         'one product': dict(one=True)}
+COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
+            'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
+            'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
+            'one product': dict(one=True)}
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
-               half=chunk._HALF_PRODUCTS['cuda'])
+               half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'])
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in sys.argv[sys.argv.index('--compiled') + 1].split(',')}
 if '--eager' in sys.argv:
     EAGER = {k: EAGER[k] for k in sys.argv[sys.argv.index('--eager') + 1].split(',')}
 
 
-def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half']):
+def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
+    chunk._ONE_PRODUCT['cuda'] = one
 
 
 def intra_two_level(q, k, g, S=16):
@@ -60,26 +74,105 @@ def intra_two_level(q, k, g, S=16):
     return A
 
 
+def one_product(fn, device):
+    "`fn` with the one-product switch on for `device`."
+    def on(*args):
+        before = chunk._ONE_PRODUCT.get(device)
+        chunk._ONE_PRODUCT[device] = True
+        try:
+            return fn(*args)
+        finally:
+            chunk._ONE_PRODUCT[device] = before
+    return on
+
+
+def stage_bwd(fn):
+    "Stage 1's backward alone: `fn(q, k, g, dA)` on a copy of g and dA (both overwritten)."
+    return lambda q, k, g, dA: fn(q, k, g.clone(), dA.clone())
+
+
 def stage(device):
-    "Stage 1 alone, dyadic levels against `intra_two_level`: time (eager, compiled) and error of `A`."
+    """Stage 1 alone, forward (`A`) and backward (dq, dk from dA): the dyadic levels, the one-product form and
+    `intra_two_level` (forward only); time (eager, compiled) at normalisers 1 and 0.02, and the error of `A`."""
     shape = (4, 64, 16, 64, 128) if device == 'cuda' else (2, 64, 4, 64, 128)   # [B, NC, H, C, K] of gpu1 / cpu
+    ops = {'dyadic levels': (chunk._intra_levels, False), 'one product': (chunk._intra_attention, True),
+           'two-level': (intra_two_level, False), 'levels, backward': (stage_bwd(chunk._intra_bwd_levels), False),
+           'one product, backward': (stage_bwd(chunk._intra_bwd), True)}
     for norm in (1., 0.02):
         torch.manual_seed(0)
         qc, kc = torch.randn(shape, device=device), torch.randn(shape, device=device)
         gc = torch.nn.functional.logsigmoid(torch.randn(shape, device=device)) / 16 / norm
+        dA = torch.randn(shape[:-1] + (shape[-2],), device=device)
         few = (slice(None), slice(0, 4))   # the first 4 chunks of each row, for the float64 reference
         b = gc[few].double().cumsum(-2)
         decay = (b.unsqueeze(-2) - b.unsqueeze(-3)).clamp_max(0).exp()               # [..., C, C, K]
         ref = (qc[few].double().unsqueeze(-2) * kc[few].double().unsqueeze(-3) * decay).sum(-1).tril()
-        ops = {'dyadic levels': lambda: chunk._intra_attention(qc, kc, gc)[0][few],
-               'two-level': lambda: intra_two_level(qc, kc, gc)[few]}
-        print(f'stage 1 at normaliser {norm}: error of A', {n: f'{bench.get_err_ratio(ref, f()):.1e}' for n, f in ops.items()})
-    for name, fn in (('dyadic levels', chunk._intra_attention), ('two-level', intra_two_level)):
-        for mode, f in (('eager', fn), ('compiled', torch.compile(fn))):
-            if mode == 'compiled' and device != 'cuda':
-                continue
-            t = bench.time_fn(lambda: f(qc, kc, gc), device, repeats=20 if device == 'cuda' else 5, warmup=2)
-            print(f"stage 1 {name:14s} {mode:9s} {t['median_ms']:8.2f} ms (min {t['min_ms']:.2f})", flush=True)
+        A = {n: (one_product(f, device) if on else f)(qc, kc, gc) for n, (f, on) in ops.items() if 'backward' not in n}
+        errs = {n: bench.get_err_ratio(ref, a[few] if n == 'two-level' else a[0][few]) for n, a in A.items()}
+        print(f'stage 1 at normaliser {norm}: error of A', {n: f'{e:.1e}' for n, e in errs.items()}, flush=True)
+        for name, (fn, on) in ops.items():
+            args = (qc, kc, gc, dA) if 'backward' in name else (qc, kc, gc)
+            for mode in ('eager', 'compiled'):
+                if mode == 'compiled' and device != 'cuda':
+                    continue
+                f = fn if mode == 'eager' else torch.compile(fn)
+                f = one_product(f, device) if on else f
+                t = bench.time_fn(lambda: f(*args), device, repeats=20 if device == 'cuda' else 5, warmup=2)
+                print(f"stage 1 {name:22s} normaliser {norm:4} {mode:9s} {t['median_ms']:8.2f} ms "
+                      f"(min {t['min_ms']:.2f})", flush=True)
+
+
+def by_span_where(one, levels, flagged, args):
+    "`chunk._by_span` with the levels for all chunks and a `where` (eager), to time against its indexing."
+    n = int(flagged.sum())
+    if n == 0:
+        return one(*args)
+    if 4 * n > flagged.numel():
+        return levels(*args)
+    mask = flagged[..., None, None]
+    weak = one(*args[:2], torch.where(mask, 0., args[2]), *args[3:])   # as the op: the flagged chunks' gates zeroed
+    return tuple(torch.where(mask, y, x) for x, y in zip(weak, levels(*args)))
+
+
+def cpu():
+    "The one-product switch on the CPU, one thread: interleaved rounds of on and off, forward and forward+backward."
+    threads = int(sys.argv[sys.argv.index('--threads') + 1]) if '--threads' in sys.argv else 1
+    torch.set_num_threads(threads)
+    rounds = 5
+    for B, T in ((2, 4096), (1, 1024)):
+        for gates, strong in (('normaliser 1', []), ('normaliser 0.1', [0, 1, 2, 3]), ('mix 1/4', [1]),
+                              ('mix 1/2', [1, 3])):
+            torch.manual_seed(0)
+            q, k, v, g = random_gla_inputs(B, T, 4, 128, 128)
+            g[:, :, strong] *= 10   # heads at normaliser 0.1
+            do = torch.randn_like(v)
+            xs = [x.requires_grad_() for x in (q, k, v, g)]
+            fwd = lambda: chunk_gla(*(x.detach() for x in xs))[0]
+            fwd_bwd = lambda: torch.autograd.grad(chunk_gla(*xs)[0], xs, do)
+            ways = {'off': dict(one=False), 'on': dict(one=True)}
+            if gates.startswith('mix'):
+                ways['on, where'] = dict(one=True, where=True)
+            times = {w: {'fwd': [], 'fwd+bwd': []} for w in ways}
+            for _ in range(rounds):
+                for w, kw in ways.items():
+                    chunk._ONE_PRODUCT['cpu'] = kw['one']
+                    by_span = chunk._by_span
+                    if kw.get('where'):
+                        chunk._by_span = by_span_where
+                    try:
+                        for name, f in (('fwd', fwd), ('fwd+bwd', fwd_bwd)):
+                            times[w][name].append(bench.time_fn(f, 'cpu', repeats=3, warmup=1)['median_ms'])
+                    finally:
+                        chunk._by_span = by_span
+            chunk._ONE_PRODUCT.pop('cpu')
+            med = {w: {n: sorted(t)[len(t) // 2] for n, t in d.items()} for w, d in times.items()}
+            print(f'B={B} T={T} H=4 K=V=128 float32, {gates}, {threads} thread(s), median of {rounds} interleaved '
+                  'rounds:', flush=True)
+            for w in ways:
+                ratios = ', '.join(f"{n} {med[w][n]:7.1f} ms ({med[w][n] / med['off'][n]:.2f}x off; rounds "
+                                   f"{min(a / b for a, b in zip(times[w][n], times['off'][n])):.2f}-"
+                                   f"{max(a / b for a, b in zip(times[w][n], times['off'][n])):.2f}x)" for n in med[w])
+                print(f'  {w:10s} {ratios}', flush=True)
 
 
 def run(name, op):
@@ -100,6 +193,8 @@ def run(name, op):
 
 if 'stage' in sys.argv:   # also on a CPU (eager only there)
     stage('cuda' if torch.cuda.is_available() else 'cpu')
+if 'cpu' in sys.argv:
+    cpu()
 if not {'eager', 'fla', 'compile'} & set(sys.argv):
     sys.exit()
 inp = bench.Inputs(bench.BenchConfig(**bench.PRESETS['gpu1'], device='cuda'))
@@ -123,7 +218,7 @@ if 'compile' in sys.argv:
         compiled = torch.compile(chunk_gla)
         run(name + ' (compiled)', compiled)
         got = torch.autograd.grad(compiled(q, k, v, g)[0], (q, k, v, g), do)
-        variant(rows=0, keep=False, half=False)
+        variant(rows=0, keep=False, half=False, one=False)
         want = torch.autograd.grad(chunk_gla(q, k, v, g)[0], (q, k, v, g), do)
         print('  gradients against eager dyadic levels with float32 products, largest relative RMS difference:',
               f"{max(bench.get_err_ratio(w.double(), x.double()) for w, x in zip(want, got)):.1e}", flush=True)
