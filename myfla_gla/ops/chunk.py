@@ -155,8 +155,9 @@ def _intra_levels(q, k, g, overwrite=False, prod=None):
     return A, decay_q, decay_k
 
 # %% ../../nbs/04_chunk.ipynb #a1e0b7c2
-_ONE_PRODUCT = {'cuda': True, 'cpu': True}   # per device type: stage 1 and its backward in one product where the
-                                              # span allows (CPU: 0.8x the time with weak gates, design notes)
+# per device type: stage 1 and its backward in one product where the span allows (CPU: 0.8x the time with weak
+# gates, see the design notes); off on CUDA until it has been timed and checked against FLA on a GPU
+_ONE_PRODUCT = {'cuda': False, 'cpu': True}
 
 # The largest span (max |b - r| over a chunk's rows and channels) taken in one product, by the dtype of the
 # product's operands: half of its exponent range each way (float32 and bf16 e^±87, float16 e^±9.7, float64

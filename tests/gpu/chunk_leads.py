@@ -138,7 +138,7 @@ def cpu():
     "The one-product switch on the CPU, one thread: interleaved rounds of on and off, forward and forward+backward."
     threads = int(sys.argv[sys.argv.index('--threads') + 1]) if '--threads' in sys.argv else 1
     torch.set_num_threads(threads)
-    rounds = 5
+    rounds, default = 5, chunk._ONE_PRODUCT.get('cpu', False)
     for B, T in ((2, 4096), (1, 1024)):
         for gates, strong in (('normaliser 1', []), ('normaliser 0.1', [0, 1, 2, 3]), ('mix 1/4', [1]),
                               ('mix 1/2', [1, 3])):
@@ -164,7 +164,7 @@ def cpu():
                             times[w][name].append(bench.time_fn(f, 'cpu', repeats=3, warmup=1)['median_ms'])
                     finally:
                         chunk._by_span = by_span
-            chunk._ONE_PRODUCT.pop('cpu')
+            chunk._ONE_PRODUCT['cpu'] = default
             med = {w: {n: sorted(t)[len(t) // 2] for n, t in d.items()} for w, d in times.items()}
             print(f'B={B} T={T} H=4 K=V=128 float32, {gates}, {threads} thread(s), median of {rounds} interleaved '
                   'rounds:', flush=True)

@@ -108,3 +108,31 @@ def test_compile_matches_eager():
     grads = [torch.autograd.grad(o.float().square().sum() + ht.square().sum(), (q, k, v, g, h0)) for o, ht in outs]
     for name, a, b in zip(NAMES, list(outs[0]) + list(grads[0]), list(outs[1]) + list(grads[1])):
         assert_close(f'compiled {name}', a, b, 5e-3, err_atol=0)
+
+
+@pytest.fixture
+def one_product(monkeypatch):
+    "Stage 1 in one product where the chunk's span allows (`_ONE_PRODUCT`), on CUDA too (off there by default)."
+    import myfla_gla.ops.chunk as chunk
+    monkeypatch.setitem(chunk._ONE_PRODUCT, 'cuda', True)
+
+
+# The one-product stage 1 on CUDA: every chunk in one product (normaliser 1), every chunk flagged (0.02: the levels),
+# packed sequences; against float64 and FLA as above. Mixed batches take the same code as on the CPU (tests/).
+@pytest.mark.parametrize('normalizer, dtype, cu', [(1, torch.bfloat16, None), (0.02, torch.bfloat16, None),
+                                                   (1, torch.float32, None), (1, torch.float16, [0, 0, 1, 1, 15, 300])])
+def test_one_product_matches_fla(one_product, normalizer, dtype, cu):
+    compare(1 if cu else 2, cu[-1] if cu else 300, 4, 64, dtype, normalizer, cu=cu)
+
+
+@pytest.mark.compile
+def test_one_product_compiled_matches_eager(one_product):
+    "Compiled (`torch.cond` in the graph) against eager with the one product on, both branches (a flagged head)."
+    q, k, v, g = random_gla_inputs(2, 300, 4, 64, dtype=torch.bfloat16, device='cuda')
+    g[:, :, 1] = g[:, :, 1] * 50                      # one head strongly gated: its chunks are flagged
+    q, k, v, g = (x.detach().requires_grad_() for x in (q, k, v, g))
+    f = lambda *a: chunk_gla(*a)[0]
+    outs = [fn(q, k, v, g) for fn in (f, torch.compile(f, fullgraph=True))]
+    grads = [torch.autograd.grad(o.float().square().sum(), (q, k, v, g)) for o in outs]
+    for name, a, b in zip(['o', 'dq', 'dk', 'dv', 'dg'], [outs[0], *grads[0]], [outs[1], *grads[1]]):
+        assert_close(f'compiled one product {name}', a, b, 5e-3, err_atol=0)
