@@ -681,9 +681,12 @@ def describe(record: dict) -> str:
             else '')
     if load and m.get('cpu_count') and m['loadavg'][0] >= m['cpu_count']:   # other work alone fills the cores
         load += f" (! above its {m['cpu_count']} cores: {_retry_hint(m)})"
+    # OpenMP's wait policy: under PASSIVE, loops of small ops pay for waking the other threads at each op
+    wait = f", OMP_WAIT_POLICY={m['omp_wait_policy']}" if m.get('omp_wait_policy') and m['device'] == 'cpu' else ''
     rounds = f", best of {c['rounds']} rounds" if c.get('rounds', 1) > 1 else ''
     stat = f"; times: {c.get('stat', 'median')} of up to {c['repeats']} runs{rounds}" if c.get('repeats') else ''
-    return (f"{shape}{ts} {c['dtype']} on {m['device']} ({m.get('device_name', '?')}, {m.get('threads')} threads{load}); "
+    return (f"{shape}{ts} {c['dtype']} on {m['device']} ({m.get('device_name', '?')}, {m.get('threads')} threads{wait}"
+            f"{load}); "
             f"torch {m['torch']}, FLA {m.get('fla') or 'absent'}, myfla_gla {m['myfla_gla']}; {m['date']}{stat}"
             f"{_floor_words(record.get('floor'))}")
 
