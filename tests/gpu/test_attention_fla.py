@@ -36,7 +36,7 @@ def test_rotary_matches_fla(kw, dtype):
     cu = torch.tensor([0, 7, 30, 80], device=DEV)
     cases = {'plain': dict(), 'offset': dict(seqlen_offset=5),
              'tensor offsets': dict(seqlen_offset=torch.tensor([3, -4], device=DEV), max_seqlen=64),
-             'packed': dict(cu_seqlens=cu, max_seqlen=64, reshape=True)}
+             'packed': dict(cu_seqlens=cu, max_seqlen=80, reshape=True)}   # FLA: a table of the packed length
     for name, args in cases.items():
         reshape = args.pop('reshape', False)
         qq, kk, gg = (x.reshape(1, 80, *x.shape[2:]) if reshape else x for x in (q, k, g))
