@@ -290,11 +290,11 @@ class _Fixed:
             _copy(out[:, nf].zero_()[:, :, :T - nf * C], x[:, nf * C:].transpose(1, 2), scale)
         return out
 
-    def from_chunks(self, o, dtype, scale=None):
-        "`[B, NC, H, C, D]` -> `[B, T, H, D]` in `dtype` (times `scale`)."
+    def from_chunks(self, o, dtype, scale=None, out=None):
+        "`[B, NC, H, C, D]` -> `[B, T, H, D]` in `dtype` (times `scale`), written into `out` where given."
         B, NC, H, C, D = o.shape
         T, nf = self.T, self.T // C
-        out = o.new_empty(B, T, H, D, dtype=dtype)                    # [B, T, H, D]
+        out = o.new_empty(B, T, H, D, dtype=dtype) if out is None else out   # [B, T, H, D]
         if nf:
             _copy(out[:, :nf * C].unflatten(1, (nf, C)), o[:, :nf].transpose(2, 3), scale)
         if nf < NC:
@@ -606,6 +606,48 @@ def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     _finish_grads(q, k, v, do, dq, dk, dk_inter)
     return dq, dk, dv, dg, grid.unsort(dS)
 
+# %% ../../nbs/04_chunk.ipynb #bf43f488
+# per device type: the eager forward's slabs of chunks hold at most this many bytes of a float32 chunk copy of q
+# (`[B, slab, H, C, max(K, V)]`); a device type not listed takes all chunks at once. CUDA: a quarter of the chunks
+# at the gpu1 shape (B=4 T=4096 H=16 K=V=128); CPU: the fastest measured here. See the design notes
+_SLAB_BYTES = {'cuda': 32 << 20, 'cpu': 2 << 20}
+
+
+def _slab_chunks(q, v, grid):
+    """Chunks per slab of `_forward`: by `_SLAB_BYTES`, at least one; all of them for packed sequences and under
+    `torch.compile`."""
+    budget = _SLAB_BYTES.get(q.device.type)
+    if budget is None or not isinstance(grid, _Fixed) or torch.compiler.is_compiling():
+        return grid.NC
+    acc = torch.promote_types(q.dtype, torch.float32)
+    return max(1, budget // (grid.B * q.shape[2] * grid.C * max(q.shape[-1], v.shape[-1]) * acc.itemsize))
+
+
+def _forward(q, k, v, g, scale, h0, grid, fused):
+    """The forward from `[B, T, H, D]` inputs: `o` `[B, T, H, V]` in v's dtype (times `scale`), the final state (in the
+    grid's order), `A` `[B, NC, H, C, C]` and the chunk states (where `_keep_states`, else None). Slab by slab of
+    `_slab_chunks` chunks, each slab's final state the next one's initial state."""
+    acc, prod = torch.promote_types(q.dtype, torch.float32), _product_dtype(q)
+    fwd, keep = _fused_fwd if fused else _chunk_fwd, _keep_states(q) and not fused
+    n = _slab_chunks(q, v, grid)
+    if n >= grid.NC:
+        o, ht, A, states = fwd(*(grid.to_chunks(x, acc) for x in (q, k, v, g)), h0, grid, prod)
+        return grid.from_chunks(o, v.dtype, scale), ht, A, states if keep else None
+    B, T, H, C = grid.B, grid.T, q.shape[2], grid.C
+    o = v.new_empty(v.shape)                                                              # [B, T, H, V]
+    A = q.new_empty(B, grid.NC, H, C, C, dtype=acc)                                       # [B, NC, H, C, C]
+    states = q.new_empty(B, grid.NC, H, q.shape[-1], v.shape[-1], dtype=acc) if keep else None
+    for c0 in range(0, grid.NC, n):
+        tokens, chunks = slice(c0 * C, min((c0 + n) * C, T)), slice(c0, c0 + n)
+        slab = _Fixed(B, tokens.stop - tokens.start, C)
+        o_slab, h0, A[:, chunks], states_slab = fwd(*(slab.to_chunks(x[:, tokens], acc) for x in (q, k, v, g)), h0,
+                                                    slab, prod)
+        slab.from_chunks(o_slab, v.dtype, scale, out=o[:, tokens])
+        if keep:
+            states[:, chunks] = states_slab
+        del o_slab, states_slab   # before the next slab's are made
+    return o, h0, A, states
+
 # %% ../../nbs/04_chunk.ipynb #778db92d
 class ChunkGLAFunction(torch.autograd.Function):
     "Chunked GLA; saves its inputs and the intra-chunk attention (see `_keep_states`), and recomputes the rest in backward."
@@ -613,15 +655,13 @@ class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, q, k, v, g, scale, initial_state, fused, varlen):
-        acc = torch.promote_types(q.dtype, torch.float32)
         grid = varlen if varlen is not None else _Fixed(q.shape[0], q.shape[1], _chunk_size(q.shape[1]))
         with _flush_denormals(q.device):
-            o, ht, A, states = (_fused_fwd if fused else _chunk_fwd)(
-                *(grid.to_chunks(x, acc) for x in (q, k, v, g)), initial_state, grid, _product_dtype(q))
-        ctx.save_for_backward(q, k, v, g, initial_state, A, states if _keep_states(q) else None)
+            o, ht, A, states = _forward(q, k, v, g, scale, initial_state, grid, fused)
+        ctx.save_for_backward(q, k, v, g, initial_state, A, states)
         ctx.scale, ctx.fused, ctx.grid = scale, fused, grid
         ctx.set_materialize_grads(False)
-        return grid.from_chunks(o, v.dtype, scale), ht
+        return o, ht
 
     @staticmethod
     @autocast_off

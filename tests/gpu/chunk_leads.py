@@ -8,17 +8,23 @@ smallest levels as broadcast products (`_BROADCAST_ROWS`), the forward's chunk s
 (`_KEEP_STATES`), products of bf16 operands on tensor cores (`_HALF_PRODUCTS`). `fla` adds FLA's Triton `chunk_gla` (autotuned by its first calls, then timed the same way);
 `compile` the `torch.compile`d op for the variants in `COMPILED`; `--eager`/`--compiled` select variants by name (comma-
 separated). 'default' is the module's own setting; 'one product' and 'levels' turn the intra-chunk attention in one
-product where the chunk's span allows (`_ONE_PRODUCT`) on and off. `stage` times stage 1 alone (the intra-chunk
-attention `A` of the forward, and its backward), the dyadic levels against the one-product form (`_intra_attention`
-with the switch on: all chunks in one product at normaliser 1, all flagged and so computed both ways at 0.02) and a
-two-level scheme of 16-token sub-chunks (`intra_two_level`), eager and compiled, with the error of `A` against float64
-at gate normalisers 1 and 0.02. Also prints the floor (`myfla_gla.floor`).
+product where the chunk's span allows (`_ONE_PRODUCT`) on and off; 'one slab', 'slabs of 16 MiB' and 'slabs of
+64 MiB' set the eager forward's slab budget (`_SLAB_BYTES`; the default, 32 MiB, is a quarter of the chunks here).
+`stage` times stage 1 alone (the intra-chunk attention `A` of the forward, and its backward), the dyadic levels
+against the one-product form (`_intra_attention` with the switch on: all chunks in one product at normaliser 1, all
+flagged and so computed both ways at 0.02) and a two-level scheme of 16-token sub-chunks (`intra_two_level`), eager
+and compiled, with the error of `A` against float64 at gate normalisers 1 and 0.02. Also prints the floor
+(`myfla_gla.floor`).
 
 `cpu` (no GPU needed) compares the one-product switch on the CPU, one thread: forward and forward+backward of
 `chunk_gla`, on and off interleaved in one process, at B=2 T=4096 H=4 K=V=128 and B=1 T=1024 H=4 K=V=128 float32 at
 normaliser 1 (every chunk in one product), 0.1 (every chunk flagged) and mixes (one or two heads of four at 0.1); for
 the mixes also the flagged chunks' levels by indexing (the op's way) against the levels for all chunks and a `where`.
-`--threads N` (default 1)."""
+`--threads N` (default 1).
+
+`memory` (no GPU needed) measures the eager forward's and forward+backward's peak memory on the CUDA code path at the
+gpu1 shape on the CPU (the switches' CUDA values set for the CPU, `myfla_gla.bench._cpu_peak_bytes`), with the
+one-product stage 1 off and on."""
 import json
 import sys
 
@@ -37,22 +43,24 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False),
          'dyadic levels (again)': dict(rows=0, keep=False, one=False), 'default': {},
          'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
-         'one product': dict(one=True)}
+         'one product': dict(one=True), 'one slab': dict(slab=None), 'slabs of 16 MiB': dict(slab=16 << 20),
+         'slabs of 64 MiB': dict(slab=64 << 20)}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
             'one product': dict(one=True)}
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
-               half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'])
+               half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES['cuda'])
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in sys.argv[sys.argv.index('--compiled') + 1].split(',')}
 if '--eager' in sys.argv:
     EAGER = {k: EAGER[k] for k in sys.argv[sys.argv.index('--eager') + 1].split(',')}
 
 
-def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one']):
+def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one'],
+            slab=DEFAULT['slab']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
-    chunk._ONE_PRODUCT['cuda'] = one
+    chunk._ONE_PRODUCT['cuda'], chunk._SLAB_BYTES['cuda'] = one, slab
 
 
 def intra_two_level(q, k, g, S=16):
@@ -193,6 +201,28 @@ def run(name, op):
 
 if 'stage' in sys.argv:   # also on a CPU (eager only there)
     stage('cuda' if torch.cuda.is_available() else 'cpu')
+def memory():
+    "Peak memory of the eager forward and forward+backward on the CUDA code path, measured on the CPU (gpu1 shape)."
+    switches = (chunk._BROADCAST_ROWS, chunk._HALF_PRODUCTS, chunk._KEEP_STATES, chunk._ONE_PRODUCT, chunk._SLAB_BYTES)
+    before = [dict(d) for d in switches]
+    for d in switches:
+        d['cpu'] = d.get('cuda')
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 4096, 16, 128, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = (torch.nn.functional.logsigmoid(torch.randn(4, 4096, 16, 128)) / 16).bfloat16().requires_grad_()
+    for one in (False, True):
+        chunk._ONE_PRODUCT['cpu'] = one
+        fwd = bench._cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0]) / 2**20
+        both = bench._cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0].sum().backward()) / 2**20
+        print(f"CUDA code path on the CPU, one product {'on' if one else 'off'}: peak forward {fwd:.1f} MiB, "
+              f"forward+backward {both:.1f} MiB", flush=True)
+    for d, b in zip(switches, before):
+        d.clear()
+        d.update(b)
+
+
+if 'memory' in sys.argv:
+    memory()
 if 'cpu' in sys.argv:
     cpu()
 if not {'eager', 'fla', 'compile'} & set(sys.argv):

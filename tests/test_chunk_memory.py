@@ -1,0 +1,60 @@
+"""The eager forward's memory (`_forward`'s slabs of chunks): its peak on the CUDA code path, measured on the CPU at a
+shape scaled down from the GPU benchmark's, against a budget of its tensors; slabs of any size give the numbers of one
+pass, outputs and gradients, bitwise."""
+import pytest
+import torch
+
+import myfla_gla.ops.chunk as chunk
+from myfla_gla import chunk_gla, fused_chunk_gla
+from myfla_gla.bench import _cpu_peak_bytes
+from myfla_gla.testing import op_inputs, run_op
+from test_chunk import NAMES, check
+
+
+@pytest.mark.parametrize('one_product', [False, True])
+def test_forward_peak_on_the_cuda_path(monkeypatch, one_product):
+    """The gpu1 benchmark's shape (B=4 T=4096 H=16 K=V=128, bf16, 64 chunks) scaled to B=1 T=1024 H=4: 16 chunks, and
+    the CUDA budget scaled so that a slab is a quarter of the chunks there as at gpu1 (16 of 64). The forward's peak
+    (grad enabled, the output included) is what stays until the end, the output and A, plus one slab's working set
+    at stage 2: its float32 chunk copies of q, k, v and g, `decay_k`, A v, A and the local states, plus the carried
+    state and the walk's two. Another float32 tensor of one slab's chunks (a quarter of the 2 MiB a float32 copy of q
+    takes here) breaks the bound; the forward before slabs peaked at 17.5 MiB here. Both stage 1 forms (one product,
+    the levels) stay within it. The bound is also within 1.5x FLA's forward: its output, g's cumulative sum (float32),
+    A and the chunk states (bf16)."""
+    for switch in ('_BROADCAST_ROWS', '_HALF_PRODUCTS', '_KEEP_STATES'):
+        monkeypatch.setitem(getattr(chunk, switch), 'cpu', getattr(chunk, switch).get('cuda'))
+    monkeypatch.setitem(chunk._ONE_PRODUCT, 'cpu', one_product)
+    B, T, H, K, V, C = 1, 1024, 4, 128, 128, 64
+    n = 4   # chunks per slab
+    monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', chunk._SLAB_BYTES['cuda'] * (B * H * n) // (4 * 16 * 16))
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True) for D in (K, K, V))
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16().requires_grad_()
+    assert chunk._slab_chunks(q, v, chunk._Fixed(B, T, C)) == n
+    peak = _cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0])
+    f32 = 4
+    out, A = B * T * H * V * 2, B * T * H * C * f32
+    copy, state = B * n * H * C * max(K, V) * f32, B * H * K * V * f32    # a slab's float32 chunk copy; one state
+    slab = 6 * copy + n * B * H * C * C * f32 + n * state                 # 4 copies, decay_k, A v; A; local states
+    small = 16 << 10                                                      # [B, n, H, K] decay factors of chunk ends
+    assert peak <= out + A + slab + 3 * state + small, peak
+    fla = out + B * T * H * K * f32 + A + B * (T // C) * H * K * V * 2
+    assert peak <= 1.5 * fla, (peak, fla)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('per_slab', [1, 2])
+def test_slabs_give_the_numbers_of_one_pass(monkeypatch, dtype, per_slab):
+    """Slabs of 1 and 2 chunks (a made-up CPU budget) over 4 chunks, the last partial, with an initial state and a
+    final state's gradient: every output and gradient of both ops bitwise those of one pass, and within the bounds
+    against the float64 recurrence."""
+    x = op_inputs('cpu', dtype, 2, 200, 2, 16, 8, seed=None)
+    monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', None)
+    one_pass = {fn: run_op(fn, x) for fn in (chunk_gla, fused_chunk_gla)}
+    acc = torch.promote_types(dtype, torch.float32)
+    monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', per_slab * 2 * 2 * 64 * 16 * acc.itemsize)
+    assert chunk._slab_chunks(x['q'], x['v'], chunk._Fixed(2, 200, 64)) == per_slab
+    for fn, ref in one_pass.items():
+        got = run_op(fn, x)
+        for name in NAMES:
+            assert torch.equal(got[name], ref[name]), (fn.__name__, name)
+    check(2, 200, 2, 16, 8, dtype)
