@@ -41,20 +41,23 @@ def test_forward_peak_on_the_cuda_path(monkeypatch, one_product):
     assert peak <= 1.5 * fla, (peak, fla)
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('per_slab', [1, 2])
-def test_slabs_give_the_numbers_of_one_pass(monkeypatch, dtype, per_slab):
-    """Slabs of 1 and 2 chunks (a made-up CPU budget) over 4 chunks, the last partial, with an initial state and a
-    final state's gradient: every output and gradient of both ops bitwise those of one pass, and within the bounds
-    against the float64 recurrence."""
-    x = op_inputs('cpu', dtype, 2, 200, 2, 16, 8, seed=None)
+@pytest.mark.parametrize('dtype, T, keep', [(torch.float32, 200, False), (torch.bfloat16, 200, False),
+                                           (torch.float32, 256, True), (torch.float64, 256, False)])
+@pytest.mark.parametrize('per_slab', [1, 3])
+def test_slabs_give_the_numbers_of_one_pass(monkeypatch, dtype, T, keep, per_slab):
+    """Slabs of 1 and 3 chunks (a made-up CPU budget) over 4 chunks, the last partial (T=200) or whole (T=256), with an
+    initial state and a final state's gradient, and with the chunk states kept for the backward (`_KEEP_STATES`):
+    every output and gradient of both ops bitwise those of one pass, and within the bounds against the float64
+    recurrence."""
+    monkeypatch.setitem(chunk._KEEP_STATES, 'cpu', keep)
+    x = op_inputs('cpu', dtype, 2, T, 2, 16, 8, seed=None)
     monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', None)
     one_pass = {fn: run_op(fn, x) for fn in (chunk_gla, fused_chunk_gla)}
     acc = torch.promote_types(dtype, torch.float32)
     monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', per_slab * 2 * 2 * 64 * 16 * acc.itemsize)
-    assert chunk._slab_chunks(x['q'], x['v'], chunk._Fixed(2, 200, 64)) == per_slab
+    assert chunk._slab_chunks(x['q'], x['v'], chunk._Fixed(2, T, 64)) == per_slab
     for fn, ref in one_pass.items():
         got = run_op(fn, x)
         for name in NAMES:
             assert torch.equal(got[name], ref[name]), (fn.__name__, name)
-    check(2, 200, 2, 16, 8, dtype)
+    check(2, T, 2, 16, 8, dtype, ratio=1e-12 if dtype == torch.float64 else None)
