@@ -640,12 +640,13 @@ def _forward(q, k, v, g, scale, h0, grid, fused):
     for c0 in range(0, grid.NC, n):
         tokens, chunks = slice(c0 * C, min((c0 + n) * C, T)), slice(c0, c0 + n)
         slab = _Fixed(B, tokens.stop - tokens.start, C)
-        o_slab, h0, A[:, chunks], states_slab = fwd(*(slab.to_chunks(x[:, tokens], acc) for x in (q, k, v, g)), h0,
-                                                    slab, prod)
+        o_slab, h0, A_slab, states_slab = fwd(*(slab.to_chunks(x[:, tokens], acc) for x in (q, k, v, g)), h0, slab,
+                                              prod)
         slab.from_chunks(o_slab, v.dtype, scale, out=o[:, tokens])
+        A[:, chunks] = A_slab
         if keep:
             states[:, chunks] = states_slab
-        del o_slab, states_slab   # before the next slab's are made
+        del o_slab, A_slab, states_slab   # before the next slab's are made
     return o, h0, A, states
 
 # %% ../../nbs/04_chunk.ipynb #778db92d
