@@ -533,23 +533,19 @@ def _revcumsum(x, buf):
     return torch.index_select(buf, -2, rev, out=x)
 
 
-def _dg(q, k, dq, dk, dk_inter, dg_passing, free=()):
-    """dL/dg `[..., C, K]` from sums inside each chunk: reverse cumsum of `q*dq - k*dk` (without the s == t terms, and
-    `dk` without `dk_inter`, its part through later chunks), exclusive cumsum of `k*dk_inter`, plus `dg_passing`
-    `[..., K]`. Its temporaries (and the result) go into the buffers of the list `free` while there are any."""
-    free = list(free)
-    dg = _mul_to(_spare(free, q), q, dq).addcmul_(k, dk, value=-1)                   # [..., C, K]
-    dg = _revcumsum(dg, _spare(free, q))
-    dg_inter = _spare(free, q)                                                      # [..., C, K], shifted by one
+def _dg_and_finish(q, k, dq, dk, k_decayed, dk_states, decay_k, vdo, dg_passing, free=()):
+    """dL/dg `[..., C, K]` from sums inside each chunk, and dq, dk completed in place. dg: the reverse cumsum of
+    `q*dq - k*dk` (without the s == t terms, and `dk` without `dk_inter` = `dk_states * decay_k`, its part through
+    later chunks), the exclusive cumsum of `k*dk_inter` = `k_decayed*dk_states`, plus `dg_passing` `[..., K]`. Then dq
+    and dk get the s == t terms (`vdo` from `_intra_grads`) and dk its `dk_inter`. Overwrites `k_decayed` and
+    `dk_states` (the result is in k_decayed's memory), and takes a buffer from the list `free` if it has one."""
+    dg_inter = _spare(list(free), q)                                               # [..., C, K], shifted by one
     dg_inter[..., 0, :] = dg_passing
-    _mul_to(dg_inter[..., 1:, :], k[..., :-1, :], dk_inter[..., :-1, :])
-    return dg.add_(dg_inter.cumsum_(-2))
-
-
-def _finish_grads(q, k, dq, dk, dk_inter, vdo):
-    "Adds the s == t terms (`vdo` from `_intra_grads`) and the later-chunks part of dk."
+    _mul_to(dg_inter[..., 1:, :], k_decayed[..., :-1, :], dk_states[..., :-1, :])
+    dg = _mul_to(k_decayed, q, dq).addcmul_(k, dk, value=-1)                       # [..., C, K]
     dq.addcmul_(k, vdo)
-    dk.add_(dk_inter).addcmul_(q, vdo)
+    dk.addcmul_(dk_states, decay_k).addcmul_(q, vdo)
+    return _revcumsum(dg, dk_states).add_(dg_inter.cumsum_(-2))
 
 
 def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
@@ -570,13 +566,13 @@ def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     dS = q.new_zeros((grid.N,) + states.shape[-3:]) if dht is None else grid.sort(dht.to(q.dtype))   # [N, H, K, V]
     # each chunk's own contribution q_decayed^T do, replaced by the gradients at the chunks' ends   [B, NC, H, K, V]
     dstates, dS = _walk(decay_q.mul_(q).transpose(-1, -2) @ do, decay_chunk, dS, grid, reverse=True)
-    dg_passing = (states * dstates if kept else states.mul_(dstates)).sum(-1).mul_(decay_chunk)   # [B, NC, H, K]
+    # (row sums of states * dstates as batched dot products: no temporary of the states' size)
+    dg_passing = torch.einsum('...kv,...kv->...k', states, dstates).mul_(decay_chunk)   # [B, NC, H, K]
     del states                                                       # (a kept tensor stays as saved)
-    # 2. chunk states
-    dk_inter = _bmm(v, dstates.transpose(-1, -2), tmp).mul_(decay_k)   # [B, NC, H, C, K]
+    # 2. chunk states: dk_inter = dk_states * decay_k, multiplied out in `_dg_and_finish`
+    dk_states = _bmm(v, dstates.transpose(-1, -2), tmp)              # [B, NC, H, C, K]
     dv.view(-1, *dv.shape[-2:]).baddbmm_(k_decayed.view(-1, *k.shape[-2:]), dstates.view(-1, *dstates.shape[-2:]))
-    dg = _dg(q, k, dq, dk, dk_inter, dg_passing, free + [k_decayed, decay_k, decay_q])   # all three dead now
-    _finish_grads(q, k, dq, dk, dk_inter, vdo)
+    dg = _dg_and_finish(q, k, dq, dk, k_decayed, dk_states, decay_k, vdo, dg_passing, [decay_q])   # q * decay_q: dead
     return dq, dk, dv, dg, grid.unsort(dS)
 
 # %% ../../nbs/04_chunk.ipynb #861af116
@@ -606,7 +602,7 @@ def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     dq, dk, dv, vdo, decay_q, decay_k = _intra_grads(q, k, v, g, do, A)   # [B, NC, H, C, K | V]
     decay_chunk = decay_q[..., -1, :]                                # [B, NC, H, K]
     q_decayed, k_decayed = q * decay_q, k * decay_k                  # [B, NC, H, C, K]
-    dk_inter, dg_passing = torch.zeros_like(k), torch.zeros_like(decay_chunk)
+    dk_states, dg_passing = torch.zeros_like(k), torch.zeros_like(decay_chunk)
 
     def step(S, j):
         "Stages 2 and 3 at step j: the states active at step j, and all states after it."
@@ -633,14 +629,13 @@ def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
             # 4. off-diagonal output
             grid.put(dq, j, grid.take(dq, j) + (do_j @ Sj.transpose(-1, -2)) * grid.take(decay_q, j))
             # 2. chunk states
-            grid.put(dk_inter, j, (grid.take(v, j) @ dSj.transpose(-1, -2)) * grid.take(decay_k, j))
+            grid.put(dk_states, j, grid.take(v, j) @ dSj.transpose(-1, -2))   # dk_inter without decay_k
             grid.put(dv, j, grid.take(dv, j) + grid.take(k_decayed, j) @ dSj)
             # 3. state passing, backwards
             grid.put(dg_passing, j, decay_chunk_j * (Sj * dSj).sum(-1))
             dS = grid.advance(dS, j, torch.addcmul(grid.take(q_decayed, j).transpose(-1, -2) @ do_j,
                                                    decay_chunk_j[..., None], dSj))
-    dg = _dg(q, k, dq, dk, dk_inter, dg_passing, [q_decayed, k_decayed])   # both dead now
-    _finish_grads(q, k, dq, dk, dk_inter, vdo)
+    dg = _dg_and_finish(q, k, dq, dk, k_decayed, dk_states, decay_k, vdo, dg_passing, [q_decayed])   # dead now
     return dq, dk, dv, dg, grid.unsort(dS)
 
 # %% ../../nbs/04_chunk.ipynb #778db92d
