@@ -522,15 +522,14 @@ def _intra_grads(q, k, v, g, do, A, free=None):
     return dq, dk, dv, vdo, decay_q, decay_k
 
 
-def _revcumsum(x, buf):
-    """The reverse cumsum of `x` `[..., C, K]` over dim -2 (row s: the sum of rows t >= s), in `x`'s memory. Eager,
-    through `buf` (same shape, overwritten) by two reversing gathers: `flip` has no `out=`, and a fresh tensor costs
-    page faults."""
+def _add_revcumsum(out, x, buf):
+    """`out` + the reverse cumsum of `x` over dim -2 (row s: the sum of rows t >= s of `x`), in `out`'s memory; all
+    `[..., C, K]`. Eager, through `buf` (overwritten): reversed by `index_select` into it, summed there, and added back
+    in reverse by `index_add_` (`flip` has no `out=`, and a fresh tensor costs page faults)."""
     if torch.compiler.is_compiling():
-        return x.flip(-2).cumsum(-2).flip(-2)
+        return out + x.flip(-2).cumsum(-2).flip(-2)
     rev = torch.arange(x.shape[-2] - 1, -1, -1, device=x.device)
-    torch.index_select(x, -2, rev, out=buf).cumsum_(-2)
-    return torch.index_select(buf, -2, rev, out=x)
+    return out.index_add_(-2, rev, torch.index_select(x, -2, rev, out=buf).cumsum_(-2))
 
 
 def _dg_and_finish(q, k, dq, dk, k_decayed, dk_states, decay_k, vdo, dg_passing, free=()):
@@ -538,14 +537,14 @@ def _dg_and_finish(q, k, dq, dk, k_decayed, dk_states, decay_k, vdo, dg_passing,
     `q*dq - k*dk` (without the s == t terms, and `dk` without `dk_inter` = `dk_states * decay_k`, its part through
     later chunks), the exclusive cumsum of `k*dk_inter` = `k_decayed*dk_states`, plus `dg_passing` `[..., K]`. Then dq
     and dk get the s == t terms (`vdo` from `_intra_grads`) and dk its `dk_inter`. Overwrites `k_decayed` and
-    `dk_states` (the result is in k_decayed's memory), and takes a buffer from the list `free` if it has one."""
+    `dk_states`, and takes a buffer from the list `free` for the result if it has one."""
     dg_inter = _spare(list(free), q)                                               # [..., C, K], shifted by one
     dg_inter[..., 0, :] = dg_passing
     _mul_to(dg_inter[..., 1:, :], k_decayed[..., :-1, :], dk_states[..., :-1, :])
-    dg = _mul_to(k_decayed, q, dq).addcmul_(k, dk, value=-1)                       # [..., C, K]
+    intra = _mul_to(k_decayed, q, dq).addcmul_(k, dk, value=-1)                    # [..., C, K]
     dq.addcmul_(k, vdo)
     dk.addcmul_(dk_states, decay_k).addcmul_(q, vdo)
-    return _revcumsum(dg, dk_states).add_(dg_inter.cumsum_(-2))
+    return _add_revcumsum(dg_inter.cumsum_(-2), intra, dk_states)
 
 
 def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
