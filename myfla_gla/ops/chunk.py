@@ -469,77 +469,111 @@ def _intra_bwd_levels(q, k, g, dA, overwrite=True):
     return dq, dk, decay_q, decay_k
 
 
-def _intra_bwd_one_product(q, k, g, dA, overwrite=True):
+def _bmm(a, b, out=None):
+    """`a @ b` for chunk tensors `[..., m, k]` and `[..., k, n]` with the same batch dims; eager, written into `out`
+    (contiguous, `[..., m, n]`) where given. Compiled, `out` is ignored (Inductor plans its own buffers)."""
+    if out is None or torch.compiler.is_compiling():
+        return a @ b
+    torch.bmm(a.flatten(0, -3), b.flatten(0, -3), out=out.view(-1, *out.shape[-2:]))
+    return out
+
+
+def _spare(free, like):
+    """A buffer shaped like `like`: one from the list `free` (tensors whose values are no longer needed), else a
+    fresh one. Eager on a CPU a fresh tensor of this size costs page faults, see the design notes."""
+    return free.pop() if free and not torch.compiler.is_compiling() else torch.empty_like(like)
+
+
+def _intra_bwd_one_product(q, k, g, dA, overwrite=True, free=None):
     """Stage 1 backward in two products, for chunks within the span limit: dq = (dA (k * down)) * up and
     dk = (dA^T (q * up)) * down with `dA` zero on and above the diagonal (so without the s == t terms); and the chunk's
-    `decay_q`, `decay_k` (as `_intra_bwd_levels`)."""
+    `decay_q`, `decay_k` (as `_intra_bwd_levels`). With a list `free` (eager), dk goes into the memory of k * down,
+    and the factors' two buffers, dead after, are appended to `free`."""
     decay_q, decay_k, up, down = _factors(g, overwrite)
-    dq = (dA @ (k * down)).mul_(up)                      # [..., C, K]
-    dk = (dA.transpose(-1, -2) @ up.mul_(q)).mul_(down)   # [..., C, K]
+    k_down = torch.mul(k, down)                                                       # [..., C, K]
+    dq = (dA @ k_down).mul_(up)                                                       # [..., C, K]
+    dk = _bmm(dA.transpose(-1, -2), up.mul_(q), None if free is None else k_down).mul_(down)   # [..., C, K]
+    if free is not None:
+        free += [up, down]
     return dq, dk, decay_q, decay_k
 
 
-def _intra_bwd(q, k, g, dA):
+def _intra_bwd(q, k, g, dA, free=None):
     """Stage 1 backward: dq and dk `[..., C, K]` through the intra-chunk attention, given dL/dA `[..., C, C]` (a
     temporary of the caller's, overwritten), without the s == t terms; and the chunk's `decay_q`, `decay_k`
     `[..., C, K]` (`decay_q` in g's memory). One product per chunk where `_ONE_PRODUCT` is on and the span allows
-    (`_by_span`), else the dyadic levels."""
+    (`_by_span`), else the dyadic levels. Eager, buffers `[..., C, K]` left free are appended to the list `free`."""
     if not _switched_on(_ONE_PRODUCT, q):
         return _intra_bwd_levels(q, k, g, dA)
     overwrite = not torch.compiler.is_compiling()   # a branch of `torch.cond` may not write its operands
-    return _by_span(functools.partial(_intra_bwd_one_product, overwrite=overwrite),
+    return _by_span(functools.partial(_intra_bwd_one_product, overwrite=overwrite, free=free if overwrite else None),
                     functools.partial(_intra_bwd_levels, overwrite=overwrite), _flagged(g),
                     (q, k, g, dA.tril_(-1)))   # the levels read only below the diagonal
 
 
-def _intra_grads(q, k, v, g, do, A):
-    """Stage 1 backward: intra-chunk dq, dk (without s == t terms) and dv, and the chunk's `decay_q`, `decay_k`;
-    `A` is the forward's attention."""
+def _intra_grads(q, k, v, g, do, A, free=None):
+    """Stage 1 backward: intra-chunk dq, dk (without s == t terms) and dv; `vdo` `[..., C, 1]`, each row's v . do
+    (the factor of the s == t terms: dA's diagonal); and the chunk's `decay_q`, `decay_k`. `A` is the forward's
+    attention; `free` as in `_intra_bwd`."""
     dv = A.transpose(-1, -2) @ do                                           # [..., C, V]
-    dq, dk, decay_q, decay_k = _intra_bwd(q, k, g, do @ v.transpose(-1, -2))   # dA: [..., C, C]
-    return dq, dk, dv, decay_q, decay_k
+    dA = do @ v.transpose(-1, -2)                                           # [..., C, C]
+    vdo = dA.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).clone()               # [..., C, 1]
+    dq, dk, decay_q, decay_k = _intra_bwd(q, k, g, dA, free)
+    return dq, dk, dv, vdo, decay_q, decay_k
 
 
-def _dg(q, k, dq, dk, dk_inter, dg_passing):
-    """dL/dg `[..., C, K]` from sums inside each chunk: reverse cumsum of `q*dq - k*dk` (without the s == t terms, and
-    `dk` without `dk_inter`, its part through later chunks), exclusive cumsum of `k*dk_inter`, plus `dg_passing`
-    `[..., K]`."""
-    dg = torch.mul(q, dq).addcmul_(k, dk, value=-1).flip(-2).cumsum_(-2).flip(-2)   # [..., C, K]
-    dg_inter = torch.empty_like(dg)                                                 # [..., C, K], shifted by one
+def _add_revcumsum(out, x, buf):
+    """`out` + the reverse cumsum of `x` over dim -2 (row s: the sum of rows t >= s of `x`), in `out`'s memory; all
+    `[..., C, K]`. Eager, through `buf` (overwritten): reversed by `index_select` into it, summed there, and added back
+    in reverse by `index_add_` (`flip` has no `out=`, and a fresh tensor costs page faults)."""
+    if torch.compiler.is_compiling():
+        return out + x.flip(-2).cumsum(-2).flip(-2)
+    rev = torch.arange(x.shape[-2] - 1, -1, -1, device=x.device)
+    return out.index_add_(-2, rev, torch.index_select(x, -2, rev, out=buf).cumsum_(-2))
+
+
+def _dg_and_finish(q, k, dq, dk, k_decayed, dk_states, decay_k, vdo, dg_passing, free=()):
+    """dL/dg `[..., C, K]` from sums inside each chunk, and dq, dk completed in place. dg: the reverse cumsum of
+    `q*dq - k*dk` (without the s == t terms, and `dk` without `dk_inter` = `dk_states * decay_k`, its part through
+    later chunks), the exclusive cumsum of `k*dk_inter` = `k_decayed*dk_states`, plus `dg_passing` `[..., K]`. Then dq
+    and dk get the s == t terms (`vdo` from `_intra_grads`) and dk its `dk_inter`. Overwrites `k_decayed` and
+    `dk_states`, and takes a buffer from the list `free` for the result if it has one."""
+    dg_inter = _spare(list(free), q)                                               # [..., C, K], shifted by one
     dg_inter[..., 0, :] = dg_passing
-    _mul_to(dg_inter[..., 1:, :], k[..., :-1, :], dk_inter[..., :-1, :])
-    return dg.add_(dg_inter.cumsum_(-2))
-
-
-def _finish_grads(q, k, v, do, dq, dk, dk_inter):
-    "Adds the s == t terms and the later-chunks part of dk."
-    vdo = (v * do).sum(-1, keepdim=True)                                    # [..., C, 1]
+    _mul_to(dg_inter[..., 1:, :], k_decayed[..., :-1, :], dk_states[..., :-1, :])
+    intra = _mul_to(k_decayed, q, dq).addcmul_(k, dk, value=-1)                    # [..., C, K]
     dq.addcmul_(k, vdo)
-    dk.add_(dk_inter).addcmul_(q, vdo)
+    dk.addcmul_(dk_states, decay_k).addcmul_(q, vdo)
+    return _add_revcumsum(dg_inter.cumsum_(-2), intra, dk_states)
 
 
 def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
-    "Backward in chunk layout (`do` already scaled): dq, dk, dv, dg, dh0. `states`: the forward's, if it kept them."
+    """Backward in chunk layout (`do` already scaled): dq, dk, dv, dg, dh0. `states`: the forward's, if it kept them.
+    Overwrites g (and, eager, the buffers of stage 1 once their values are dead: `free`)."""
+    free = []
     # 1. diagonal blocks
-    dq, dk, dv, decay_q, decay_k = _intra_grads(q, k, v, g, do, A)   # [B, NC, H, C, K | V]
+    dq, dk, dv, vdo, decay_q, decay_k = _intra_grads(q, k, v, g, do, A, free)   # [B, NC, H, C, K | V]
     decay_chunk = decay_q[..., -1, :].clone()                        # [B, NC, H, K] (decay_q becomes q * decay_q)
-    k_decayed = k * decay_k                                          # [B, NC, H, C, K]
+    k_decayed = _mul_to(_spare(free, k), k, decay_k)                 # [B, NC, H, C, K]
     kept = states is not None
     if not kept:   # stages 2 and 3 again: the states at the chunks' starts
-        states = _walk(k_decayed.transpose(-1, -2) @ v, decay_chunk, _start_state(h0, q, v, grid), grid)[0]
+        states = _walk(_bmm(k_decayed.transpose(-1, -2), v), decay_chunk, _start_state(h0, q, v, grid), grid)[0]
     # 4. off-diagonal output: dq through the states                   states: [B, NC, H, K, V]
-    dq.addcmul_(do @ states.transpose(-1, -2), decay_q)
+    tmp = _spare(free, q)                                            # [B, NC, H, C, K]
+    dq.addcmul_(_bmm(do, states.transpose(-1, -2), tmp), decay_q)
     # 3. state passing, backwards: dstates at the chunks' ends, dS before the first chunk
     dS = q.new_zeros((grid.N,) + states.shape[-3:]) if dht is None else grid.sort(dht.to(q.dtype))   # [N, H, K, V]
     # each chunk's own contribution q_decayed^T do, replaced by the gradients at the chunks' ends   [B, NC, H, K, V]
     dstates, dS = _walk(decay_q.mul_(q).transpose(-1, -2) @ do, decay_chunk, dS, grid, reverse=True)
-    dg_passing = (states * dstates if kept else states.mul_(dstates)).sum(-1).mul_(decay_chunk)   # [B, NC, H, K]
+    # row sums of states * dstates: kept states as batched dot products (no temporary of the states' size), else the
+    # product in place and its sum (faster on a CPU than the dot products)
+    sdS = torch.einsum('...kv,...kv->...k', states, dstates) if kept else states.mul_(dstates).sum(-1)
+    dg_passing = sdS.mul_(decay_chunk)                               # [B, NC, H, K]
     del states                                                       # (a kept tensor stays as saved)
-    # 2. chunk states
-    dk_inter = (v @ dstates.transpose(-1, -2)).mul_(decay_k)         # [B, NC, H, C, K]
+    # 2. chunk states: dk_inter = dk_states * decay_k, multiplied out in `_dg_and_finish`
+    dk_states = _bmm(v, dstates.transpose(-1, -2), tmp)              # [B, NC, H, C, K]
     dv.view(-1, *dv.shape[-2:]).baddbmm_(k_decayed.view(-1, *k.shape[-2:]), dstates.view(-1, *dstates.shape[-2:]))
-    dg = _dg(q, k, dq, dk, dk_inter, dg_passing)                     # [B, NC, H, C, K]
-    _finish_grads(q, k, v, do, dq, dk, dk_inter)
+    dg = _dg_and_finish(q, k, dq, dk, k_decayed, dk_states, decay_k, vdo, dg_passing, [decay_q])   # q * decay_q: dead
     return dq, dk, dv, dg, grid.unsort(dS)
 
 # %% ../../nbs/04_chunk.ipynb #861af116
@@ -566,10 +600,10 @@ def _fused_fwd(q, k, v, g, h0, grid, prod=None):
 def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     "`_chunk_bwd` walking the chunks with checkpointed states, about 2 sqrt(NC) of them at a time."
     # 1. diagonal blocks
-    dq, dk, dv, decay_q, decay_k = _intra_grads(q, k, v, g, do, A)   # [B, NC, H, C, K | V]
+    dq, dk, dv, vdo, decay_q, decay_k = _intra_grads(q, k, v, g, do, A)   # [B, NC, H, C, K | V]
     decay_chunk = decay_q[..., -1, :]                                # [B, NC, H, K]
     q_decayed, k_decayed = q * decay_q, k * decay_k                  # [B, NC, H, C, K]
-    dk_inter, dg_passing = torch.zeros_like(k), torch.zeros_like(decay_chunk)
+    dk_states, dg_passing = torch.zeros_like(k), torch.zeros_like(decay_chunk)
 
     def step(S, j):
         "Stages 2 and 3 at step j: the states active at step j, and all states after it."
@@ -596,14 +630,13 @@ def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
             # 4. off-diagonal output
             grid.put(dq, j, grid.take(dq, j) + (do_j @ Sj.transpose(-1, -2)) * grid.take(decay_q, j))
             # 2. chunk states
-            grid.put(dk_inter, j, (grid.take(v, j) @ dSj.transpose(-1, -2)) * grid.take(decay_k, j))
+            grid.put(dk_states, j, grid.take(v, j) @ dSj.transpose(-1, -2))   # dk_inter without decay_k
             grid.put(dv, j, grid.take(dv, j) + grid.take(k_decayed, j) @ dSj)
             # 3. state passing, backwards
             grid.put(dg_passing, j, decay_chunk_j * (Sj * dSj).sum(-1))
             dS = grid.advance(dS, j, torch.addcmul(grid.take(q_decayed, j).transpose(-1, -2) @ do_j,
                                                    decay_chunk_j[..., None], dSj))
-    dg = _dg(q, k, dq, dk, dk_inter, dg_passing)
-    _finish_grads(q, k, v, do, dq, dk, dk_inter)
+    dg = _dg_and_finish(q, k, dq, dk, k_decayed, dk_states, decay_k, vdo, dg_passing, [q_decayed])   # dead now
     return dq, dk, dv, dg, grid.unsort(dS)
 
 # %% ../../nbs/04_chunk.ipynb #bf43f488
@@ -673,10 +706,12 @@ class ChunkGLAFunction(torch.autograd.Function):
         qc, kc, vc, gc = (grid.to_chunks(x, acc) for x in (q, k, v, g))
         doc = torch.zeros_like(vc) if do is None else grid.to_chunks(do, acc, ctx.scale)
         with _flush_denormals(q.device):
-            dq, dk, dv, dg, dh0 = (_fused_bwd if ctx.fused else _chunk_bwd)(qc, kc, vc, gc, h0, doc, dht, grid, A,
-                                                                              states)
-        return (grid.from_chunks(dq, q.dtype), grid.from_chunks(dk, k.dtype), grid.from_chunks(dv, v.dtype),
-                grid.from_chunks(dg, g.dtype), None, None if h0 is None else dh0.to(h0.dtype), None, None)
+            grads = list((_fused_bwd if ctx.fused else _chunk_bwd)(qc, kc, vc, gc, h0, doc, dht, grid, A, states))
+        del qc, kc, vc, gc, doc   # freed before the outputs are allocated, which can then take their memory
+        for i, x in enumerate((q, k, v, g)):   # each chunk-layout gradient freed as soon as it is converted
+            grads[i] = grid.from_chunks(grads[i], x.dtype)
+        dh0 = grads[4]
+        return (*grads[:4], None, None if h0 is None else dh0.to(h0.dtype), None, None)
 
 # %% ../../nbs/04_chunk.ipynb #bf3a8146
 def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
