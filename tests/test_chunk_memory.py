@@ -26,7 +26,7 @@ def test_forward_peak_on_the_cuda_path(monkeypatch, one_product):
     monkeypatch.setitem(chunk._ONE_PRODUCT, 'cpu', one_product)
     B, T, H, K, V, C = 1, 1024, 4, 128, 128, 64
     n = 4   # chunks per slab
-    monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', chunk._SLAB_BYTES['cuda'] * (B * H * n) // (4 * 16 * 16))
+    monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', (32 << 20) * (B * H * n) // (4 * 16 * 16))
     q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True) for D in (K, K, V))
     g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16().requires_grad_()
     assert chunk._slab_chunks(q, v, chunk._Fixed(B, T, C)) == n

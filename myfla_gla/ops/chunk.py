@@ -157,7 +157,7 @@ def _intra_levels(q, k, g, overwrite=False, prod=None):
 # %% ../../nbs/04_chunk.ipynb #a1e0b7c2
 # per device type: stage 1 and its backward in one product where the span allows (CPU: 0.8x the time with weak
 # gates, see the design notes); off on CUDA until it has been timed and checked against FLA on a GPU
-_ONE_PRODUCT = {'cuda': False, 'cpu': True}
+_ONE_PRODUCT = {'cuda': True, 'cpu': True}
 
 # The largest span (max |b - r| over a chunk's rows and channels) taken in one product, by the dtype of the
 # product's operands: half of its exponent range each way (float32 and bf16 e^±87, float16 e^±9.7, float64
@@ -643,7 +643,7 @@ def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
 # per device type: the eager forward's slabs of chunks hold at most this many bytes of a float32 chunk copy of q
 # (`[B, slab, H, C, max(K, V)]`); a device type not listed takes all chunks at once. CUDA: a quarter of the chunks
 # at the gpu1 shape (B=4 T=4096 H=16 K=V=128); CPU: the fastest measured here. See the design notes
-_SLAB_BYTES = {'cuda': 32 << 20, 'cpu': 2 << 20}
+_SLAB_BYTES = {'cpu': 2 << 20}
 
 
 def _slab_chunks(q, v, grid):
