@@ -1,5 +1,5 @@
-"""The eager forward's memory (`_forward`'s slabs of chunks): its peak on the CUDA code path, measured on the CPU at a
-shape scaled down from the GPU benchmark's, against a budget of its tensors; slabs of any size give the numbers of one
+"""The eager forward's memory (`_forward`'s slabs of chunks): its peak in slabs with the CUDA code path's other
+switches, measured on the CPU at a shape scaled down from the GPU benchmark's, against a budget of its tensors; slabs of any size give the numbers of one
 pass, outputs and gradients, bitwise."""
 import pytest
 import torch
@@ -12,9 +12,10 @@ from test_chunk import NAMES, check
 
 
 @pytest.mark.parametrize('one_product', [False, True])
-def test_forward_peak_on_the_cuda_path(monkeypatch, one_product):
+def test_forward_peak_in_slabs(monkeypatch, one_product):
     """The gpu1 benchmark's shape (B=4 T=4096 H=16 K=V=128, bf16, 64 chunks) scaled to B=1 T=1024 H=4: 16 chunks, and
-    the CUDA budget scaled so that a slab is a quarter of the chunks there as at gpu1 (16 of 64). The forward's peak
+    a budget of 32 MiB at gpu1 (a quarter of the chunks, 16 of 64; CUDA's default is one slab, see the chunk
+    chapter's design notes) scaled to a quarter of the chunks here. The forward's peak
     (grad enabled, the output included) is what stays until the end, the output and A, plus one slab's working set
     at stage 2: its float32 chunk copies of q, k, v and g, `decay_k`, A v, A and the local states, plus the carried
     state and the walk's two. Another float32 tensor of one slab's chunks (a quarter of the 2 MiB a float32 copy of q

@@ -156,7 +156,7 @@ def _intra_levels(q, k, g, overwrite=False, prod=None):
 
 # %% ../../nbs/04_chunk.ipynb #a1e0b7c2
 # per device type: stage 1 and its backward in one product where the span allows (CPU: 0.8x the time with weak
-# gates, see the design notes); off on CUDA until it has been timed and checked against FLA on a GPU
+# gates; H100: 0.8x; see the design notes)
 _ONE_PRODUCT = {'cuda': True, 'cpu': True}
 
 # The largest span (max |b - r| over a chunk's rows and channels) taken in one product, by the dtype of the
@@ -641,8 +641,9 @@ def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
 
 # %% ../../nbs/04_chunk.ipynb #bf43f488
 # per device type: the eager forward's slabs of chunks hold at most this many bytes of a float32 chunk copy of q
-# (`[B, slab, H, C, max(K, V)]`); a device type not listed takes all chunks at once. CUDA: a quarter of the chunks
-# at the gpu1 shape (B=4 T=4096 H=16 K=V=128); CPU: the fastest measured here. See the design notes
+# (`[B, slab, H, C, max(K, V)]`); a device type not listed takes all chunks at once. CPU: the fastest measured
+# here. CUDA: one slab (on an H100 slabs of a quarter of the chunks cut the forward's peak 2.7x, but their launches
+# made it 1.3x slower). See the design notes
 _SLAB_BYTES = {'cpu': 2 << 20}
 
 

@@ -8,8 +8,10 @@ smallest levels as broadcast products (`_BROADCAST_ROWS`), the forward's chunk s
 (`_KEEP_STATES`), products of bf16 operands on tensor cores (`_HALF_PRODUCTS`). `fla` adds FLA's Triton `chunk_gla` (autotuned by its first calls, then timed the same way);
 `compile` the `torch.compile`d op for the variants in `COMPILED`; `--eager`/`--compiled` select variants by name (comma-
 separated). 'default' is the module's own setting; 'one product' and 'levels' turn the intra-chunk attention in one
-product where the chunk's span allows (`_ONE_PRODUCT`) on and off; 'one slab', 'slabs of 16 MiB' and 'slabs of
-64 MiB' set the eager forward's slab budget (`_SLAB_BYTES`; the default, 32 MiB, is a quarter of the chunks here).
+product where the chunk's span allows (`_ONE_PRODUCT`) on and off; 'one slab', 'slabs of 16 MiB', 'slabs of 32 MiB'
+and 'slabs of 64 MiB' set the eager forward's slab budget (`_SLAB_BYTES`; CUDA's default is one slab, 32 MiB is a
+quarter of the chunks here), with the levels; 'one product, one slab' and 'one product, slabs of 32 MiB' with the one
+product.
 `stage` times stage 1 alone (the intra-chunk attention `A` of the forward, and its backward), the dyadic levels
 against the one-product form (`_intra_attention` with the switch on: all chunks in one product at normaliser 1, all
 flagged and so computed both ways at 0.02) and a two-level scheme of 16-token sub-chunks (`intra_two_level`), eager
@@ -26,6 +28,7 @@ the mixes also the flagged chunks' levels by indexing (the op's way) against the
 gpu1 shape on the CPU (the switches' CUDA values set for the CPU, `myfla_gla.bench._cpu_peak_bytes`), with the
 one-product stage 1 off and on."""
 import json
+import re
 import sys
 
 import torch
@@ -43,24 +46,30 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False),
          'dyadic levels (again)': dict(rows=0, keep=False, one=False), 'default': {},
          'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
-         'one product': dict(one=True), 'one slab': dict(slab=None), 'slabs of 16 MiB': dict(slab=16 << 20),
-         'slabs of 64 MiB': dict(slab=64 << 20)}
+         'one product': dict(one=True), 'one slab': dict(one=False, slab=None),
+         'slabs of 16 MiB': dict(one=False, slab=16 << 20), 'slabs of 32 MiB': dict(one=False, slab=32 << 20),
+         'one product, one slab': dict(one=True, slab=None), 'one product, slabs of 32 MiB': dict(one=True, slab=32 << 20),
+         'slabs of 64 MiB': dict(one=False, slab=64 << 20)}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
             'one product': dict(one=True)}
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
-               half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES['cuda'])
+               half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES.get('cuda'))
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
-    COMPILED = {k: COMPILED[k] for k in sys.argv[sys.argv.index('--compiled') + 1].split(',')}
+    COMPILED = {k: COMPILED[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--compiled') + 1])}
 if '--eager' in sys.argv:
-    EAGER = {k: EAGER[k] for k in sys.argv[sys.argv.index('--eager') + 1].split(',')}
+    EAGER = {k: EAGER[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--eager') + 1])}
 
 
 def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one'],
             slab=DEFAULT['slab']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
-    chunk._ONE_PRODUCT['cuda'], chunk._SLAB_BYTES['cuda'] = one, slab
+    chunk._ONE_PRODUCT['cuda'] = one
+    if slab is None:
+        chunk._SLAB_BYTES.pop('cuda', None)   # a device type not listed: one slab
+    else:
+        chunk._SLAB_BYTES['cuda'] = slab
 
 
 def intra_two_level(q, k, g, S=16):
