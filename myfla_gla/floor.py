@@ -45,7 +45,9 @@ def _time_s(fn, device, min_run_time, stat='median'):
     "Seconds of a call of `fn`: the `stat` of torch.utils.benchmark's runs on this process's threads (CUDA synced)."
     fn()
     timer = Timer('fn()', globals={'fn': fn}, num_threads=torch.get_num_threads())   # the Timer's default: one thread
-    m = timer.adaptive_autorange(min_run_time=min_run_time)
+    # blocked, not adaptive_autorange: its stop test re-sorts every run so far after each one, which on a busy machine
+    # (many short runs that never meet its confidence) took minutes for a tiny shape
+    m = timer.blocked_autorange(min_run_time=min_run_time)
     return m.median if stat == 'median' else min(m.times)
 
 
