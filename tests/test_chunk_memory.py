@@ -1,6 +1,7 @@
-"""The eager forward's memory (`_forward`'s slabs of chunks): its peak in slabs with the CUDA code path's other
-switches, measured on the CPU at a shape scaled down from the GPU benchmark's, against a budget of its tensors; slabs of any size give the numbers of one
-pass, outputs and gradients, bitwise."""
+"""The eager op's memory (`_forward`'s and `_backward`'s slabs of chunks): the forward's peak in slabs with the CUDA
+code path's other switches, measured on the CPU at a shape scaled down from the GPU benchmark's, against a budget of its
+tensors, and the forward+backward's against one pass; slabs of any size give the numbers of one pass, outputs and
+gradients, bitwise."""
 import pytest
 import torch
 
@@ -18,7 +19,8 @@ def test_forward_peak_in_slabs(monkeypatch, one_product):
     chapter's design notes) scaled to a quarter of the chunks here. The forward's peak
     (grad enabled, the output included) is what stays until the end, the output and A, plus one slab's working set
     at stage 2: its float32 chunk copies of q, k, v and g, `decay_k`, A v, A and the local states, plus the carried
-    state and the walk's two. Another float32 tensor of one slab's chunks (a quarter of the 2 MiB a float32 copy of q
+    state and the walk's two, and the initial states of the slabs before (kept for the backward). Another float32
+    tensor of one slab's chunks (a quarter of the 2 MiB a float32 copy of q
     takes here) breaks the bound; the forward before slabs peaked at 17.5 MiB here. Both stage 1 forms (one product,
     the levels) stay within it. The bound is also within 1.5x FLA's forward: its output, g's cumulative sum (float32),
     A and the chunk states (bf16)."""
@@ -37,7 +39,8 @@ def test_forward_peak_in_slabs(monkeypatch, one_product):
     copy, state = B * n * H * C * max(K, V) * f32, B * H * K * V * f32    # a slab's float32 chunk copy; one state
     slab = 6 * copy + n * B * H * C * C * f32 + n * state                 # 4 copies, decay_k, A v; A; local states
     small = 16 << 10                                                      # [B, n, H, K] decay factors of chunk ends
-    assert peak <= out + A + slab + 3 * state + small, peak
+    starts = (T // C // n - 1) * state                                    # the slabs' initial states but the first
+    assert peak <= out + A + slab + 3 * state + starts + small, peak
     fla = out + B * T * H * K * f32 + A + B * (T // C) * H * K * V * 2
     assert peak <= 1.5 * fla, (peak, fla)
 
@@ -48,17 +51,48 @@ def test_forward_peak_in_slabs(monkeypatch, one_product):
 def test_slabs_give_the_numbers_of_one_pass(monkeypatch, dtype, T, keep, per_slab):
     """Slabs of 1 and 3 chunks (a made-up CPU budget) over 4 chunks, the last partial (T=200) or whole (T=256), with an
     initial state and a final state's gradient, and with the chunk states kept for the backward (`_KEEP_STATES`):
-    every output and gradient of both ops bitwise those of one pass, and within the bounds against the float64
-    recurrence."""
+    every output and gradient of both ops bitwise those of one pass, the backward run slab by slab too (its chunk
+    backward called once per slab), and within the bounds against the float64 recurrence."""
     monkeypatch.setitem(chunk._KEEP_STATES, 'cpu', keep)
+    calls = {}
+    for name in ('_chunk_bwd', '_fused_bwd'):   # counted: `_backward` looks them up at each call
+        def counted(*args, name=name, fn=getattr(chunk, name)):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args)
+        monkeypatch.setattr(chunk, name, counted)
     x = op_inputs('cpu', dtype, 2, T, 2, 16, 8, seed=None)
     monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', None)
     one_pass = {fn: run_op(fn, x) for fn in (chunk_gla, fused_chunk_gla)}
+    assert calls == {'_chunk_bwd': 1, '_fused_bwd': 1}, calls
     acc = torch.promote_types(dtype, torch.float32)
     monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', per_slab * 2 * 2 * 64 * 16 * acc.itemsize)
     assert chunk._slab_chunks(x['q'], x['v'], chunk._Fixed(2, T, 64)) == per_slab
+    calls.clear()
     for fn, ref in one_pass.items():
         got = run_op(fn, x)
         for name in NAMES:
             assert torch.equal(got[name], ref[name]), (fn.__name__, name)
+    slabs = -(-4 // per_slab)
+    assert calls == {'_chunk_bwd': slabs, '_fused_bwd': slabs}, calls
     check(2, T, 2, 16, 8, dtype, ratio=1e-12 if dtype == torch.float64 else None)
+
+
+def test_forward_backward_peak_in_slabs(monkeypatch):
+    """The forward+backward's peak (the CPU's switches, bf16, B=1 T=1024 H=4 K=V=128: 16 chunks, slabs of 4) is what
+    stays for the whole problem, the output, A (float32), the four input gradients and the slabs' initial states, plus
+    the backward's working set of one slab, in float32 chunk copies of a slab: those of q, k, v, g and do, dq, dk, dv,
+    `decay_k`, `k * decay_k`, a spare, stage 1's two factors, dA (half of one), the chunk states and their gradients
+    (two each): 18. One pass peaked at 32.80 MiB here, slabs at 15.51 MiB; another float32 tensor of the whole problem
+    (2 MiB) breaks the bound."""
+    B, T, H, K, V, C, n = 1, 1024, 4, 128, 128, 64, 4
+    f32 = 4
+    monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', B * n * H * C * max(K, V) * f32)
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True) for D in (K, K, V))
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16().requires_grad_()
+    do = torch.randn(B, T, H, V, dtype=torch.bfloat16)
+    assert chunk._slab_chunks(q, v, chunk._Fixed(B, T, C)) == n
+    peak = _cpu_peak_bytes(lambda: torch.autograd.grad(chunk_gla(q, k, v, g)[0], (q, k, v, g), do))
+    out, A, grads = B * T * H * V * 2, B * T * H * C * f32, B * T * H * (3 * K + V) * 2
+    copy, state = B * n * H * C * max(K, V) * f32, B * H * K * V * f32    # a slab's float32 chunk copy; one state
+    starts, small = (T // C // n - 1) * state, 16 << 10
+    assert peak <= out + A + grads + starts + 18 * copy + small, peak

@@ -640,16 +640,16 @@ def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     return dq, dk, dv, dg, grid.unsort(dS)
 
 # %% ../../nbs/04_chunk.ipynb #bf43f488
-# per device type: the eager forward's slabs of chunks hold at most this many bytes of a float32 chunk copy of q
-# (`[B, slab, H, C, max(K, V)]`); a device type not listed takes all chunks at once. CPU: the fastest measured
-# here. CUDA: one slab (on an H100 slabs of a quarter of the chunks cut the forward's peak 2.7x, but their launches
-# made it 1.3x slower). See the design notes
+# per device type: the eager forward's and backward's slabs of chunks hold at most this many bytes of a float32
+# chunk copy of q (`[B, slab, H, C, max(K, V)]`); a device type not listed takes all chunks at once. CPU: the
+# fastest measured here. CUDA: one slab (on an H100 slabs of a quarter of the chunks cut the forward's peak 2.7x,
+# but their launches made it 1.3x slower). See the design notes
 _SLAB_BYTES = {'cpu': 2 << 20}
 
 
 def _slab_chunks(q, v, grid):
-    """Chunks per slab of `_forward`: by `_SLAB_BYTES`, at least one; all of them for packed sequences and under
-    `torch.compile`."""
+    """Chunks per slab of `_forward` and `_backward`: by `_SLAB_BYTES`, at least one; all of them for packed sequences
+    and under `torch.compile`."""
     budget = _SLAB_BYTES.get(q.device.type)
     if budget is None or not isinstance(grid, _Fixed) or torch.compiler.is_compiling():
         return grid.NC
@@ -657,23 +657,31 @@ def _slab_chunks(q, v, grid):
     return max(1, budget // (grid.B * q.shape[2] * grid.C * max(q.shape[-1], v.shape[-1]) * acc.itemsize))
 
 
-def _forward(q, k, v, g, scale, h0, grid, fused):
+def _slabs(grid, n):
+    "A fixed-length grid's slabs of `n` consecutive chunks, first to last: (token slice, chunk slice, the slab's grid)."
+    for c0 in range(0, grid.NC, n):
+        tokens = slice(c0 * grid.C, min((c0 + n) * grid.C, grid.T))
+        yield tokens, slice(c0, c0 + n), _Fixed(grid.B, tokens.stop - tokens.start, grid.C)
+
+
+def _forward(q, k, v, g, scale, h0, grid, fused, n):
     """The forward from `[B, T, H, D]` inputs: `o` `[B, T, H, V]` in v's dtype (times `scale`), the final state (in the
-    grid's order), `A` `[B, NC, H, C, C]` and the chunk states (where `_keep_states`, else None). Slab by slab of
-    `_slab_chunks` chunks, each slab's final state the next one's initial state."""
+    grid's order), `A` `[B, NC, H, C, C]`, the chunk states (where `_keep_states`, else None) and the initial states of
+    the slabs after the first (for `_backward`). Slab by slab of `n` chunks (`_slab_chunks`), each slab's final state
+    the next one's initial state; `n` >= NC: one pass, for any grid."""
     acc, prod = torch.promote_types(q.dtype, torch.float32), _product_dtype(q)
     fwd, keep = _fused_fwd if fused else _chunk_fwd, _keep_states(q) and not fused
-    n = _slab_chunks(q, v, grid)
     if n >= grid.NC:
         o, ht, A, states = fwd(*(grid.to_chunks(x, acc) for x in (q, k, v, g)), h0, grid, prod)
-        return grid.from_chunks(o, v.dtype, scale), ht, A, states if keep else None
-    B, T, H, C = grid.B, grid.T, q.shape[2], grid.C
+        return grid.from_chunks(o, v.dtype, scale), ht, A, states if keep else None, []
+    B, H, C = grid.B, q.shape[2], grid.C
     o = v.new_empty(v.shape)                                                              # [B, T, H, V]
     A = q.new_empty(B, grid.NC, H, C, C, dtype=acc)                                       # [B, NC, H, C, C]
     states = q.new_empty(B, grid.NC, H, q.shape[-1], v.shape[-1], dtype=acc) if keep else None
-    for c0 in range(0, grid.NC, n):
-        tokens, chunks = slice(c0 * C, min((c0 + n) * C, T)), slice(c0, c0 + n)
-        slab = _Fixed(B, tokens.stop - tokens.start, C)
+    starts = []                                                                           # [B, H, K, V] each
+    for tokens, chunks, slab in _slabs(grid, n):
+        if chunks.start:
+            starts.append(h0)   # fresh (a slab's final state), a few hundred KiB: cheaper kept than recomputed
         o_slab, h0, A_slab, states_slab = fwd(*(slab.to_chunks(x[:, tokens], acc) for x in (q, k, v, g)), h0, slab,
                                               prod)
         slab.from_chunks(o_slab, v.dtype, scale, out=o[:, tokens])
@@ -681,7 +689,33 @@ def _forward(q, k, v, g, scale, h0, grid, fused):
         if keep:
             states[:, chunks] = states_slab
         del o_slab, A_slab, states_slab   # before the next slab's are made
-    return o, h0, A, states
+    return o, h0, A, states, starts
+
+
+def _backward(q, k, v, g, do, scale, h0, dht, grid, A, states, fused, n, starts):
+    """The backward to `[B, T, H, D]` gradients of q, k, v, g in their dtypes, and dL/dh0 `[N, H, K, V]` (float32 or
+    float64, in the grid's order), from `_forward`'s inputs and results (`do` `[B, T, H, V]` unscaled, or None). Slab
+    by slab as `_forward`, last to first: each slab from its initial state (h0, then `starts`) and the gradient at its
+    end (`dht` for the last, else the next slab's dL/dh0); only one slab's chunk copies are live at a time."""
+    acc, bwd, xs = torch.promote_types(q.dtype, torch.float32), _fused_bwd if fused else _chunk_bwd, (q, k, v, g)
+    if n >= grid.NC:
+        qc, kc, vc, gc = (grid.to_chunks(x, acc) for x in xs)
+        doc = torch.zeros_like(vc) if do is None else grid.to_chunks(do, acc, scale)
+        grads = list(bwd(qc, kc, vc, gc, h0, doc, dht, grid, A, states))
+        del qc, kc, vc, gc, doc   # freed before the outputs are allocated, which can then take their memory
+        for i, x in enumerate(xs):   # each chunk-layout gradient freed as soon as it is converted
+            grads[i] = grid.from_chunks(grads[i], x.dtype)
+        return grads
+    grads = [x.new_empty(x.shape) for x in xs]                                            # [B, T, H, D] each
+    for (tokens, chunks, slab), h0 in reversed(list(zip(_slabs(grid, n), [h0, *starts]))):
+        qc, kc, vc, gc = (slab.to_chunks(x[:, tokens], acc) for x in xs)
+        doc = torch.zeros_like(vc) if do is None else slab.to_chunks(do[:, tokens], acc, scale)
+        *d, dht = bwd(qc, kc, vc, gc, h0, doc, dht, slab, A[:, chunks], None if states is None else states[:, chunks])
+        del qc, kc, vc, gc, doc
+        for out, d_slab in zip(grads, d):
+            slab.from_chunks(d_slab, out.dtype, out=out[:, tokens])
+        del d   # before the next slab's are made
+    return [*grads, dht]
 
 # %% ../../nbs/04_chunk.ipynb #778db92d
 class ChunkGLAFunction(torch.autograd.Function):
@@ -691,10 +725,11 @@ class ChunkGLAFunction(torch.autograd.Function):
     @autocast_off
     def forward(ctx, q, k, v, g, scale, initial_state, fused, varlen):
         grid = varlen if varlen is not None else _Fixed(q.shape[0], q.shape[1], _chunk_size(q.shape[1]))
+        n = _slab_chunks(q, v, grid)   # the backward's slabs are the forward's: it starts them from the saved states
         with _flush_denormals(q.device):
-            o, ht, A, states = _forward(q, k, v, g, scale, initial_state, grid, fused)
-        ctx.save_for_backward(q, k, v, g, initial_state, A, states)
-        ctx.scale, ctx.fused, ctx.grid = scale, fused, grid
+            o, ht, A, states, starts = _forward(q, k, v, g, scale, initial_state, grid, fused, n)
+        ctx.save_for_backward(q, k, v, g, initial_state, A, states, *starts)
+        ctx.scale, ctx.fused, ctx.grid, ctx.slab_chunks = scale, fused, grid, n
         ctx.set_materialize_grads(False)
         return o, ht
 
@@ -702,17 +737,11 @@ class ChunkGLAFunction(torch.autograd.Function):
     @autocast_off
     def backward(ctx, do, dht):
         check_no_double_backward('fused_chunk_gla' if ctx.fused else 'chunk_gla')
-        q, k, v, g, h0, A, states = ctx.saved_tensors
-        grid, acc = ctx.grid, torch.promote_types(q.dtype, torch.float32)
-        qc, kc, vc, gc = (grid.to_chunks(x, acc) for x in (q, k, v, g))
-        doc = torch.zeros_like(vc) if do is None else grid.to_chunks(do, acc, ctx.scale)
+        q, k, v, g, h0, A, states, *starts = ctx.saved_tensors
         with _flush_denormals(q.device):
-            grads = list((_fused_bwd if ctx.fused else _chunk_bwd)(qc, kc, vc, gc, h0, doc, dht, grid, A, states))
-        del qc, kc, vc, gc, doc   # freed before the outputs are allocated, which can then take their memory
-        for i, x in enumerate((q, k, v, g)):   # each chunk-layout gradient freed as soon as it is converted
-            grads[i] = grid.from_chunks(grads[i], x.dtype)
-        dh0 = grads[4]
-        return (*grads[:4], None, None if h0 is None else dh0.to(h0.dtype), None, None)
+            *grads, dh0 = _backward(q, k, v, g, do, ctx.scale, h0, dht, ctx.grid, A, states, ctx.fused,
+                                    ctx.slab_chunks, starts)
+        return (*grads, None, None if h0 is None else dh0.to(h0.dtype), None, None)
 
 # %% ../../nbs/04_chunk.ipynb #bf3a8146
 def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
