@@ -1,4 +1,4 @@
-"""The intra-chunk attention in one product (`_ONE_PRODUCT`, on for CPUs; off on CUDA until timed): chunk_gla and
+"""The intra-chunk attention in one product (`_ONE_PRODUCT`, on for CPUs and CUDA): chunk_gla and
 fused_chunk_gla against the float64 recurrence (outputs, final states, every gradient) where every chunk takes one
 product, where every chunk is flagged and takes the dyadic levels, and where one batch mixes both (calls counted);
 odd lengths, one token, packed sequences with empty ones, bf16 and fp16 (also with half-precision products); the span
