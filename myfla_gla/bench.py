@@ -316,8 +316,9 @@ _exported.cache = {}
 
 def _export_case(inp):
     program, seconds = _exported(inp.cfg)
+    seconds = round(seconds, 2)   # the record's number and the note's say the same
     run, qkvg = program.module(), (inp.q, inp.k, inp.v, inp.g)
-    return Case(lambda: run(*qkvg), list(qkvg), inp.op_ref, fwd_only=True, info=dict(export_s=round(seconds, 2)),
+    return Case(lambda: run(*qkvg), list(qkvg), inp.op_ref, fwd_only=True, info=dict(export_s=seconds),
                 note=f'forward only (an inference graph); exported once in {seconds:.1f} s')
 
 def _onnx_session(cfg: BenchConfig):
@@ -351,11 +352,11 @@ def _onnx_case(inp):
         raise NotAvailable(f'ONNX Runtime runs here in float32 or float64 only, not {cfg.dtype}')
     import onnxruntime
     session, seconds = _onnx_session(cfg)
-    seconds += _exported(cfg)[1]
+    seconds = round(seconds + _exported(cfg)[1], 2)
     threads = session.get_session_options().intra_op_num_threads
     feeds = {n: x.detach().numpy() for n, x in zip('qkvg', (inp.q, inp.k, inp.v, inp.g))}
     return Case(lambda: torch.from_numpy(session.run(['o'], feeds)[0]), [], inp.op_ref, fwd_only=True, memory=False,
-                info=dict(export_s=round(seconds, 2), onnxruntime=onnxruntime.__version__, ort_threads=threads),
+                info=dict(export_s=seconds, onnxruntime=onnxruntime.__version__, ort_threads=threads),
                 note=f'forward only (an inference graph); exported once (torch.export, ONNX, session) in '
                      f"{seconds:.1f} s; onnxruntime {onnxruntime.__version__}, {threads} thread{'s' * (threads > 1)} "
                      'as torch; memory: its own allocator, not measured')

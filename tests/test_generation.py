@@ -2,6 +2,7 @@
 transformers' `generate` give the tokens of a generation from scratch; sampling settings and `logits_to_keep`
 that cannot work raise, as transformers' own models do."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -200,9 +201,11 @@ def test_logits_to_keep(model):
     ids, _ = _prompt(padded=False)
     with torch.no_grad():
         full = model(ids).logits
-        assert torch.equal(model(ids, logits_to_keep=3).logits, full[:, -3:])
-        assert torch.equal(model(ids, logits_to_keep=0).logits, full)
-        assert torch.equal(model(ids, logits_to_keep=torch.tensor([0, 4])).logits, full[:, [0, 4]])
+        # float64, to rounding: the head's product over fewer rows may take another BLAS kernel
+        same = functools.partial(torch.testing.assert_close, rtol=1e-12, atol=1e-12)
+        same(model(ids, logits_to_keep=3).logits, full[:, -3:])
+        same(model(ids, logits_to_keep=0).logits, full)
+        same(model(ids, logits_to_keep=torch.tensor([0, 4])).logits, full[:, [0, 4]])
         with pytest.raises(ValueError, match='`logits_to_keep` must be at least 0, got -3'):
             model(ids, logits_to_keep=-3)
         with pytest.raises(TypeError, match='`logits_to_keep` must be an integer'):

@@ -127,8 +127,8 @@ def test_packed_sequences_equal_each_alone():
             alone, _, c = layer(xs[n], lower_bound=bound, past_key_values=Cache(), use_cache=True)
             assert get_err_ratio(alone, packed[:, s:e]) < 1e-12
             assert get_err_ratio(c[1]['recurrent_state'][0], cache[1]['recurrent_state'][n]) < 1e-12
-            for a, b in zip(c[1]['conv_state'], cache[1]['conv_state']):
-                assert torch.equal(a[0], b[n])
+            for a, b in zip(c[1]['conv_state'], cache[1]['conv_state']):   # projections of fewer rows: to rounding
+                torch.testing.assert_close(a[0], b[n], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('T', [10, 70])
