@@ -175,18 +175,24 @@ def _flagged(g, prod=None):
 def _factors(g, overwrite=False):
     """The chunk's `decay_q` = exp(b) and `decay_k` = exp(b_last - b) (floored, see `_floor`; `overwrite`: `decay_q` in
     g's memory), and the one-product factors `up` = exp(b - r), `down` = exp(r - b) `[..., C, K]` with r at b's
-    midrange. All but `decay_q` come from sums of g from the chunk's second token, b - b_0: the first gate enters no
-    pair of A, and left out it costs no digits where it is large."""
+    midrange. b is summed from the chunk's second token, b - b_0: the first gate enters no pair of A, and left out it
+    costs no digits where it is large. One exp of the chunk's size, `up`; the rest are products with it, its reciprocal
+    and exps of one row per chunk: `decay_q` = up e^(b_0 + r), `decay_k` = down e^r (on a CPU an exp costs some
+    eight times a product or a reciprocal)."""
     lo = _floor(g)
     b = F.pad(g[..., 1:, :], (0, 0, 1, 0)).cumsum_(-2)     # [..., C, K]: b_t - b_0
-    log_q = g.cumsum_(-2) if overwrite else g.cumsum(-2)    # [..., C, K]: b_t, with the first gate
-    log_k = b[..., -1:, :] - b                              # [..., C, K]: b_last - b_t
+    r = b[..., -1:, :] * 0.5                                # [..., 1, K]: the midrange of b_t - b_0, which falls from 0
+    up = b.sub_(r).exp_()                                   # [..., C, K]: exp(b - r), within e^±span (in b's memory)
+    down = torch.reciprocal(up)                             # [..., C, K]: exp(r - b)
+    log_c = g[..., :1, :] + r                               # [..., 1, K]: b_0 + r
+    if lo is not None:   # below this, every decay_q of the chunk is floored anyway (up <= e^limit): no denormals
+        log_c.clamp_min_(math.log(lo) - _SPAN_LIMIT[g.dtype])
+    decay_q = torch.mul(up, log_c.exp_(), out=g) if overwrite else up * log_c.exp_()
+    decay_k = down * r.exp_()
     if lo is not None:
-        log_q.clamp_min_(math.log(lo))
-        log_k.clamp_min_(math.log(lo))
-    up = b.sub_(b[..., -1:, :] * 0.5)                       # [..., C, K]: b - r, within ±span (in b's memory)
-    down = torch.neg(up).exp_()
-    return log_q.exp_(), log_k.exp_(), up.exp_(), down
+        decay_q.clamp_min_(lo)
+        decay_k.clamp_min_(lo)
+    return decay_q, decay_k, up, down
 
 
 def _intra_one_product(q, k, g, prod=None, overwrite=False):
