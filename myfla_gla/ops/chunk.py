@@ -180,7 +180,9 @@ def _factors(g, overwrite=False):
     and exps of one row per chunk: `decay_q` = up e^(b_0 + r), `decay_k` = down e^r (on a CPU an exp costs some
     eight times a product or a reciprocal)."""
     lo = _floor(g)
-    b = F.pad(g[..., 1:, :], (0, 0, 1, 0)).cumsum_(-2)     # [..., C, K]: b_t - b_0
+    b = torch.empty_like(g)                                 # [..., C, K]: b_t - b_0 (no fill of a fresh tensor)
+    b[..., :1, :] = 0
+    b[..., 1:, :].copy_(g[..., 1:, :]).cumsum_(-2)
     r = b[..., -1:, :] * 0.5                                # [..., 1, K]: the midrange of b_t - b_0, which falls from 0
     up = b.sub_(r).exp_()                                   # [..., C, K]: exp(b - r), within e^±span (in b's memory)
     down = torch.reciprocal(up)                             # [..., C, K]: exp(r - b)
@@ -278,6 +280,12 @@ def _copy(dst, src, scale=None):
     return dst.copy_(src).mul_(scale)
 
 
+def _reuse(buf, shape):
+    "A contiguous tensor of `shape` in the memory of `buf`, or None where `buf` is None or too small."
+    n = math.prod(shape)
+    return buf.view(-1)[:n].view(shape) if buf is not None and buf.numel() >= n else None
+
+
 class _Fixed:
     "B sequences of T tokens as chunk tensors `[B, NC, H, C, D]`; step j of the state walk is chunk j of every row."
 
@@ -285,11 +293,13 @@ class _Fixed:
         self.B, self.T, self.C, self.NC = B, T, C, -(-T // C)
         self.N, self.steps = B, self.NC
 
-    def to_chunks(self, x, dtype, scale=None):
-        "`[B, T, H, D]` -> `[B, NC, H, C, D]` in `dtype` (times `scale`), zeros after T."
+    def to_chunks(self, x, dtype, scale=None, buf=None):
+        """`[B, T, H, D]` -> `[B, NC, H, C, D]` in `dtype` (times `scale`), zeros after T; in the memory of `buf` (a
+        tensor of `dtype` whose values are dead) where it is large enough."""
         B, T, H, D = x.shape
         C, nf = self.C, T // self.C                                   # nf full chunks
-        out = x.new_empty(B, self.NC, H, C, D, dtype=dtype)           # [B, NC, H, C, D]
+        out = _reuse(buf, (B, self.NC, H, C, D))                      # [B, NC, H, C, D]
+        out = x.new_empty(B, self.NC, H, C, D, dtype=dtype) if out is None else out
         if nf:
             _copy(out[:, :nf], x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3), scale)
         if nf < self.NC:
@@ -684,12 +694,13 @@ def _forward(q, k, v, g, scale, h0, grid, fused, n):
     o = v.new_empty(v.shape)                                                              # [B, T, H, V]
     A = q.new_empty(B, grid.NC, H, C, C, dtype=acc)                                       # [B, NC, H, C, C]
     states = q.new_empty(B, grid.NC, H, q.shape[-1], v.shape[-1], dtype=acc) if keep else None
-    starts = []                                                                           # [B, H, K, V] each
+    starts, bufs = [], [None] * 4                                                         # [B, H, K, V] each
     for tokens, chunks, slab in _slabs(grid, n):
         if chunks.start:
             starts.append(h0)   # fresh (a slab's final state), a few hundred KiB: cheaper kept than recomputed
-        o_slab, h0, A_slab, states_slab = fwd(*(slab.to_chunks(x[:, tokens], acc) for x in (q, k, v, g)), h0, slab,
-                                              prod)
+        # each slab's chunk copies in the memory of the last one's: on a CPU fresh memory costs more than a pass
+        bufs = [slab.to_chunks(x[:, tokens], acc, buf=b) for x, b in zip((q, k, v, g), bufs)]
+        o_slab, h0, A_slab, states_slab = fwd(*bufs, h0, slab, prod)
         slab.from_chunks(o_slab, v.dtype, scale, out=o[:, tokens])
         A[:, chunks] = A_slab
         if keep:
@@ -712,12 +723,12 @@ def _backward(q, k, v, g, do, scale, h0, dht, grid, A, states, fused, n, starts)
         for i, x in enumerate(xs):   # each chunk-layout gradient freed as soon as it is converted
             grads[i] = grid.from_chunks(grads[i], x.dtype)
         return grads
-    grads = [x.new_empty(x.shape) for x in xs]                                            # [B, T, H, D] each
+    grads, bufs = [x.new_empty(x.shape) for x in xs], [None] * 5                         # [B, T, H, D] each
     for (tokens, chunks, slab), h0 in reversed(list(zip(_slabs(grid, n), [h0, *starts]))):
-        qc, kc, vc, gc = (slab.to_chunks(x[:, tokens], acc) for x in xs)
-        doc = torch.zeros_like(vc) if do is None else slab.to_chunks(do[:, tokens], acc, scale)
-        *d, dht = bwd(qc, kc, vc, gc, h0, doc, dht, slab, A[:, chunks], None if states is None else states[:, chunks])
-        del qc, kc, vc, gc, doc
+        qkvg = [slab.to_chunks(x[:, tokens], acc, buf=b) for x, b in zip(xs, bufs)]
+        doc = torch.zeros_like(qkvg[2]) if do is None else slab.to_chunks(do[:, tokens], acc, scale, buf=bufs[4])
+        *d, dht = bwd(*qkvg, h0, doc, dht, slab, A[:, chunks], None if states is None else states[:, chunks])
+        bufs = [*qkvg, doc]   # as in `_forward`: the next slab's chunk copies go into their memory
         for out, d_slab in zip(grads, d):
             slab.from_chunks(d_slab, out.dtype, out=out[:, tokens])
         del d   # before the next slab's are made
