@@ -1031,6 +1031,7 @@ _onnx_step = lambda: None
 _onnx_step.cache = None
 
 # %% ../nbs/08_bench.ipynb #13022fac
+@torch.no_grad()   # as transformers' `generate`: no autograd graph while decoding
 def greedy(runner: Runner, ids, new_tokens: int, device) -> tuple[float, float, list]:
     """`new_tokens` greedy tokens after the prompt `ids`: the prompt in one call (its last logits give the first
     token), then `new_tokens - 1` one-token calls. Seconds of the prompt's call, seconds of the decoding calls, and
@@ -1048,6 +1049,7 @@ def greedy(runner: Runner, ids, new_tokens: int, device) -> tuple[float, float, 
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, [[int(t) for t in row] for row in zip(*(tok[:, 0].tolist() for tok in tokens))]
 
+@torch.no_grad()
 def decode_at(runner: Runner, ids, steps: int, device, repeats: int = 1, pick=min) -> float:
     """ms per decoding step after a prompt of `ids.shape[1]` tokens (the prompt and one step untimed): `pick` of
     `repeats` timings of `steps` steps each (the context grows by `steps * repeats` tokens meanwhile)."""

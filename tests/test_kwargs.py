@@ -22,7 +22,7 @@ from myfla_gla import (GatedLinearAttention, causal_conv1d, chunk_gla, fused_chu
 PACKAGES = ('myfla_gla.ops', 'myfla_gla.modules')
 
 # constructor arguments for the exported classes (a new class with required arguments needs an entry)
-CTOR = {'hidden_size': 8, 'kernel_size': 2, 'intermediate_size': 16, 'dim': 8}
+CTOR = {'hidden_size': 8, 'kernel_size': 2, 'intermediate_size': 16, 'dim': 8, 'in_features': 8, 'out_features': 4}
 
 # callables whose `**kwargs` carry keys through on purpose, with the reason; each is tested elsewhere
 PASS_THROUGH = {

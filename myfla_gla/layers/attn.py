@@ -12,6 +12,7 @@ from einops import rearrange
 
 from ..cache import Cache, check_cache, require_cache_layer_idx
 from ..checks import InputError, check_int, check_number, check_tensor, warn_unknown_kwargs
+from ..modules.linear import Linear
 from ..modules.norms import RMSNorm
 from ..modules.rotary import RotaryEmbedding
 
@@ -149,10 +150,10 @@ class Attention(nn.Module):
         self.qkv_bias, self.qk_norm, self.window_size = qkv_bias, qk_norm, window_size
         self.rope_theta, self.max_position_embeddings, self.layer_idx = rope_theta, max_position_embeddings, layer_idx
 
-        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, self.kv_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, self.kv_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.q_proj = Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.k_proj = Linear(hidden_size, self.kv_dim, bias=qkv_bias)
+        self.v_proj = Linear(hidden_size, self.kv_dim, bias=qkv_bias)
+        self.o_proj = Linear(hidden_size, hidden_size, bias=False)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, dtype=torch.float32)
             self.k_norm = RMSNorm(self.head_dim, dtype=torch.float32)

@@ -15,6 +15,7 @@ from einops import rearrange, repeat
 from ..cache import check_cache, check_conv_state, get_layer_cache, require_cache_layer_idx, update_layer_cache
 from ..checks import InputError, check_int, check_number, check_tensor, warn_unknown_kwargs
 from ..modules.convolution import ShortConvolution
+from ..modules.linear import Linear
 from ..modules.norms import FusedRMSNormGated, RMSNorm
 from ..ops.chunk import chunk_gla, fused_chunk_gla
 from ..ops.recurrent import fused_recurrent_gla
@@ -183,19 +184,19 @@ class GatedLinearAttention(nn.Module):
         self.head_k_dim = self.key_dim // num_heads
         self.head_v_dim = self.value_dim // num_heads
 
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim_per_group, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim_per_group, bias=False)
+        self.q_proj = Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = Linear(hidden_size, self.key_dim_per_group, bias=False)
+        self.v_proj = Linear(hidden_size, self.value_dim_per_group, bias=False)
         if self.use_output_gate:
-            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+            self.g_proj = Linear(hidden_size, self.value_dim, bias=False)
         if use_short_conv:
             conv = lambda d: ShortConvolution(hidden_size=d, kernel_size=conv_size, bias=conv_bias, activation='silu')
             self.q_conv1d = conv(self.key_dim)
             self.k_conv1d = conv(self.key_dim_per_group)
             self.v_conv1d = conv(self.value_dim_per_group)
-        self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
-                                     nn.Linear(gate_low_rank_dim, self.key_dim_per_group, bias=True))
-        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.gk_proj = nn.Sequential(Linear(hidden_size, gate_low_rank_dim, bias=False),
+                                     Linear(gate_low_rank_dim, self.key_dim_per_group, bias=True))
+        self.o_proj = Linear(self.value_dim, hidden_size, bias=False)
 
         # FLA fuses only for the literal 'swish' ('silu', the same function, takes the unfused path)
         self.fuse_norm_and_gate = gate_fn == 'swish' and fuse_norm and use_output_gate

@@ -14,6 +14,7 @@ from ..cache import update_layer_cache
 from ..checks import InputError, check_int, check_number, check_tensor, warn_unknown_kwargs
 from .gla import _check, _check_layer_inputs, _conv_projections, _gla_op, _layer_inputs
 from ..modules.convolution import ShortConvolution
+from ..modules.linear import Linear
 from ..modules.norms import RMSNorm, rms_norm
 from ..utils import repad_hidden_states, swish
 
@@ -85,9 +86,9 @@ class HGRN2Attention(nn.Module):
         self.head_f_dim = self.expand_ratio
         self.head_i_dim = self.hidden_size // num_heads
 
-        self.q_proj = nn.Linear(hidden_size, self.forget_dim, bias=False)
-        self.f_proj = nn.Linear(hidden_size, self.forget_dim, bias=False)
-        self.i_proj = nn.Linear(hidden_size, self.input_dim, bias=False)
+        self.q_proj = Linear(hidden_size, self.forget_dim, bias=False)
+        self.f_proj = Linear(hidden_size, self.forget_dim, bias=False)
+        self.i_proj = Linear(hidden_size, self.input_dim, bias=False)
         if use_short_conv:
             conv = lambda d: ShortConvolution(hidden_size=d, kernel_size=conv_size, bias=conv_bias, activation=None)
             self.q_conv1d = conv(self.forget_dim)
@@ -96,7 +97,7 @@ class HGRN2Attention(nn.Module):
         # FLA keeps this norm's weight in float32 whatever the default dtype
         self.g_norm = RMSNorm(hidden_size=self.hidden_size, elementwise_affine=elementwise_affine, eps=norm_eps,
                               dtype=torch.float32)
-        self.o_proj = nn.Linear(self.input_dim, hidden_size, bias=False)
+        self.o_proj = Linear(self.input_dim, hidden_size, bias=False)
 
     def _check_lower_bound(self, lower_bound, hidden_states):
         "The bound must be a [forget_dim] tensor on the input's device, for a layer that knows its depth."

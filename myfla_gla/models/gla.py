@@ -24,6 +24,7 @@ from .checkpoint import (
     check_checkpoint, checkpoint_shapes, folder_lock, load_state_dict_from_folder, save_in_place)
 from ..layers.attn import Attention
 from ..layers.gla import GatedLinearAttention
+from ..modules.linear import Linear
 from ..utils import ACT2FN, _exporting
 from ..modules.norms import RMSNorm
 
@@ -258,9 +259,9 @@ class GatedMLP(nn.Module):
             intermediate_size = 256 * math.ceil(int(hidden_size * hidden_ratio * 2 / 3) / 256)
         self.hidden_size, self.hidden_ratio, self.intermediate_size = hidden_size, hidden_ratio, intermediate_size
         self.hidden_act, self.fuse_swiglu, self.powglu_power = hidden_act, fuse_swiglu, powglu_power
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:   # kwargs: the block's, for the layer
         warn_unknown_kwargs(GatedMLP.forward, kwargs, used=_LAYER_KWARGS)
@@ -326,8 +327,8 @@ class GLABlock(_BlockBase):
         self.use_attnres = getattr(config, 'attnres_block_size', None) is not None
         if self.use_attnres:
             D, eps, size = config.hidden_size, config.norm_eps, config.attnres_block_size
-            self.attn_res_proj, self.attn_res_norm = nn.Linear(D, 1, bias=False), nn.RMSNorm(D, eps=eps)
-            self.mlp_res_proj, self.mlp_res_norm = nn.Linear(D, 1, bias=False), nn.RMSNorm(D, eps=eps)
+            self.attn_res_proj, self.attn_res_norm = Linear(D, 1, bias=False), nn.RMSNorm(D, eps=eps)
+            self.mlp_res_proj, self.mlp_res_norm = Linear(D, 1, bias=False), nn.RMSNorm(D, eps=eps)
             self.attn_res_proj._is_attnres_proj = self.mlp_res_proj._is_attnres_proj = True  # zero init
             self.attnres_is_attn_boundary = (2 * layer_idx) % size == 0
             self.attnres_is_mlp_boundary = (2 * layer_idx + 1) % size == 0
@@ -494,7 +495,7 @@ class GLAModel(GLAPreTrainedModel):
         self.norm = (RMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
         self.use_attnres = getattr(config, 'attnres_block_size', None) is not None
         if self.use_attnres:
-            self.res_proj = nn.Linear(config.hidden_size, 1, bias=False)
+            self.res_proj = Linear(config.hidden_size, 1, bias=False)
             self.res_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
             self.res_proj._is_attnres_proj = True
         self.gradient_checkpointing = False
@@ -752,7 +753,7 @@ class GLAForCausalLM(GLAPreTrainedModel, _GLAGenerationMixin):
         super().__init__(config)
         self.model = self._backbone_class(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.criterion = None
         self.post_init()
 
