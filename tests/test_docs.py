@@ -286,6 +286,13 @@ def test_every_notebook_is_a_page(site):
     assert not missing, f'notebooks without a page: {missing}'
 
 
+def test_the_home_page_lists_every_chapter():
+    "The home page's (and so the README's) chapter list links every notebook, in notebook order, once."
+    cell = next(''.join(c['source']) for c in json.loads((root / 'nbs' / 'index.ipynb').read_text())['cells']
+                if ''.join(c['source']).startswith('## Chapters'))
+    assert re.findall(r'^\d+\. \[[^]]+\]\((\w+)\.ipynb\)', cell, re.M) == pages[1:]
+
+
 @pytest.mark.parametrize('name', pages + ['genindex', 'search'])
 def test_page(browser, base_url, name, capsys):
     page, problems, typeset = visit(browser, base_url + f'{name}.html')
