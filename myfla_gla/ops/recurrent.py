@@ -220,15 +220,17 @@ def _decode_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # o [N, H, V], S in h0's layout
     "One recurrence step for every sequence: a handful of kernels."
     (r, gr), (c, gc) = ((v, gv), (k, gk)) if state_v_first else ((k, gk), (v, gv))  # the state's rows, columns
-    S = r[..., :, None] * c[..., None, :]
+    outer = r[..., :, None], c[..., None, :]   # the new token's k v^T (v k^T), as a product of these two
     if h0 is None and gr is None and gc is None:
+        S = torch.mul(*outer)
         return _read(S, q, state_v_first) * scale, S
-    h0 = torch.zeros_like(S) if h0 is None else h0   # the gates get their (zero) gradient, as in FLA
+    S = r.new_zeros(r.shape + c.shape[-1:]) if h0 is None else h0   # the gates get their (zero) gradient, as in FLA
     if gr is not None:
-        h0 = h0 * gr.exp()[..., :, None]
+        S = S * gr.exp()[..., :, None]
     if gc is not None:
-        h0 = h0 * gc.exp()[..., None, :]
-    S = S + h0
+        S = S * gc.exp()[..., None, :]
+    # one pass and no new tensor where S is already a fresh product (autograd keeps the product's inputs, not it)
+    S = torch.addcmul(S, *outer) if S is h0 else S.addcmul_(*outer)
     return _read(S, q, state_v_first) * scale, S
 
 def _read(S, q, state_v_first):
