@@ -108,9 +108,16 @@ def test_compiled_and_exported(bmm_calls):
         compiled = torch.compile(proj, fullgraph=True, dynamic=False, backend='aot_eager')
         torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
         program = torch.export.export(proj, (x,))
-    ops = {str(n.target) for n in program.graph.nodes if n.op == 'call_function'}
-    assert 'aten.linear.default' in ops and not any('bmm' in o for o in ops), ops
+        # a dynamic row count: no guard on it (the split's row limit is not read while exporting)
+        rows = torch.randn(3, 1024)
+        dynamic = torch.export.export(proj, (rows,), dynamic_shapes=({0: torch.export.Dim('rows', max=4096)},))
+    for p in (program, dynamic):
+        ops = {str(n.target) for n in p.graph.nodes if n.op == 'call_function'}
+        assert 'aten.linear.default' in ops and not any('bmm' in o for o in ops), ops
     torch.testing.assert_close(program.module()(x), plain(x))
+    for n in (1, 8, 100):
+        x = torch.randn(n, 1024)
+        torch.testing.assert_close(dynamic.module()(x), plain(x))
 
 
 def cache_of(out):

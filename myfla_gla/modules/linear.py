@@ -30,12 +30,14 @@ class Linear(nn.Linear):
     `_SPLIT_ROWS` rows is one batched product over slices of the weight's rows, one slice per thread."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, t = self.weight, _threads()
-        rows = x.numel() // max(self.in_features, 1)
-        if (t < 2 or not 0 < rows <= _SPLIT_ROWS or x.device.type != 'cpu' or x.dtype != torch.float32
-                or type(w) is not nn.Parameter or w.dtype != x.dtype or not w.is_contiguous()
-                or w.numel() < _SPLIT_MIN or self.out_features % t or torch.is_grad_enabled()
-                or torch.is_autocast_enabled('cpu') or _exporting()):
+        w = self.weight
+        # exporting first: the row count of a dynamic shape must not become a guard of the program
+        if _exporting() or torch.is_grad_enabled() or x.device.type != 'cpu' or x.dtype != torch.float32:
+            return F.linear(x, w, self.bias)
+        t, rows = _threads(), x.numel() // max(self.in_features, 1)
+        if (t < 2 or not 0 < rows <= _SPLIT_ROWS or type(w) is not nn.Parameter or w.dtype != x.dtype
+                or not w.is_contiguous() or w.numel() < _SPLIT_MIN or self.out_features % t
+                or torch.is_autocast_enabled('cpu')):
             return F.linear(x, w, self.bias)
         # thread i computes outputs i*out/t to (i+1)*out/t - 1 of every row
         o = torch.bmm(x.reshape(1, rows, -1).expand(t, -1, -1), w.view(t, -1, self.in_features).transpose(1, 2))
