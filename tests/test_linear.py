@@ -48,7 +48,7 @@ def test_split_equals_linear(shape, bias, n, bmm_calls):
     with threads(n), torch.no_grad():
         out = proj(x)
     assert bmm_calls == [1]
-    ref = plain(x.double().float())
+    ref = plain(x)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # against float64: as close as F.linear's own float32 rounding
@@ -120,26 +120,28 @@ def test_compiled_and_exported(bmm_calls):
         torch.testing.assert_close(dynamic.module()(x), plain(x))
 
 
-def cache_of(out):
-    return out['cache'] if 'cache' in out else out['past_key_values']
-
-
-def test_model_decodes_the_same_tokens_split_or_not():
-    "A GLA model large enough for the split: logits of prompt and steps, and greedy tokens, with 1 and 2 threads."
+def test_model_decodes_the_same_tokens_split_or_not(bmm_calls):
+    """A GLA model large enough for the split: logits of prompt and steps, and greedy tokens, with 1 thread (no split)
+    and 2 (the split in the head and the MLP at every step)."""
     torch.manual_seed(0)
     cfg = GLAConfig(hidden_size=512, num_hidden_layers=2, num_heads=4, vocab_size=1024, use_short_conv=False)
     model = GLAForCausalLM(cfg).eval()
     assert isinstance(model.lm_head, Linear) and isinstance(model.model.layers[0].attn.q_proj, Linear)
     ids = torch.randint(0, 1024, (2, 9))
-    runs = {}
+    runs, splits = {}, {}
     for n in (1, 2):
+        bmm_calls.clear()
         with threads(n), torch.no_grad():
             out = model(ids, use_cache=True)
             steps, nxt = [out.logits[:, -1]], out.logits[:, -1:].argmax(-1)
             for _ in range(4):
-                out = model(nxt, past_key_values=cache_of(out), use_cache=True)
+                out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
                 steps.append(out.logits[:, -1])
                 nxt = out.logits[:, -1:].argmax(-1)
-            runs[n] = torch.stack(steps, 1)
+            runs[n], splits[n] = torch.stack(steps, 1), len(bmm_calls)
+    # the split ran with 2 threads only, for each weight of at least _SPLIT_MIN elements at each of the 4 steps: per
+    # layer v, g, o, gate, up, down (512 x 512 and more), and the head; the prompt (18 rows) takes F.linear. The other
+    # `torch.bmm` calls, the ops' own, are the same with 1 and 2 threads
+    assert splits[2] - splits[1] == 4 * (2 * 6 + 1), splits
     torch.testing.assert_close(runs[2], runs[1], rtol=1e-4, atol=1e-4)
     assert torch.equal(runs[2].argmax(-1), runs[1].argmax(-1))

@@ -280,10 +280,10 @@ def _copy(dst, src, scale=None):
     return dst.copy_(src).mul_(scale)
 
 
-def _reuse(buf, shape):
-    "A contiguous tensor of `shape` in the memory of `buf`, or None where `buf` is None or too small."
+def _reuse(buf, shape, dtype):
+    "A contiguous tensor of `shape` in the memory of `buf`, or None where `buf` is None, too small or of another dtype."
     n = math.prod(shape)
-    return buf.view(-1)[:n].view(shape) if buf is not None and buf.numel() >= n else None
+    return buf.view(-1)[:n].view(shape) if buf is not None and buf.dtype == dtype and buf.numel() >= n else None
 
 
 class _Fixed:
@@ -298,7 +298,7 @@ class _Fixed:
         tensor of `dtype` whose values are dead) where it is large enough."""
         B, T, H, D = x.shape
         C, nf = self.C, T // self.C                                   # nf full chunks
-        out = _reuse(buf, (B, self.NC, H, C, D))                      # [B, NC, H, C, D]
+        out = _reuse(buf, (B, self.NC, H, C, D), dtype)               # [B, NC, H, C, D]
         out = x.new_empty(B, self.NC, H, C, D, dtype=dtype) if out is None else out
         if nf:
             _copy(out[:, :nf], x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3), scale)
