@@ -988,6 +988,8 @@ def step_runner(model, batch: int, compile_mode: str | None = None) -> Runner:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         logits, *states = one(ids, *states)
+        if graphs:   # outputs of a replay live in the graphs' pool, which the next step's replay overwrites
+            states = [s.clone() for s in states]
         return logits, states
     return Runner(prefill, decode)
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .checks import DTypeError, InputError, check_int, check_tensor
 from .utils import _exporting
+from ._plain import _CACHE_FIELD
 from .models.gla import GLAForCausalLM
 from .ops import chunk as chunk_ops
 
@@ -96,7 +97,7 @@ class DecodeStep(nn.Module):
         out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True, logits_to_keep=1,
                          return_dict=True)
         new = []
-        for record in out.past_key_values:
+        for record in out[_CACHE_FIELD]:   # transformers 5's `cache` (reading `past_key_values` warns)
             new += [*(record['conv_state'] or ()), record['recurrent_state']]
         # contiguous: a compiled step (AOTInductor) assumes its inputs have the example's strides
         return (out.logits[:, -1], *(s.contiguous() for s in new))

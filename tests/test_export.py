@@ -137,6 +137,16 @@ def test_decode_step_equals_generate(model, prompt, reference):
     torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_step_reads_the_cache_without_a_deprecation_warning(model, prompt, monkeypatch):
+    "transformers 5 renamed the outputs' `past_key_values` to `cache` and warns when the old name is read."
+    generic = pytest.importorskip('transformers.utils.generic')
+    said = []
+    monkeypatch.setattr(generic.logger, 'warning_once', lambda msg, *a, **k: said.append(msg))
+    step = DecodeStep(model)
+    step(prompt, *step.initial_states(2))
+    assert not said, said
+
+
 def test_decode_step_checks_its_states(model, prompt):
     step = DecodeStep(model)
     states = list(step.initial_states(2))
