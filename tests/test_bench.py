@@ -380,8 +380,11 @@ def test_bench_ctrl_c_in_a_real_process(tmp_path):
     out = tmp_path / 'r.json'
     args = [a for a in tiny if a != '-q'] + ['--no-floor', '--repeats', '100000', '--budget', '1000', '--impl', 'FLA chunk_gla',
                                              '--impl', 'fused_recurrent_gla', '--json', str(out)]
+    # SIGINT's default action restored in the child: a shell starts a background job (`pytest &`) with SIGINT
+    # ignored, which the child would inherit, and Python then leaves it ignored
     p = subprocess.Popen([sys.executable, '-m', 'myfla_gla.bench', *args], env=env, cwd=root,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in p.stderr:   # rows are written to stderr as they are measured
             if line.startswith('FLA chunk_gla: n/a'):
