@@ -87,18 +87,18 @@ def test_fla_comparisons_with_a_stand_in(monkeypatch):
     assert not any('FLA' in c[1] for c in sc.plan(devices=['cuda'], fla=False))
 
 
-def test_python_m_myfla_gla_exit_status():
-    "The real entry point: status 0 when the checks pass (-T 36: its packed case once gave a false FAIL), 1 with a wrong op."
+def test_python_m_myfla_gla_exit_status(monkeypatch, capsys):
+    """The real entry point: status 0 when the checks pass (-T 36: its packed case once gave a false FAIL); its `main`
+    (whose value `python -m myfla_gla` exits with) 1 with a wrong op."""
     args = ['--device', 'cpu', '--dtype', 'float32', '--only', 'naive_recurrent_gla fwd', '--only', 'chunk_gla cu_seqlens',
             '-T', '36', '-q']
     ok = subprocess.run([sys.executable, '-m', 'myfla_gla', *args], env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert '3 passed, 0 failed' in ok.stdout
-    code = ('import runpy, myfla_gla, tests.test_bench as t; myfla_gla.naive_recurrent_gla = t.wrong_naive; '
-            "runpy.run_module('myfla_gla', run_name='__main__')")
-    bad = subprocess.run([sys.executable, '-c', code, *args], env=env, cwd=root, capture_output=True, text=True)
-    assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert 'FAIL' in bad.stdout
+    import myfla_gla.__main__ as selfcheck
+    monkeypatch.setattr(myfla_gla, 'naive_recurrent_gla', wrong_naive)
+    assert selfcheck.main(args) == 1
+    assert 'FAIL' in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- benchmark
