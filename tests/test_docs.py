@@ -373,10 +373,8 @@ DEFECTS = {
 def test_layout_check_catches(browser, base_url, defect):
     "The layout check reports each defect put into an otherwise correct page (and nothing for a correct lead-in)."
     html, expected = DEFECTS[defect]
-    page = browser.new_page()
+    page, _, _ = visit(browser, base_url + f'{pages[-1]}.html')   # loaded as every page is (`test_page` checks it)
     try:
-        page.goto(base_url + f'{pages[-1]}.html', wait_until='load')
-        page.wait_for_load_state('networkidle')
         before = page.evaluate(LAYOUT)
         assert not before, f'the page has layout problems of its own: {before}'
         page.evaluate("html => [...document.querySelectorAll('article section')].pop()"
