@@ -182,7 +182,12 @@ def _worker(rank, world, store, fn, args, queue, timeout):
 def run_on_ranks(fn, world_size: int, *args, timeout: float = 60.) -> list:
     "Run `fn(rank, world_size, *args)` in `world_size` CPU processes of one gloo group; their results, by rank."
     import multiprocessing as mp, queue as _queue, tempfile, time
-    ctx = mp.get_context('spawn')     # `fn` must be importable (defined in a module, not in a notebook)
+    # `fn` must be importable (defined in a module, not in a notebook). Where the platform has a fork server, the ranks
+    # fork from it, and it imports the package once for all the ranks of this process's runs (spawn: once per rank)
+    forkserver = 'forkserver' in mp.get_all_start_methods()
+    ctx = mp.get_context('forkserver' if forkserver else 'spawn')
+    if forkserver:
+        ctx.set_forkserver_preload(['myfla_gla'])   # ignored once the server runs
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [ctx.Process(target=_worker, args=(r, world_size, os.path.join(tmp, 'store'), fn, args, q, timeout),

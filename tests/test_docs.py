@@ -13,7 +13,8 @@ that scrolls sideways, every image at least as wide as it was drawn, no lead-in 
 ':') without what it introduces after it (as when its cell is hidden), no number in a table split across two
 lines, no command-line flag rendered with a dash (`--naive-bwd` as "–naive-bwd"), and no blank lines inside a
 cell of imports only. The layout check is itself tested: each defect, put into a correct page, must be reported
-(`test_layout_check_catches`). Chromium runs headless on a fresh profile with the flags below. A screenshot of every page is saved under `docs/_build/screenshots/`; the home page's path is printed.
+(`test_layout_check_catches`). Chromium runs headless on a fresh profile with the flags below. With `MYFLA_DOCS_SCREENSHOTS=1` a screenshot of every page is saved under `docs/_build/screenshots/` and the home page's path
+is printed (about a third of a second a page, so not by default).
 
 Without Chromium (or Playwright) the test skips, except in CI (`CI=true`), where that is a failure.
 """
@@ -34,7 +35,7 @@ import pytest
 
 root = Path(__file__).resolve().parent.parent
 html_dir = root / 'docs' / '_build' / 'html'
-shots = root / 'docs' / '_build' / 'screenshots'
+shots = root / 'docs' / '_build' / 'screenshots' if os.environ.get('MYFLA_DOCS_SCREENSHOTS') == '1' else None
 chromium = os.environ.get('CHROMIUM', '/usr/bin/chromium')
 in_ci = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
 chromium_flags = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -344,7 +345,7 @@ def test_page(browser, base_url, name, capsys):
         if name in pages:
             problems += page.evaluate(LAYOUT)
         assert not problems, '\n'.join(problems)
-        if name in pages:
+        if shots and name in pages:
             shots.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=shots / f'{name}.png')
             if name == 'index':
