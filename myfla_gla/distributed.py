@@ -158,7 +158,7 @@ def main(argv=None):
     a = parse_args(argv)
     if a.out == '':
         print("python -m myfla_gla.distributed: --out '': no file is written", file=sys.stderr)
-    if a.comm_bytes:                # spawns its own gloo groups of 2 and 4 processes
+    if a.comm_bytes:                # starts its own gloo groups of 2 and 4 processes
         from myfla_gla.testing import print_cp_comm_table
         return print_cp_comm_table()
     torch.set_num_threads(1)
