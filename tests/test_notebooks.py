@@ -1,6 +1,7 @@
 """The notebooks are the source: the committed package must be what `nbdev_export` makes of them, the
 notebooks must be clean, and the README must be what `.ci/readme.py` makes of nbs/index.ipynb.
 (The notebooks themselves run under `nbdev_test`, the first half of the test command.)"""
+import json
 import shutil
 import subprocess
 import sys
@@ -35,3 +36,13 @@ def test_package_matches_notebooks(tmp_path):
 def test_readme_matches_index():
     spec = subprocess.run([sys.executable, root / '.ci' / 'readme.py', '--check'], capture_output=True, text=True)
     assert spec.returncode == 0, spec.stderr
+
+
+def test_the_benchmarks_page_shows_the_stored_records():
+    """The benchmarks page's outputs are stored (the docs build does not run notebooks): each record of
+    nbs/bench_results must be the one they show, by its date. Re-run nbs/09_benchmarks.ipynb after changing a record."""
+    page = (root / 'nbs' / '09_benchmarks.ipynb').read_text(encoding='utf-8')
+    records = sorted((root / 'nbs' / 'bench_results').rglob('*.json'))
+    assert records
+    stale = [str(p.relative_to(root)) for p in records if json.loads(p.read_text())['meta']['date'] not in page]
+    assert not stale, f'nbs/09_benchmarks.ipynb shows older versions of {stale}: re-run it'
