@@ -29,6 +29,7 @@ the mixes also the flagged chunks' levels by indexing (the op's way) against the
 `memory` (no GPU needed) measures the eager forward's and forward+backward's peak memory on the CUDA code path at the
 gpu1 shape on the CPU (the switches' CUDA values set for the CPU, `myfla_gla.bench._cpu_peak_bytes`), with the
 one-product stage 1 off and on."""
+import contextlib
 import json
 import re
 import sys
@@ -212,6 +213,21 @@ def run(name, op):
 
 if 'stage' in sys.argv:   # also on a CPU (eager only there)
     stage('cuda' if torch.cuda.is_available() else 'cpu')
+@contextlib.contextmanager
+def cuda_path_on_cpu():
+    "Within the block, the op's per-device switches take their CUDA values for the CPU; restored after."
+    switches = (chunk._BROADCAST_ROWS, chunk._HALF_PRODUCTS, chunk._KEEP_STATES, chunk._ONE_PRODUCT, chunk._SLAB_BYTES)
+    before = [dict(d) for d in switches]
+    for d in switches:
+        d['cpu'] = d.get('cuda')
+    try:
+        yield
+    finally:
+        for d, b in zip(switches, before):
+            d.clear()
+            d.update(b)
+
+
 def lean_fwd(q, k, v, g, scale=None, initial_state=None):
     """`chunk_gla`'s forward `(o, final state)` as the CUDA eager path computes it (fixed lengths, one slab, one product
     in every chunk, no floor), with the memory of lead 3: one float32 chunk copy of g becomes exp(b - r) and then
@@ -252,25 +268,19 @@ def lean():
     then at gpu1 (bf16) both forwards' peak memory on the CUDA code path, measured on the CPU: 1098 MiB for chunk_gla
     (the H100's number), 778 for lean_fwd. With CUDA, also both forwards at gpu1 on the GPU: time (median of 20
     calls), peak memory and the largest relative RMS difference between them."""
-    switches = (chunk._BROADCAST_ROWS, chunk._HALF_PRODUCTS, chunk._KEEP_STATES, chunk._ONE_PRODUCT, chunk._SLAB_BYTES)
-    before = [dict(d) for d in switches]
-    for d in switches:
-        d['cpu'] = d.get('cuda')
     torch.manual_seed(0)
     x = random_gla_inputs(2, 300, 3, 32, 16, gate_logit_normalizer=16)
     h0 = torch.randn(2, 3, 32, 16)
-    want, got = chunk_gla(*x, initial_state=h0, output_final_state=True), lean_fwd(*x, initial_state=h0)
-    print('lean_fwd against chunk_gla, float32: largest relative RMS difference of o and the final state',
-          f'{max(bench.get_err_ratio(w, y) for w, y in zip(want, got)):.1e}', flush=True)
     q, k, v = (torch.randn(4, 4096, 16, 128, dtype=torch.bfloat16) for _ in range(3))
     g = (torch.nn.functional.logsigmoid(torch.randn(4, 4096, 16, 128)) / 16).bfloat16()
-    with torch.no_grad():
-        for name, op in (('chunk_gla', chunk_gla), ('lean_fwd', lean_fwd)):
-            print(f'{name}: peak forward on the CUDA code path (CPU) '
-                  f'{bench._cpu_peak_bytes(lambda: op(q, k, v, g)[0]) / 2**20:.1f} MiB', flush=True)
-    for d, b in zip(switches, before):
-        d.clear()
-        d.update(b)
+    with cuda_path_on_cpu():
+        want, got = chunk_gla(*x, initial_state=h0, output_final_state=True), lean_fwd(*x, initial_state=h0)
+        print('lean_fwd against chunk_gla, float32: largest relative RMS difference of o and the final state',
+              f'{max(bench.get_err_ratio(w, y) for w, y in zip(want, got)):.1e}', flush=True)
+        with torch.no_grad():
+            for name, op in (('chunk_gla', chunk_gla), ('lean_fwd', lean_fwd)):
+                print(f'{name}: peak forward on the CUDA code path (CPU) '
+                      f'{bench._cpu_peak_bytes(lambda: op(q, k, v, g)[0]) / 2**20:.1f} MiB', flush=True)
     if torch.cuda.is_available():
         q, k, v, g = (x.cuda() for x in (q, k, v, g))
         outs = []
@@ -286,22 +296,16 @@ def lean():
 
 def memory():
     "Peak memory of the eager forward and forward+backward on the CUDA code path, measured on the CPU (gpu1 shape)."
-    switches = (chunk._BROADCAST_ROWS, chunk._HALF_PRODUCTS, chunk._KEEP_STATES, chunk._ONE_PRODUCT, chunk._SLAB_BYTES)
-    before = [dict(d) for d in switches]
-    for d in switches:
-        d['cpu'] = d.get('cuda')
     torch.manual_seed(0)
     q, k, v = (torch.randn(4, 4096, 16, 128, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     g = (torch.nn.functional.logsigmoid(torch.randn(4, 4096, 16, 128)) / 16).bfloat16().requires_grad_()
-    for one in (False, True):
-        chunk._ONE_PRODUCT['cpu'] = one
-        fwd = bench._cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0]) / 2**20
-        both = bench._cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0].sum().backward()) / 2**20
-        print(f"CUDA code path on the CPU, one product {'on' if one else 'off'}: peak forward {fwd:.1f} MiB, "
-              f"forward+backward {both:.1f} MiB", flush=True)
-    for d, b in zip(switches, before):
-        d.clear()
-        d.update(b)
+    with cuda_path_on_cpu():
+        for one in (False, True):
+            chunk._ONE_PRODUCT['cpu'] = one
+            fwd = bench._cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0]) / 2**20
+            both = bench._cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0].sum().backward()) / 2**20
+            print(f"CUDA code path on the CPU, one product {'on' if one else 'off'}: peak forward {fwd:.1f} MiB, "
+                  f"forward+backward {both:.1f} MiB", flush=True)
 
 
 if 'memory' in sys.argv:
