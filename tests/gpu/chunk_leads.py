@@ -1,6 +1,7 @@
 """The speed leads of the chunk chapter's design notes, at the gpu1 shape (bf16), in one process on one card:
 
-    python tests/gpu/chunk_leads.py [eager] [fla] [compile] [stage] [--eager NAMES] [--compiled NAMES] [--json PATH]
+    python tests/gpu/chunk_leads.py [eager] [fla] [compile] [stage] [staged] [lean] [memory] [cpu]
+                                    [--eager NAMES] [--compiled NAMES] [--json PATH]
 
 `eager` times `chunk_gla`'s forward and forward+backward (`myfla_gla.bench.time_fn`: median of 20 calls, CUDA events),
 peak memory and error against the float64 recurrence for each switchable variant of `myfla_gla.ops.chunk`: the
@@ -26,6 +27,9 @@ the mixes also the flagged chunks' levels by indexing (the op's way) against the
 
 `lean` checks and measures `lean_fwd`, the forward of lead 3 (memory), against `chunk_gla`'s (see `lean`).
 
+`staged` measures lead 2, the op's stages compiled with the walks between them eager (see `staged`); without a GPU, at
+a small shape on the CPU's CUDA code path.
+
 `memory` (no GPU needed) measures the eager forward's and forward+backward's peak memory on the CUDA code path at the
 gpu1 shape on the CPU (the switches' CUDA values set for the CPU, `myfla_gla.bench._cpu_peak_bytes`), with the
 one-product stage 1 off and on."""
@@ -33,6 +37,7 @@ import contextlib
 import json
 import re
 import sys
+import time
 
 import torch
 
@@ -294,6 +299,72 @@ def lean():
         print(f'relative RMS difference of the outputs {bench.get_err_ratio(outs[0].float(), outs[1].float()):.1e}')
 
 
+def by_span_breaking(one, levels, flagged, args):
+    """`chunk._by_span` for `staged_op`: the host check splits the graph (`torch.cond` over symbolic shapes fails to
+    trace in torch 2.13: its branches' output strides differ), and the levels take all chunks where any is flagged."""
+    return one(*args) if int(flagged.sum()) == 0 else levels(*args)
+
+
+@contextlib.contextmanager
+def staged_op():
+    """Within the block, `chunk_gla` runs lead 2's form: the forward's and the backward's stages compiled
+    (`torch.compile(dynamic=True)` of `_forward` and `_backward`, so their Inductor switches apply: kept states, bf16
+    products) and the state walks eager between them (`_walk` left out of the graphs), so that one compilation serves
+    every length and the number of chunks is not unrolled into the graph."""
+    saved = chunk._forward, chunk._backward, chunk._walk, chunk._by_span
+    torch._dynamo.reset()
+    chunk._walk = torch.compiler.disable(chunk._walk)
+    chunk._by_span = by_span_breaking
+    chunk._forward, chunk._backward = (torch.compile(f, dynamic=True) for f in saved[:2])
+    try:
+        yield
+    finally:
+        chunk._forward, chunk._backward, chunk._walk, chunk._by_span = saved
+        torch._dynamo.reset()
+
+
+def staged(device, lengths=(4096, 2048, 8192, 1000)):
+    """Lead 2 (compiled stages, eager walks) against the eager op and the whole op compiled, at gpu1's B, H, K, V
+    (bf16) on a GPU, or B=1 H=2 K=V=32 float32 on the CPU (the CUDA code path): for each form, at each length in
+    turn, the first calls' time (compilation) and the graphs compiled by them, forward and forward+backward times
+    (median of 20 calls on CUDA, 5 on the CPU), and the largest relative RMS difference of the output and gradients
+    from eager's."""
+    cuda = device == 'cuda'
+    B, H, K, dtype = (4, 16, 128, torch.bfloat16) if cuda else (1, 2, 32, torch.float32)
+    lengths = lengths if cuda else (256, 128, 512, 100)
+    forms = {'eager': (contextlib.nullcontext, lambda: chunk_gla),
+             'compiled stages': (staged_op, lambda: chunk_gla),
+             'whole op compiled': (contextlib.nullcontext, lambda: torch.compile(chunk_gla))}
+    inputs, eager = {}, {}
+    for T in lengths:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, T, H, K, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16).to(dtype).requires_grad_()
+        inputs[T] = q, k, v, g, torch.randn_like(v)
+    with contextlib.nullcontext() if cuda else cuda_path_on_cpu():
+        for name, (context, make) in forms.items():
+            torch._dynamo.reset()
+            with context():
+                op = make()
+                for T in lengths:
+                    q, k, v, g, do = inputs[T]
+                    fwd_bwd = lambda: torch.autograd.grad(op(q, k, v, g)[0], (q, k, v, g), do)
+                    def fwd():
+                        with torch.no_grad():
+                            return op(q, k, v, g)[0]
+                    torch._dynamo.utils.counters.clear()
+                    t0 = time.perf_counter()
+                    got = (fwd(), *fwd_bwd())
+                    first = time.perf_counter() - t0
+                    graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+                    times = [bench.time_fn(f, device, repeats=20 if cuda else 5, warmup=2)['median_ms']
+                             for f in (fwd, fwd_bwd)]
+                    want = eager.setdefault(T, got)
+                    diff = max(bench.get_err_ratio(w.double(), x.double()) for w, x in zip(want, got))
+                    print(f'{name:18s} T={T:5d} first calls {first:6.1f} s ({graphs:2d} graphs)  fwd {times[0]:7.2f} '
+                          f'ms  fwd+bwd {times[1]:7.2f} ms  difference from eager {diff:.1e}', flush=True)
+
+
 def memory():
     "Peak memory of the eager forward and forward+backward on the CUDA code path, measured on the CPU (gpu1 shape)."
     torch.manual_seed(0)
@@ -314,6 +385,8 @@ if 'lean' in sys.argv:
     lean()
 if 'cpu' in sys.argv:
     cpu()
+if 'staged' in sys.argv:
+    staged('cuda' if torch.cuda.is_available() else 'cpu')
 if not {'eager', 'fla', 'compile'} & set(sys.argv):
     sys.exit()
 inp = bench.Inputs(bench.BenchConfig(**bench.PRESETS['gpu1'], device='cuda'))
