@@ -253,14 +253,15 @@ def test_compile_matches_eager(monkeypatch):
     """torch.compile(fullgraph=True) traces forward and backward (no graph break) and gives the eager numbers, through
     the chunked path, not the export path (Dynamo made `torch.compiler.is_exporting()` True before pytorch#176499).
     With the one-product stage 1 on (`_ONE_PRODUCT`), both branches of its `torch.cond`: weak gates (every chunk in one
-    product), then the same shapes with head 1 at -25 a token (its chunks flagged, the levels). Chunks of 16 tokens
-    (instead of 64 for this length): four dyadic levels to compile instead of six, a third less of Inductor's time."""
+    product), then the same shapes with head 1 at -25 a token (its chunks flagged, the levels). Chunks of 4 tokens
+    (instead of 64 for this length): two dyadic levels to compile instead of six (m = 1 in its own form, m = 2 as
+    every later level), since Inductor's time grows with each level."""
     def export_path(*args):
         raise AssertionError('torch.compile took the export path')
     monkeypatch.setattr(chunk_ops, '_gla_while_exporting', export_path)
     monkeypatch.setitem(chunk_ops._ONE_PRODUCT, 'cpu', True)
-    monkeypatch.setattr(chunk_ops, '_chunk_size', lambda T: 16)
-    q, k, v, g = random_gla_inputs(2, 40, 2, 4, requires_grad=True)   # three chunks, the last one partial
+    monkeypatch.setattr(chunk_ops, '_chunk_size', lambda T: 4)
+    q, k, v, g = random_gla_inputs(2, 10, 2, 4, requires_grad=True)   # three chunks, the last one partial
     h0 = torch.rand(2, 2, 4, 4, requires_grad=True)
     strong = (g.detach() * torch.tensor([1., 50.])[:, None]).requires_grad_()
 
@@ -271,7 +272,7 @@ def test_compile_matches_eager(monkeypatch):
     compiled = torch.compile(f, fullgraph=True)
     loss = lambda o: (o[0] ** 2).sum() + (o[1] ** 2).sum()
     for gates in (g, strong):   # the same shapes: one compilation
-        flagged = chunk_ops._flagged(gates.detach().transpose(1, 2)[..., :16, :])   # the first chunks [B, H]
+        flagged = chunk_ops._flagged(gates.detach().transpose(1, 2)[..., :4, :])   # the first chunks [B, H]
         assert flagged.tolist() == [[False, gates is strong]] * 2
         out, ref = compiled(q, k, v, gates, h0), f(q, k, v, gates, h0)
         grads = torch.autograd.grad(loss(out), (q, k, v, gates, h0))
