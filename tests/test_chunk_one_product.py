@@ -53,6 +53,31 @@ def test_mixed_batch(one_product, dtype, strong):
     assert one_product['one'] == one_product['one_bwd'] == ([2 * 2 * 4] * 2 if mixed else [])
 
 
+@pytest.mark.parametrize('B, T, H, K, V, dtype, normalizer, cu, state_v_first, lean', [
+    (2, 100, 2, 16, 8, torch.float32, 16, None, False, True),     # two chunks, the second partial
+    (1, 1, 2, 8, 8, torch.float32, 1, None, False, True),         # one token
+    (2, 130, 3, 32, 16, torch.bfloat16, 1, None, True, True),     # the [V, K] state layout
+    (1, 90, 2, 16, 16, torch.float16, 1, [0, 0, 17, 90], False, True),   # packed, one sequence empty
+    (2, 100, 2, 16, 8, torch.float32, 0.02, None, False, False)])  # flagged chunks: the usual forward
+def test_lean_forward(monkeypatch, B, T, H, K, V, dtype, normalizer, cu, state_v_first, lean):
+    """`chunk_gla`'s forward through `_chunk_fwd_lean` (`_LEAN_FORWARD`, on for CUDA) on one CPU thread (no floors,
+    as on CUDA): every output and gradient against the float64 recurrence, where it applies; `fused_chunk_gla` and
+    batches with a flagged chunk take the usual forward."""
+    monkeypatch.setitem(chunk._ONE_PRODUCT, 'cpu', True)
+    monkeypatch.setitem(chunk._LEAN_FORWARD, 'cpu', True)
+    calls = []
+    monkeypatch.setattr(chunk, '_chunk_fwd_lean', lambda *a, fn=chunk._chunk_fwd_lean: calls.append(1) or fn(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check(B, T, H, K, V, dtype, normalizer, cu=cu, state_v_first=state_v_first, fns=(chunk_gla,))
+        assert len(calls) == lean, calls
+        check(B, T, H, K, V, dtype, normalizer, cu=cu, state_v_first=state_v_first, fns=(fused_chunk_gla,))
+        assert len(calls) == lean, calls
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize('dtype, normalizer, fwd_flagged', [(torch.bfloat16, 1, False), (torch.float16, 16, False),
                                                             (torch.float16, 1, True)])
 def test_half_products(one_product, monkeypatch, dtype, normalizer, fwd_flagged):

@@ -172,6 +172,19 @@ def _flagged(g, prod=None):
     return (g[..., 1:, :].sum(-2) < -2 * _SPAN_LIMIT[prod or g.dtype]).any(-1)
 
 
+def _up(g, b):
+    """`up` = exp(b - r) `[..., C, K]` in `b`'s memory (a fresh tensor, or g itself), with b = the gates summed from the
+    chunk's second token (b_t - b_0) and r `[..., 1, K]` its midrange; returns (up, r, g_0), g_0 `[..., 1, K]` the
+    chunk's first gate. up lies within e^±span (see `_flagged`)."""
+    g0 = g[..., :1, :].clone()
+    if b is not g:
+        b[..., 1:, :].copy_(g[..., 1:, :])                  # (no fill of a fresh tensor)
+    b[..., :1, :] = 0
+    b[..., 1:, :].cumsum_(-2)
+    r = b[..., -1:, :] * 0.5                                # b falls from 0: r is half its last value
+    return b.sub_(r).exp_(), r, g0
+
+
 def _factors(g, overwrite=False):
     """The chunk's `decay_q` = exp(b) and `decay_k` = exp(b_last - b) (floored, see `_floor`; `overwrite`: `decay_q` in
     g's memory), and the one-product factors `up` = exp(b - r), `down` = exp(r - b) `[..., C, K]` with r at b's
@@ -180,13 +193,9 @@ def _factors(g, overwrite=False):
     and exps of one row per chunk: `decay_q` = up e^(b_0 + r), `decay_k` = down e^r (on a CPU an exp costs some
     eight times a product or a reciprocal)."""
     lo = _floor(g)
-    b = torch.empty_like(g)                                 # [..., C, K]: b_t - b_0 (no fill of a fresh tensor)
-    b[..., :1, :] = 0
-    b[..., 1:, :].copy_(g[..., 1:, :]).cumsum_(-2)
-    r = b[..., -1:, :] * 0.5                                # [..., 1, K]: the midrange of b_t - b_0, which falls from 0
-    up = b.sub_(r).exp_()                                   # [..., C, K]: exp(b - r), within e^±span (in b's memory)
+    up, r, g0 = _up(g, torch.empty_like(g))                 # [..., C, K], [..., 1, K] x 2
     down = torch.reciprocal(up)                             # [..., C, K]: exp(r - b)
-    log_c = g[..., :1, :] + r                               # [..., 1, K]: b_0 + r
+    log_c = g0 + r                                          # [..., 1, K]: b_0 + r
     if lo is not None:   # below this, every decay_q of the chunk is floored anyway (up <= e^limit): no denormals
         log_c.clamp_min_(math.log(lo) - _SPAN_LIMIT[g.dtype])
     decay_q = torch.mul(up, log_c.exp_(), out=g) if overwrite else up * log_c.exp_()
@@ -457,6 +466,44 @@ def _chunk_fwd(q, k, v, g, h0, grid, prod=None):
         o += _mm(decay_q.mul_(q), states, prod)
     return o, grid.unsort(ht), A, states
 
+_LEAN_FORWARD = {'cuda': True}   # per device type: `_chunk_fwd_lean` where it applies (see `_forward`)
+
+
+def _lean(g, fused, prod):
+    """Whether the forward can take `_chunk_fwd_lean` for g's chunk copy: switched on for its device, eager (no host
+    check in a graph), `chunk_gla` with float32 products, no decay floored, and every chunk in one product (one host
+    check; where a chunk is flagged, the op's usual forward makes it again)."""
+    return (_switched_on(_LEAN_FORWARD, g) and not torch.compiler.is_compiling() and not fused and prod is None
+            and _floor(g) is None and _switched_on(_ONE_PRODUCT, g) and not bool(_flagged(g).any()))
+
+
+def _chunk_fwd_lean(q, k, v, g, h0, grid):
+    """`_chunk_fwd` (one pass, float32 products) from q, k, v in the input layout and g's chunk copy, where every
+    chunk takes the one product and no decay is floored, with less memory and two passes fewer. The factors of A
+    become the operands of stages 2 and 4 in place, q * decay_q = (q * up) e^(b_0 + r) and k * decay_k =
+    (k * down) e^r (see `_factors`), so neither decay of the chunk's size is formed; and each of q, k, v is copied to
+    the chunk layout where it is used and freed after."""
+    acc = g.dtype
+    # 1. diagonal blocks: g's copy becomes up = exp(b - r), then q * up; its reciprocal becomes k * down
+    up, r, g0 = _up(g, g)                                    # [B, NC, H, C, K], [B, NC, H, 1, K] x 2
+    down = torch.reciprocal(up)
+    up.mul_(grid.to_chunks(q, acc))
+    down.mul_(grid.to_chunks(k, acc))
+    A = torch.matmul(up, down.transpose(-1, -2)).tril_()   # [B, NC, H, C, C]
+    decay_chunk = (g0 + 2 * r).exp_()[..., 0, :]             # [B, NC, H, K]: exp(b_last)
+    q_decayed, k_decayed = up.mul_((g0 + r).exp_()), down.mul_(r.exp_())   # in place: no decay of the chunk's size
+    del up, down
+    # 2. chunk states, and the diagonal blocks' output
+    v = grid.to_chunks(v, acc)                               # [B, NC, H, C, V]
+    local_states = torch.matmul(k_decayed.transpose(-1, -2), v)   # [B, NC, H, K, V]
+    del k_decayed
+    o = torch.matmul(A, v)                                   # [B, NC, H, C, V]
+    del v
+    # 3. state passing, 4. off-diagonal output (as `_chunk_fwd`)
+    states, ht = _walk(local_states, decay_chunk, _start_state(h0, q_decayed, o, grid), grid)
+    o.view(-1, *o.shape[-2:]).baddbmm_(q_decayed.view(-1, *q_decayed.shape[-2:]), states.view(-1, *states.shape[-2:]))
+    return o, grid.unsort(ht), A, states
+
 # %% ../../nbs/04_chunk.ipynb #7985423e
 def _intra_bwd_levels(q, k, g, dA, overwrite=True):
     """Stage 1 backward over the dyadic levels: dq and dk `[..., C, K]` through the intra-chunk attention, given dL/dA
@@ -688,7 +735,11 @@ def _forward(q, k, v, g, scale, h0, grid, fused, n):
     acc, prod = torch.promote_types(q.dtype, torch.float32), _product_dtype(q)
     fwd, keep = _fused_fwd if fused else _chunk_fwd, _keep_states(q) and not fused
     if n >= grid.NC:
-        o, ht, A, states = fwd(*(grid.to_chunks(x, acc) for x in (q, k, v, g)), h0, grid, prod)
+        gc = grid.to_chunks(g, acc)
+        if _lean(gc, fused, prod):
+            o, ht, A, states = _chunk_fwd_lean(q, k, v, gc, h0, grid)
+        else:
+            o, ht, A, states = fwd(*(grid.to_chunks(x, acc) for x in (q, k, v)), gc, h0, grid, prod)
         return grid.from_chunks(o, v.dtype, scale), ht, A, states if keep else None, []
     B, H, C = grid.B, q.shape[2], grid.C
     o = v.new_empty(v.shape)                                                              # [B, T, H, V]

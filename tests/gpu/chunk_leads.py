@@ -221,7 +221,8 @@ if 'stage' in sys.argv:   # also on a CPU (eager only there)
 @contextlib.contextmanager
 def cuda_path_on_cpu():
     "Within the block, the op's per-device switches take their CUDA values for the CPU; restored after."
-    switches = (chunk._BROADCAST_ROWS, chunk._HALF_PRODUCTS, chunk._KEEP_STATES, chunk._ONE_PRODUCT, chunk._SLAB_BYTES)
+    switches = (chunk._BROADCAST_ROWS, chunk._HALF_PRODUCTS, chunk._KEEP_STATES, chunk._ONE_PRODUCT, chunk._SLAB_BYTES,
+                chunk._LEAN_FORWARD)
     before = [dict(d) for d in switches]
     for d in switches:
         d['cpu'] = d.get('cuda')
