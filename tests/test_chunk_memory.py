@@ -45,31 +45,41 @@ def test_forward_peak_in_slabs(monkeypatch, one_product):
     assert peak <= 1.5 * fla, (peak, fla)
 
 
-def test_lean_forward_peak(monkeypatch):
-    """CUDA's forward (one pass, `_chunk_fwd_lean`, the other switches at their CUDA values) at the scaled gpu1 shape of
-    `test_forward_peak_in_slabs` (B=1 T=1024 H=4 K=V=128, bf16, 16 chunks): the peak, at stage 2, is g's chunk copy
-    become q * decay_q, k * decay_k, v's float32 copy, A and the local states, with the output; the usual forward,
-    which keeps the copies of q, k, v and g, `decay_k` and A v besides, peaked at 17.5 MiB here (1098 MiB at gpu1,
-    against 772 MiB with this one, measured the same way). Another float32 copy of the whole problem (2 MiB) breaks
-    the bound."""
-    for switch in ('_BROADCAST_ROWS', '_HALF_PRODUCTS', '_KEEP_STATES', '_ONE_PRODUCT', '_SLAB_BYTES', '_LEAN_FORWARD'):
+@pytest.mark.parametrize('n', [16, 8, 4])
+def test_lean_forward_peak(monkeypatch, n):
+    """CUDA's forward (`_chunk_fwd_lean`, the other switches at their CUDA values) at the scaled gpu1 shape of
+    `test_forward_peak_in_slabs` (B=1 T=1024 H=4 K=V=128, bf16, 16 chunks), in one pass (CUDA's default) and in
+    slabs of 8 and 4 chunks: the peak, at a slab's stage 2, is g's chunk copy become q * decay_q, k * decay_k, v's
+    float32 copy, A and the local states of the slab, with the output, A of all chunks and the slabs' initial states.
+    The usual forward, which keeps the copies of q, k, v and g, `decay_k` and A v besides, peaked at 17.5 MiB here in
+    one pass (at gpu1, measured the same way: 1098 MiB, 685 in two slabs, 420.5 in four, against 772, 488 and 320
+    with this one; FLA's is 384). Another float32 chunk copy of a slab breaks the bound. Slabs give the numbers of
+    one pass, bitwise."""
+    for switch in ('_BROADCAST_ROWS', '_HALF_PRODUCTS', '_KEEP_STATES', '_ONE_PRODUCT', '_LEAN_FORWARD'):
         monkeypatch.setitem(getattr(chunk, switch), 'cpu', getattr(chunk, switch).get('cuda'))
     calls = []
     monkeypatch.setattr(chunk, '_chunk_fwd_lean', lambda *a, fn=chunk._chunk_fwd_lean: calls.append(1) or fn(*a))
-    B, T, H, K, V, C = 1, 1024, 4, 128, 128, 64
+    B, T, H, K, V, C, f32 = 1, 1024, 4, 128, 128, 64, 4
     q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True) for D in (K, K, V))
     g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16().requires_grad_()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # no floors on a CPU (see `_floor`), as on CUDA
     try:
+        monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', None)
+        one_pass = chunk_gla(q, k, v, g)[0]
+        monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', B * n * H * C * max(K, V) * f32)
+        assert chunk._slab_chunks(q, v, chunk._Fixed(B, T, C)) == n
+        calls.clear()
         peak = _cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0])
+        assert torch.equal(chunk_gla(q, k, v, g)[0], one_pass)
     finally:
         torch.set_num_threads(threads)
-    assert calls == [1]
-    f32 = 4
-    out, A, copy = B * T * H * V * 2, B * T * H * C * f32, B * T * H * max(K, V) * f32
-    states, state, small = (T // C) * B * H * K * V * f32, B * H * K * V * f32, 16 << 10
-    assert peak <= out + A + 3 * copy + states + 3 * state + small, peak
+    assert len(calls) == 2 * (T // C // n)   # two calls, each slab through it
+    out, A, copy = B * T * H * V * 2, B * T * H * C * f32, B * n * H * C * max(K, V) * f32
+    state, small = B * H * K * V * f32, 16 << 10
+    slab = 3 * copy + n * B * H * C * C * f32 + n * state    # q * decay_q, k * decay_k, v; A; the local states
+    starts = (T // C // n - 1) * state
+    assert peak <= out + A + slab + 2 * state + starts + small, peak   # the carried state and the walk's
 
 
 @pytest.mark.parametrize('dtype, T, keep', [(torch.float32, 200, False), (torch.bfloat16, 200, False),

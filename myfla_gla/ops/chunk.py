@@ -478,11 +478,11 @@ def _lean(g, fused, prod):
 
 
 def _chunk_fwd_lean(q, k, v, g, h0, grid):
-    """`_chunk_fwd` (one pass, float32 products) from q, k, v in the input layout and g's chunk copy, where every
-    chunk takes the one product and no decay is floored, with less memory and two passes fewer. The factors of A
-    become the operands of stages 2 and 4 in place, q * decay_q = (q * up) e^(b_0 + r) and k * decay_k =
-    (k * down) e^r (see `_factors`), so neither decay of the chunk's size is formed; and each of q, k, v is copied to
-    the chunk layout where it is used and freed after."""
+    """`_chunk_fwd` (float32 products) over `grid` (all chunks or a slab's) from q, k, v in the input layout and
+    g's chunk copy, where every chunk takes the one product and no decay is floored, with less memory and two passes
+    fewer. The factors of A become the operands of stages 2 and 4 in place, q * decay_q = (q * up) e^(b_0 + r) and
+    k * decay_k = (k * down) e^r (see `_factors`), so neither decay of the chunk's size is formed; and each of q, k,
+    v is copied to the chunk layout where it is used and freed after."""
     acc = g.dtype
     # 1. diagonal blocks: g's copy becomes up = exp(b - r), then q * up; its reciprocal becomes k * down
     up, r, g0 = _up(g, g)                                    # [B, NC, H, C, K], [B, NC, H, 1, K] x 2
@@ -750,8 +750,12 @@ def _forward(q, k, v, g, scale, h0, grid, fused, n):
         if chunks.start:
             starts.append(h0)   # fresh (a slab's final state), a few hundred KiB: cheaper kept than recomputed
         # each slab's chunk copies in the memory of the last one's: on a CPU fresh memory costs more than a pass
-        bufs = [slab.to_chunks(x[:, tokens], acc, buf=b) for x, b in zip((q, k, v, g), bufs)]
-        o_slab, h0, A_slab, states_slab = fwd(*bufs, h0, slab, prod)
+        bufs[3] = gc = slab.to_chunks(g[:, tokens], acc, buf=bufs[3])
+        if _lean(gc, fused, prod):
+            o_slab, h0, A_slab, states_slab = _chunk_fwd_lean(*(x[:, tokens] for x in (q, k, v)), gc, h0, slab)
+        else:
+            bufs[:3] = [slab.to_chunks(x[:, tokens], acc, buf=b) for x, b in zip((q, k, v), bufs)]
+            o_slab, h0, A_slab, states_slab = fwd(*bufs, h0, slab, prod)
         slab.from_chunks(o_slab, v.dtype, scale, out=o[:, tokens])
         A[:, chunks] = A_slab
         if keep:
