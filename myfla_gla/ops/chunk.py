@@ -418,6 +418,15 @@ def _walk(local, decay_chunk, S, grid, reverse=False):
     entered values are stacked at the end instead: Inductor turns each in-place write into a copy of all of `local`,
     which made the compiled walk quadratic in the number of chunks."""
     compiling, entered = torch.compiler.is_compiling(), []
+    if isinstance(grid, _Fixed) and not compiling:
+        # each step's views made at once: a step is then two kernels and two dispatches (a GPU's eager walk is bound
+        # by its launches)
+        steps, decays = local.unbind(1), decay_chunk.unsqueeze(-1).unbind(1)
+        for j in (reversed if reverse else iter)(range(grid.steps)):
+            new = torch.addcmul(steps[j], decays[j], S)
+            steps[j].copy_(S)
+            S = new
+        return local, S
     for j in (reversed if reverse else iter)(range(grid.steps)):
         Sj = grid.states_at(S, j)                                                          # [n, H, K, V]
         new = torch.addcmul(grid.take(local, j), grid.take(decay_chunk, j)[..., None], Sj)   # [n, H, K, V]

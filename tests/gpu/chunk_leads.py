@@ -33,7 +33,7 @@ a small shape on the CPU's CUDA code path.
 
 `memory` (no GPU needed) measures the eager forward's and forward+backward's peak memory on the CUDA code path at the
 gpu1 shape on the CPU (the switches' CUDA values set for the CPU, `myfla_gla.bench._cpu_peak_bytes`), with the
-one-product stage 1 off and on."""
+one-product stage 1 off and on, the lean forward off and on, in one slab and in slabs (see `memory`)."""
 import contextlib
 import json
 import re
@@ -374,17 +374,22 @@ def staged(device, lengths=(4096, 2048, 8192, 1000)):
 
 
 def memory():
-    "Peak memory of the eager forward and forward+backward on the CUDA code path, measured on the CPU (gpu1 shape)."
+    """Peak memory of the eager forward and forward+backward on the CUDA code path, measured on the CPU (gpu1 shape):
+    the usual forward with the levels and with the one product, the lean forward (the one product) in one slab, and
+    both forwards in slabs of 64 and 32 MiB (two and four)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(4, 4096, 16, 128, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     g = (torch.nn.functional.logsigmoid(torch.randn(4, 4096, 16, 128)) / 16).bfloat16().requires_grad_()
+    forms = [(False, False, None), (True, False, None), (True, True, None), (True, False, 64 << 20),
+             (True, True, 64 << 20), (True, False, 32 << 20), (True, True, 32 << 20)]
     with cuda_path_on_cpu():
-        for one in (False, True):
-            chunk._ONE_PRODUCT['cpu'] = one
+        for one, lean, slab in forms:
+            chunk._ONE_PRODUCT['cpu'], chunk._LEAN_FORWARD['cpu'], chunk._SLAB_BYTES['cpu'] = one, lean, slab
             fwd = bench._cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0]) / 2**20
             both = bench._cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0].sum().backward()) / 2**20
-            print(f"CUDA code path on the CPU, one product {'on' if one else 'off'}: peak forward {fwd:.1f} MiB, "
-                  f"forward+backward {both:.1f} MiB", flush=True)
+            print(f"CUDA code path on the CPU, {'lean' if lean else 'usual'} forward, one product "
+                  f"{'on' if one else 'off'}, {'one slab' if slab is None else f'slabs of {slab >> 20} MiB'}: "
+                  f"peak forward {fwd:.1f} MiB, forward+backward {both:.1f} MiB", flush=True)
 
 
 if 'memory' in sys.argv:
