@@ -26,7 +26,7 @@ normaliser 1 (every chunk in one product), 0.1 (every chunk flagged) and mixes (
 the mixes also the flagged chunks' levels by indexing (the op's way) against the levels for all chunks and a `where`.
 `--threads N` (default 1).
 
-`lean` checks and measures `lean_fwd`, the forward of lead 3 (memory), against `chunk_gla`'s (see `lean`).
+`lean` compares chunk_gla's eager forward with `_chunk_fwd_lean` (lead 3) off and on (see `lean`).
 
 `staged` measures lead 2, the op's stages compiled with the walks between them eager (see `staged`); without a GPU, at
 a small shape on the CPU's CUDA code path.
@@ -242,69 +242,50 @@ def cuda_path_on_cpu():
             d.update(b)
 
 
-def lean_fwd(q, k, v, g, scale=None, initial_state=None):
-    """`chunk_gla`'s forward `(o, final state)` as the CUDA eager path computes it (fixed lengths, one slab, one product
-    in every chunk, no floor), with the memory of lead 3: one float32 chunk copy of g becomes exp(b - r) and then
-    q * decay_q in place, its reciprocal k * decay_k, and each of q, k, v's copies is freed as soon as it is used.
-    q * decay_q = (q * exp(b - r)) e^(b_0 + r) and k * decay_k = (k * exp(r - b)) e^r: the factors of A become stages
-    2 and 4's operands by a product with one row per chunk, with no decay_q or decay_k of the chunk's size (two
-    passes fewer). Forward only (the backward recomputes from the inputs either way); raises where a chunk's span
-    needs the levels (`chunk._flagged`)."""
-    B, T, H, K = q.shape
-    grid = chunk._Fixed(B, T, chunk._chunk_size(T))
-    scale = K ** -0.5 if scale is None else scale
-    b = grid.to_chunks(g, torch.float32)                                   # [B, NC, H, C, K]
-    if chunk._flagged(b).any():
-        raise ValueError('a chunk needs the dyadic levels: lean_fwd has only the one product')
-    g0 = b[..., :1, :].clone()                                              # [B, NC, H, 1, K]: the first gate
-    b[..., :1, :] = 0
-    r = b.cumsum_(-2)[..., -1:, :] * 0.5                                    # b - b_0 in g's copy; r its midrange
-    up = b.sub_(r).exp_()                                                   # exp(b - r)
-    down = torch.reciprocal(up)                                             # exp(r - b)
-    up.mul_(grid.to_chunks(q, torch.float32))                               # each copy dead after its product
-    down.mul_(grid.to_chunks(k, torch.float32))
-    A = torch.matmul(up, down.transpose(-1, -2)).tril_()                    # [B, NC, H, C, C]
-    decay_chunk = (g0 + 2 * r).exp_()[..., 0, :]                            # [B, NC, H, K]: exp(b_last)
-    qd, kd = up.mul_((g0 + r).exp_()), down.mul_(r.exp_())                  # q * decay_q, k * decay_k (in place)
-    del up, down
-    vc = grid.to_chunks(v, torch.float32)                                   # [B, NC, H, C, V]
-    local = torch.matmul(kd.transpose(-1, -2), vc)                          # [B, NC, H, K, V]
-    del kd
-    o = torch.matmul(A, vc)                                                 # [B, NC, H, C, V]
-    del vc
-    states, ht = chunk._walk(local, decay_chunk, chunk._start_state(initial_state, qd, o, grid), grid)
-    o.view(-1, *o.shape[-2:]).baddbmm_(qd.view(-1, *qd.shape[-2:]), states.view(-1, *states.shape[-2:]))
-    return grid.from_chunks(o, v.dtype, scale), ht
+@contextlib.contextmanager
+def lean_forward(device, on):
+    "Within the block, `_LEAN_FORWARD` is `on` for `device`; restored after."
+    before = chunk._LEAN_FORWARD.get(device)
+    chunk._LEAN_FORWARD[device] = on
+    try:
+        yield
+    finally:
+        chunk._LEAN_FORWARD[device] = before
 
 
 def lean():
-    """lean_fwd against chunk_gla's forward: equal outputs (float32, normaliser 16, the CUDA code path on the CPU),
-    then at gpu1 (bf16) both forwards' peak memory on the CUDA code path, measured on the CPU: 1098 MiB for chunk_gla
-    (the H100's number), 778 for lean_fwd. With CUDA, also both forwards at gpu1 on the GPU: time (median of 20
-    calls), peak memory and the largest relative RMS difference between them."""
+    """Lead 3: chunk_gla's eager forward with `_chunk_fwd_lean` off and on (`_LEAN_FORWARD`; the design notes' first
+    figures are of its prototype, measured before it was the op's): the largest relative RMS difference of o and the
+    final state (float32, normaliser 16, the CUDA code path on the CPU, one thread), then at gpu1 (bf16) both
+    forwards' peak on the CUDA code path, measured on the CPU. With CUDA, also both forwards at gpu1 on the GPU:
+    time (median of 20 calls), peak memory and the relative RMS difference of the outputs."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)   # no floors on a CPU (`chunk._floor`), as on CUDA
     x = random_gla_inputs(2, 300, 3, 32, 16, gate_logit_normalizer=16)
     h0 = torch.randn(2, 3, 32, 16)
     q, k, v = (torch.randn(4, 4096, 16, 128, dtype=torch.bfloat16) for _ in range(3))
     g = (torch.nn.functional.logsigmoid(torch.randn(4, 4096, 16, 128)) / 16).bfloat16()
     with cuda_path_on_cpu():
-        want, got = chunk_gla(*x, initial_state=h0, output_final_state=True), lean_fwd(*x, initial_state=h0)
-        print('lean_fwd against chunk_gla, float32: largest relative RMS difference of o and the final state',
-              f'{max(bench.get_err_ratio(w, y) for w, y in zip(want, got)):.1e}', flush=True)
-        with torch.no_grad():
-            for name, op in (('chunk_gla', chunk_gla), ('lean_fwd', lean_fwd)):
-                print(f'{name}: peak forward on the CUDA code path (CPU) '
-                      f'{bench._cpu_peak_bytes(lambda: op(q, k, v, g)[0]) / 2**20:.1f} MiB', flush=True)
+        outs = []
+        for on in (False, True):
+            with lean_forward('cpu', on):
+                outs.append(chunk_gla(*x, initial_state=h0, output_final_state=True))
+        print('lean against usual forward, float32: largest relative RMS difference of o and the final state',
+              f'{max(bench.get_err_ratio(w, y) for w, y in zip(*outs)):.1e}', flush=True)
+        for on in (False, True):
+            with lean_forward('cpu', on), torch.no_grad():
+                print(f"{'lean' if on else 'usual'} forward: peak on the CUDA code path (CPU) "
+                      f'{bench._cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0]) / 2**20:.1f} MiB', flush=True)
     if torch.cuda.is_available():
         q, k, v, g = (x.cuda() for x in (q, k, v, g))
         outs = []
-        for name, op in (('chunk_gla', chunk_gla), ('lean_fwd', lean_fwd)):
-            with torch.no_grad():
-                t = bench.time_fn(lambda: op(q, k, v, g), 'cuda', repeats=20, warmup=3)
-                mib = bench.peak_memory(lambda: op(q, k, v, g), 'cuda') / 2**20
-                outs.append(op(q, k, v, g)[0])
-            print(f"{name}: forward on {torch.cuda.get_device_name()} {t['median_ms']:.2f} ms, peak {mib:.0f} MiB",
-                  flush=True)
+        for on in (False, True):
+            with lean_forward('cuda', on), torch.no_grad():
+                t = bench.time_fn(lambda: chunk_gla(q, k, v, g), 'cuda', repeats=20, warmup=3)
+                mib = bench.peak_memory(lambda: chunk_gla(q, k, v, g), 'cuda') / 2**20
+                outs.append(chunk_gla(q, k, v, g)[0])
+            print(f"{'lean' if on else 'usual'} forward on {torch.cuda.get_device_name()}: {t['median_ms']:.2f} ms, "
+                  f'peak {mib:.0f} MiB', flush=True)
         print(f'relative RMS difference of the outputs {bench.get_err_ratio(outs[0].float(), outs[1].float()):.1e}')
 
 
