@@ -1,6 +1,6 @@
 """The speed leads of the chunk chapter's design notes, at the gpu1 shape (bf16), in one process on one card:
 
-    python tests/gpu/chunk_leads.py [eager] [fla] [compile] [stage] [staged] [lean] [memory] [cpu]
+    python tests/gpu/chunk_leads.py [eager] [fla] [compile] [stage] [staged] [lean] [memory] [traffic] [cpu]
                                     [--eager NAMES] [--compiled NAMES] [--json PATH]
 
 `eager` times `chunk_gla`'s forward and forward+backward (`myfla_gla.bench.time_fn`: median of 20 calls, CUDA events),
@@ -33,7 +33,11 @@ a small shape on the CPU's CUDA code path.
 
 `memory` (no GPU needed) measures the eager forward's and forward+backward's peak memory on the CUDA code path at the
 gpu1 shape on the CPU (the switches' CUDA values set for the CPU, `myfla_gla.bench._cpu_peak_bytes`), with the
-one-product stage 1 off and on, the lean forward off and on, in one slab and in slabs (see `memory`)."""
+one-product stage 1 off and on, the lean forward off and on, in one slab and in slabs (see `memory`).
+
+`traffic` (no GPU needed) counts the kernels and bytes of the eager forward and forward+backward on the CUDA code
+path at the gpu1 shape on the CPU for the variants of `--eager` (see `traffic`): where a variant's time goes before a
+GPU times it."""
 import contextlib
 import json
 import re
@@ -41,6 +45,8 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import myfla_gla.ops.chunk as chunk
 from myfla_gla import bench, chunk_gla, random_gla_inputs
@@ -374,8 +380,65 @@ def memory():
                   f"peak forward {fwd:.1f} MiB, forward+backward {both:.1f} MiB", flush=True)
 
 
+
+class _Traffic(TorchDispatchMode):
+    """Counts the kernels a block launches (every op that is not a view or a fresh allocation) and the bytes they move
+    (each tensor argument read once, each output written once; `copy_` reads its source and writes its target)."""
+    FREE = {'view', '_unsafe_view', 'as_strided', 'unbind', 'select', 'slice', 'expand', 'permute', 'transpose', 't',
+            'unsqueeze', 'squeeze', 'alias', 'detach', 'split', 'split_with_sizes', 'diagonal', 'unfold', 'narrow',
+            '_reshape_alias', 'lift_fresh', 'empty', 'empty_like', 'new_empty', 'empty_strided'}
+
+    def __init__(self):
+        super().__init__()
+        self.kernels, self.bytes = 0, 0
+
+    @staticmethod
+    def nbytes(x):
+        return sum(t.numel() * t.element_size() for t in tree_leaves(x)
+                   if isinstance(t, torch.Tensor))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split('.')[0]
+        if name not in self.FREE:
+            self.kernels += 1
+            self.bytes += (self.nbytes(args[:2]) if name == 'copy_' else
+                           self.nbytes((args, kwargs)) + self.nbytes(out))
+        return out
+
+
+def traffic():
+    """Kernels launched and bytes moved by the eager forward (no grad) and forward+backward at gpu1 (bf16) for the
+    variants of EAGER (or --eager), counted on the CUDA code path on the CPU (one thread, denormals flushed, so no
+    decay is floored as on CUDA), and the bytes' time at 3.0 TB/s (an H100's copy rate): a model of the eager time
+    where the passes over memory dominate; the kernels' launches come on top."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    q, k, v = (torch.randn(4, 4096, 16, 128, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = (torch.nn.functional.logsigmoid(torch.randn(4, 4096, 16, 128)) / 16).bfloat16().requires_grad_()
+    do = torch.randn_like(v)
+    def fwd():
+        with torch.no_grad():
+            chunk_gla(q, k, v, g)
+    def fwd_bwd():
+        torch.autograd.grad(chunk_gla(q, k, v, g)[0], (q, k, v, g), do)
+    for name, kw in EAGER.items():
+        variant(**kw)
+        counts = []
+        with cuda_path_on_cpu():
+            for f in (fwd, fwd_bwd):
+                with _Traffic() as t:
+                    f()
+                counts.append(t)
+        print(f'{name:45s} ' + '  '.join(f'{w} {t.kernels:4d} kernels {t.bytes / 1e9:6.2f} GB {t.bytes / 3e9:5.2f} ms'
+                                         for w, t in zip(('fwd', 'fwd+bwd'), counts)), flush=True)
+    variant()
+
 if 'memory' in sys.argv:
     memory()
+if 'traffic' in sys.argv:
+    traffic()
 if 'lean' in sys.argv:
     lean()
 if 'cpu' in sys.argv:
