@@ -88,39 +88,6 @@ def test_strong_gates_T4096():
         compare_op(fn, x, 'g', 1e-5, reference=ref)
 
 
-@pytest.mark.parametrize('NC', [16, 17, 23, 64, 100])
-@pytest.mark.parametrize('reverse', [False, True])
-@pytest.mark.parametrize('decay', [0.5, 30.])
-def test_grouped_walk_equals_the_steps(NC, reverse, decay):
-    """The grouped state walk (`_walk_grouped`, CUDA's for 16 chunks or more) against the walk step by step, float64:
-    groups of sqrt(NC) with chunks left over (17, 23, 100), both directions, mild decays and decays whose products
-    underflow to zero inside a group (e^-30 a chunk)."""
-    B, H, K, V = 2, 3, 8, 5
-    L = torch.randn(B, NC, H, K, V, dtype=torch.float64)
-    d = torch.exp(-decay * torch.rand(B, NC, H, K, dtype=torch.float64))
-    S0 = torch.randn(B, H, K, V, dtype=torch.float64)
-    want = L.clone()
-    S_want = chunk_ops._walk_steps(want.unbind(1), d.unsqueeze(-1).unbind(1), S0, reverse)
-    got, S_got = chunk_ops._walk_grouped(L.clone(), d, S0, reverse)
-    assert_close('entered values', want, got, 1e-14, err_atol=0)
-    assert_close('value after', S_want, S_got, 1e-14, err_atol=0)
-
-
-def test_grouped_walk_in_the_op(monkeypatch):
-    """`chunk_gla` with the grouped walk on the CPU (it is CUDA's): 20 chunks, forward and backward (both walks and
-    the backward's recomputed states) against the float64 recurrence, float32 and strong gates; in slabs too."""
-    monkeypatch.setitem(chunk_ops._GROUPED_WALK, 'cpu', True)
-    calls = []
-    monkeypatch.setattr(chunk_ops, '_walk_grouped', lambda *a, fn=chunk_ops._walk_grouped: calls.append(1) or fn(*a))
-    check(1, 20 * 64 - 10, 2, 16, 8, torch.float32, fns=(chunk_gla,))
-    check(1, 20 * 64 - 10, 2, 16, 8, torch.float32, normalizer=0.02, fns=(chunk_gla,))
-    assert len(calls) == 2 * 3   # each call's forward walk and its backward's two
-    monkeypatch.setitem(chunk_ops._SLAB_BYTES, 'cpu', 16 * 2 * 64 * 16 * 4)   # two slabs, of 16 chunks and of 4
-    calls.clear()
-    check(1, 20 * 64 - 10, 2, 16, 8, torch.float32, fns=(chunk_gla,))
-    assert len(calls) == 3   # the slab of 16 chunks, forward and backward
-
-
 def test_extreme_gates_stay_finite():
     "Gates of -1000 and of exactly 0, large inputs: no NaN or inf anywhere."
     x = op_inputs('cpu', torch.float32, 2, 150, 2, 8, 8, seed=None, h0=False)

@@ -47,14 +47,13 @@ def test_forward_peak_in_slabs(monkeypatch, one_product):
 
 @pytest.mark.parametrize('n', [16, 8, 4])
 def test_lean_forward_peak(monkeypatch, n):
-    """CUDA's forward (`_chunk_fwd_lean`, the other switches at their CUDA values but the walk's, step by step here so
-    that slabs give one pass's numbers bitwise) at the scaled gpu1 shape of `test_forward_peak_in_slabs` (B=1 T=1024
-    H=4 K=V=128, bf16, 16 chunks), in one pass (CUDA's default) and in slabs of 8 and 4 chunks: the peak, at a slab's
-    stage 2, is g's chunk copy become q * decay_q, k * decay_k, v's float32 copy, A and the local states of the
-    slab, with the output, A of all chunks and the slabs' initial states. The usual forward, which keeps the copies
-    of q, k, v and g, `decay_k` and A v besides, peaked at 17.5 MiB here in one pass (at gpu1, measured the same way:
-    1098 MiB, 685 in two slabs, 420.5 in four, against 772, 488 and 320 with this one; FLA's is 384; the chunk
-    chapter's design notes have them with the grouped walk). Another float32 chunk copy of a slab breaks the bound.
+    """CUDA's forward (`_chunk_fwd_lean`, the other switches at their CUDA values) at the scaled gpu1 shape of
+    `test_forward_peak_in_slabs` (B=1 T=1024 H=4 K=V=128, bf16, 16 chunks), in one pass (CUDA's default) and in slabs
+    of 8 and 4 chunks: the peak, at a slab's stage 2, is g's chunk copy become q * decay_q, k * decay_k, v's float32
+    copy, A and the local states of the slab, with the output, A of all chunks and the slabs' initial states. The
+    usual forward, which keeps the copies of q, k, v and g, `decay_k` and A v besides, peaked at 17.5 MiB here in one
+    pass (at gpu1, measured the same way: 1098 MiB, 685 in two slabs, 420.5 in four, against 772, 488 and 320 with
+    this one; FLA's is 384). Another float32 chunk copy of a slab breaks the bound.
     Slabs give the numbers of one pass, bitwise."""
     for switch in ('_BROADCAST_ROWS', '_HALF_PRODUCTS', '_KEEP_STATES', '_ONE_PRODUCT', '_LEAN_FORWARD'):
         monkeypatch.setitem(getattr(chunk, switch), 'cpu', getattr(chunk, switch).get('cuda'))

@@ -419,8 +419,6 @@ def _walk(local, decay_chunk, S, grid, reverse=False):
     which made the compiled walk quadratic in the number of chunks."""
     compiling, entered = torch.compiler.is_compiling(), []
     if isinstance(grid, _Fixed) and not compiling:
-        if grid.NC >= 16 and _switched_on(_GROUPED_WALK, local):
-            return _walk_grouped(local, decay_chunk, S, reverse)
         return local, _walk_steps(local.unbind(1), decay_chunk.unsqueeze(-1).unbind(1), S, reverse)
     for j in (reversed if reverse else iter)(range(grid.steps)):
         Sj = grid.states_at(S, j)                                                          # [n, H, K, V]
@@ -444,41 +442,6 @@ def _walk_steps(steps, decays, S, reverse=False):
         steps[j].copy_(S)
         S = new
     return S
-
-
-_GROUPED_WALK = {'cuda': True}   # per device type: `_walk_grouped` for fixed-length walks of 16 chunks or more
-
-
-def _walk_grouped(local, decay_chunk, S, reverse=False):
-    """`_walk` over a fixed grid in about 4 sqrt(NC) launches instead of 2 NC. The NC chunks form n groups of G ~
-    sqrt(NC) (and up to G - 1 chunks walked one by one after them, before them in reverse). The value entering
-    chunk i of group g is the part of the walk inside the group, from a zero value at its start, plus the value
-    entering the group times the decays between: E[g, i] + P[g, i] C[g]. So: 1. E for all groups at once, G steps;
-    2. C, a walk over the groups (n steps) with each group's total decay D[g] and own part; 3. one pass adding P C. The
-    same sums as `_walk_steps` in another order (float32 rounding apart); the decays' products are at most 1."""
-    NC = local.shape[1]
-    G = math.isqrt(NC)
-    n, r = NC // G, NC % G                                   # groups; chunks left over
-    block = slice(r, NC) if reverse else slice(0, n * G)
-    L = local[:, block].unflatten(1, (n, G))                 # [B, n, G, H, K, V]
-    d = decay_chunk[:, block].unflatten(1, (n, G))           # [B, n, G, H, K]
-    # 1. inside the groups, all at once from zeros: E in L's memory, each group's own part of the value leaving it
-    own = _walk_steps(L.unbind(2), d.unsqueeze(-1).unbind(2), torch.zeros_like(L[:, :, 0]), reverse)   # [B, n, H, K, V]
-    # P: the decays between each group's start (its end, in reverse) and each chunk; D: the whole group's
-    cum = (d.flip(2).cumprod(2).flip(2) if reverse else d.cumprod(2))   # inclusive, in the walk's direction
-    P = torch.ones_like(d)
-    if reverse:
-        P[:, :, :-1] = cum[:, :, 1:]
-    else:
-        P[:, :, 1:] = cum[:, :, :-1]
-    D = cum[:, :, 0] if reverse else cum[:, :, -1]           # [B, n, H, K]
-    # 2. the values entering the groups (C, in own's memory) and the value after the last one: a walk over groups
-    S = _walk_steps(own.unbind(1), D.unsqueeze(-1).unbind(1), S, reverse)
-    # 3. every chunk's entering value
-    L.addcmul_(P[..., None], own[:, :, None])
-    rest = slice(0, r) if reverse else slice(n * G, NC)     # the chunks left over, one by one
-    S = _walk_steps(local[:, rest].unbind(1), decay_chunk[:, rest].unsqueeze(-1).unbind(1), S, reverse)
-    return local, S
 
 
 def _start_state(h0, q, v, grid):

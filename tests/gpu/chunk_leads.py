@@ -13,7 +13,7 @@ product where the chunk's span allows (`_ONE_PRODUCT`) on and off; 'one slab', '
 and 'slabs of 64 MiB' set the eager forward's slab budget (`_SLAB_BYTES`; CUDA's default is one slab, 32 MiB is a
 quarter of the chunks here), with the levels; 'one product, one slab' and 'one product, slabs of 32 MiB' with the one
 product; 'usual forward, ...' and 'lean forward, ...' turn `_chunk_fwd_lean` (`_LEAN_FORWARD`) off and on with the one
-product and the named slabs; 'walk step by step' and 'walk in groups' turn `_GROUPED_WALK` off and on.
+product and the named slabs.
 `stage` times stage 1 alone (the intra-chunk attention `A` of the forward, and its backward), the dyadic levels
 against the one-product form (`_intra_attention` with the switch on: all chunks in one product at normaliser 1, all
 flagged and so computed both ways at 0.02) and a two-level scheme of 16-token sub-chunks (`intra_two_level`), eager
@@ -69,15 +69,14 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'usual forward, slabs of 64 MiB': dict(one=True, slab=64 << 20, lean=False),
          'lean forward, one slab': dict(one=True, slab=None, lean=True),
          'lean forward, slabs of 64 MiB': dict(one=True, slab=64 << 20, lean=True),
-         'lean forward, slabs of 32 MiB': dict(one=True, slab=32 << 20, lean=True),
-         'walk step by step': dict(walk=False), 'walk in groups': dict(walk=True)}
+         'lean forward, slabs of 32 MiB': dict(one=True, slab=32 << 20, lean=True)}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
             'one product': dict(one=True)}
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
                half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES.get('cuda'),
-               lean=chunk._LEAN_FORWARD['cuda'], walk=chunk._GROUPED_WALK['cuda'])
+               lean=chunk._LEAN_FORWARD['cuda'])
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--compiled') + 1])}
 if '--eager' in sys.argv:
@@ -85,9 +84,9 @@ if '--eager' in sys.argv:
 
 
 def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one'],
-            slab=DEFAULT['slab'], lean=DEFAULT['lean'], walk=DEFAULT['walk']):
+            slab=DEFAULT['slab'], lean=DEFAULT['lean']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
-    chunk._ONE_PRODUCT['cuda'], chunk._LEAN_FORWARD['cuda'], chunk._GROUPED_WALK['cuda'] = one, lean, walk
+    chunk._ONE_PRODUCT['cuda'], chunk._LEAN_FORWARD['cuda'] = one, lean
     if slab is None:
         chunk._SLAB_BYTES.pop('cuda', None)   # a device type not listed: one slab
     else:
@@ -236,7 +235,7 @@ if 'stage' in sys.argv:   # also on a CPU (eager only there)
 def cuda_path_on_cpu():
     "Within the block, the op's per-device switches take their CUDA values for the CPU; restored after."
     switches = (chunk._BROADCAST_ROWS, chunk._HALF_PRODUCTS, chunk._KEEP_STATES, chunk._ONE_PRODUCT, chunk._SLAB_BYTES,
-                chunk._LEAN_FORWARD, chunk._GROUPED_WALK)
+                chunk._LEAN_FORWARD)
     before = [dict(d) for d in switches]
     for d in switches:
         d['cpu'] = d.get('cuda')

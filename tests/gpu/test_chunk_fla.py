@@ -138,14 +138,6 @@ def test_one_product_compiled_matches_eager(one_product):
         assert_close(f'compiled one product {name}', a, b, 5e-3, err_atol=0)
 
 
-def test_grouped_walk():
-    """18 chunks (T=1100): CUDA's state walks take groups (`_walk_grouped`: groups of 4, two chunks left over), forward
-    and backward, against float64 and FLA; the cases above have at most 11 chunks, which walk step by step."""
-    import myfla_gla.ops.chunk as chunk
-    assert chunk._switched_on(chunk._GROUPED_WALK, torch.empty(0, device='cuda'))
-    compare(1, 1100, 2, 64, torch.bfloat16)
-
-
 def test_lean_forward_on_cuda(monkeypatch):
     """CUDA's eager forward takes `_chunk_fwd_lean` (`_LEAN_FORWARD`) where every chunk takes the one product: its
     output within bf16 rounding of the usual forward's, and its peak memory at most 0.8x the usual forward's (at
