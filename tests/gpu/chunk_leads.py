@@ -13,7 +13,7 @@ product where the chunk's span allows (`_ONE_PRODUCT`) on and off; 'one slab', '
 and 'slabs of 64 MiB' set the eager forward's slab budget (`_SLAB_BYTES`; CUDA's default is one slab, 32 MiB is a
 quarter of the chunks here), with the levels; 'one product, one slab' and 'one product, slabs of 32 MiB' with the one
 product; 'usual forward, ...' and 'lean forward, ...' turn `_chunk_fwd_lean` (`_LEAN_FORWARD`) off and on with the one
-product and the named slabs.
+product and the named slabs; 'kept states' keeps the forward's chunk states for the backward in eager too.
 `stage` times stage 1 alone (the intra-chunk attention `A` of the forward, and its backward), the dyadic levels
 against the one-product form (`_intra_attention` with the switch on: all chunks in one product at normaliser 1, all
 flagged and so computed both ways at 0.02) and a two-level scheme of 16-token sub-chunks (`intra_two_level`), eager
@@ -69,7 +69,8 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'usual forward, slabs of 64 MiB': dict(one=True, slab=64 << 20, lean=False),
          'lean forward, one slab': dict(one=True, slab=None, lean=True),
          'lean forward, slabs of 64 MiB': dict(one=True, slab=64 << 20, lean=True),
-         'lean forward, slabs of 32 MiB': dict(one=True, slab=32 << 20, lean=True)}
+         'lean forward, slabs of 32 MiB': dict(one=True, slab=32 << 20, lean=True),
+         'kept states': dict(keep=True)}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
