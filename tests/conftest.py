@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch._inductor.config
 
+from helpers import threads
+
 _real = {'empty': torch.empty, 'empty_like': torch.empty_like, 'new_empty': torch.Tensor.new_empty}
 
 
@@ -83,7 +85,5 @@ def seed():
 def one_thread():
     """For modules of tiny models (`pytestmark = pytest.mark.usefixtures('one_thread')`): one thread is fastest,
     and immune to the spin-waits of oversubscribed cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with threads(1):
+        yield

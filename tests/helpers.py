@@ -1,11 +1,24 @@
 """Helpers shared by test files (a module of its own: `conftest` is also the name of tests/gpu's conftest.py).
 
 `run_with_fla`: a script run in a fresh process beside FLA 0.6.0's own classes (FLA-written checkpoints, FLA's
-layers on the CPU). `cp_layer_errors`: a layer run by one process and by the ranks of a context-parallel group."""
+layers on the CPU). `cp_layer_errors`: a layer run by one process and by the ranks of a context-parallel group.
+`threads`: torch's CPU thread count within a block."""
+import contextlib
 import sys
 
 import pytest
 import torch
+
+
+@contextlib.contextmanager
+def threads(n):
+    "Within the block, torch's CPU ops use `n` threads; the count before is restored after."
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 _FLA_PREAMBLE = '''\

@@ -9,6 +9,7 @@ import myfla_gla.ops.chunk as chunk
 from myfla_gla import chunk_gla, fused_chunk_gla
 from myfla_gla.bench import _cpu_peak_bytes
 from myfla_gla.testing import op_inputs, run_op
+from helpers import threads
 from test_chunk import NAMES, check
 
 
@@ -62,9 +63,7 @@ def test_lean_forward_peak(monkeypatch, n):
     B, T, H, K, V, C, f32 = 1, 1024, 4, 128, 128, 64, 4
     q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True) for D in (K, K, V))
     g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16().requires_grad_()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # no floors on a CPU (see `_floor`), as on CUDA
-    try:
+    with threads(1):   # no floors on a CPU (see `_floor`), as on CUDA
         monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', None)
         one_pass = chunk_gla(q, k, v, g)[0]
         monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', B * n * H * C * max(K, V) * f32)
@@ -72,8 +71,6 @@ def test_lean_forward_peak(monkeypatch, n):
         calls.clear()
         peak = _cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0])
         assert torch.equal(chunk_gla(q, k, v, g)[0], one_pass)
-    finally:
-        torch.set_num_threads(threads)
     assert len(calls) == 2 * (T // C // n)   # two calls, each slab through it
     out, A, copy = B * T * H * V * 2, B * T * H * C * f32, B * n * H * C * max(K, V) * f32
     state, small = B * H * K * V * f32, 16 << 10

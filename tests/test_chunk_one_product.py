@@ -9,6 +9,7 @@ import torch
 import myfla_gla.ops.chunk as chunk
 from myfla_gla import assert_close, chunk_gla, fused_chunk_gla
 from myfla_gla.testing import compare_op, op_inputs, run_reference
+from helpers import threads
 from test_chunk import NAMES, check
 
 
@@ -67,15 +68,11 @@ def test_lean_forward(monkeypatch, B, T, H, K, V, dtype, normalizer, cu, state_v
     monkeypatch.setitem(chunk._LEAN_FORWARD, 'cpu', True)
     calls = []
     monkeypatch.setattr(chunk, '_chunk_fwd_lean', lambda *a, fn=chunk._chunk_fwd_lean: calls.append(1) or fn(*a))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         check(B, T, H, K, V, dtype, normalizer, cu=cu, state_v_first=state_v_first, fns=(chunk_gla,))
         assert len(calls) == lean, calls
         check(B, T, H, K, V, dtype, normalizer, cu=cu, state_v_first=state_v_first, fns=(fused_chunk_gla,))
         assert len(calls) == lean, calls
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize('dtype, normalizer, fwd_flagged', [(torch.bfloat16, 1, False), (torch.float16, 16, False),

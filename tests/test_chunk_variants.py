@@ -8,6 +8,7 @@ import torch
 
 import myfla_gla.ops.chunk as chunk
 from myfla_gla import chunk_gla, fused_chunk_gla, random_gla_inputs
+from helpers import threads
 from test_chunk import check
 
 
@@ -72,13 +73,9 @@ def test_kept_states_twice(monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize('threads', [1, 2])
-def test_denormals(threads):
+@pytest.mark.parametrize('n', [1, 2])
+def test_denormals(n):
     "Strong gates in float32 with one thread (denormals flushed for the op) and two (decay factors floored)."
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with threads(n):
         check(1, 200, 2, 16, 16, torch.float32, normalizer=0.02, fns=(chunk_gla,))
         assert torch.tensor([1e-39]).mul_(1.)[0] != 0, 'the mode before the op is restored'
-    finally:
-        torch.set_num_threads(before)

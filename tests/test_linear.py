@@ -1,8 +1,6 @@
 """`myfla_gla.modules.linear.Linear` (nbs/02a_linear.ipynb): the split product for a few rows on a CPU gives
 `F.linear`'s numbers, runs only where it should, and leaves hooks, `torch.compile`, export and the models as they were.
 The README's test command runs with one thread, where the split never runs: these tests set two."""
-import contextlib
-
 import pytest
 import torch
 import torch.nn as nn
@@ -11,16 +9,7 @@ import torch.nn.functional as F
 from myfla_gla import GLAConfig, GLAForCausalLM
 from myfla_gla.modules import linear as L
 from myfla_gla.modules.linear import Linear
-
-
-@contextlib.contextmanager
-def threads(n):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+from helpers import threads
 
 
 @pytest.fixture

@@ -56,7 +56,8 @@ results = []
 
 EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1': dict(rows=1, keep=False, one=False),
          'broadcast m<=2': dict(rows=2, keep=False, one=False), 'broadcast m<=4': dict(rows=4, keep=False, one=False),
-         'broadcast m<=8': dict(rows=8, keep=False, one=False), 'kept states': dict(rows=0, keep=True, one=False),
+         'broadcast m<=8': dict(rows=8, keep=False, one=False),
+         'dyadic levels, kept states': dict(rows=0, keep=True, one=False),
          'broadcast m<=2, kept states': dict(rows=2, keep=True, one=False),
          'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False),
          'dyadic levels (again)': dict(rows=0, keep=False, one=False), 'default': {},
