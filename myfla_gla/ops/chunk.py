@@ -118,16 +118,50 @@ def _product_dtype(x):
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) and _switched_on(_HALF_PRODUCTS, x) else None
 
 
-def _mm(a, b, prod=None):
-    """`a @ b` `[..., m, n]` in float32. With `prod` (see `_product_dtype`) the operands are rounded to `prod` and
-    the products accumulated in float32: tensor cores on CUDA; elsewhere the same numbers from float32 products."""
-    if prod is None:
+_TF32_PRODUCTS = {'cuda': True}   # per device type: eager float32 products on TF32 tensor cores for bf16/fp16 inputs
+
+
+@contextlib.contextmanager
+def _tf32_products(x):
+    """Within the block the float32 products of eager CUDA (cuBLAS) round their operands to TF32 (10 bits of mantissa,
+    to bf16's 7 and fp16's 10) and run on tensor cores, where `x` is bf16 or fp16 and `_TF32_PRODUCTS` is on for its
+    device: the inputs carry no more digits than that, and FLA rounds the same operands to the input dtype. Float32
+    inputs keep float32 products. PyTorch's setting is global, not per thread: it is restored after the block."""
+    if (x.dtype not in (torch.bfloat16, torch.float16) or not _TF32_PRODUCTS.get(x.device.type)
+            or torch.compiler.is_compiling()):
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before, matmul.fp32_precision = matmul.fp32_precision, 'tf32'
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def _bmm(a, b, out=None):
+    """`a @ b` for chunk tensors `[..., m, k]` and `[..., k, n]` with the same batch dims; eager, written into `out`
+    (contiguous, `[..., m, n]`) where given. Compiled, `out` is ignored (Inductor plans its own buffers)."""
+    if out is None or torch.compiler.is_compiling():
         return a @ b
+    torch.bmm(a.flatten(0, -3), b.flatten(0, -3), out=out.view(-1, *out.shape[-2:]))
+    return out
+
+
+def _mm(a, b, prod=None, out=None):
+    """`a @ b` `[..., m, n]` in float32 (into `out` where given, as `_bmm`). With `prod` (see `_product_dtype`) the
+    operands are rounded to `prod` and the products accumulated in float32: tensor cores on CUDA; elsewhere the same
+    numbers from float32 products."""
+    if prod is None:
+        return _bmm(a, b, out)
     a, b = a.to(prod), b.to(prod)
     if a.device.type != 'cuda':
-        return a.float() @ b.float()
-    batch = a.shape[:-2]
-    ab = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+        return _bmm(a.float(), b.float(), out)
+    batch, flat = a.shape[:-2], lambda x: x.reshape(-1, *x.shape[-2:])
+    if out is not None and not torch.compiler.is_compiling():
+        torch.bmm(flat(a), flat(b), out_dtype=torch.float32, out=out.view(-1, *out.shape[-2:]))
+        return out
+    ab = torch.bmm(flat(a), flat(b), out_dtype=torch.float32)
     return ab.view(*batch, *ab.shape[-2:])
 
 # %% ../../nbs/04_chunk.ipynb #3548fa05
@@ -326,6 +360,17 @@ class _Fixed:
             _copy(out[:, nf * C:], o[:, nf, :, :T - nf * C].transpose(1, 2), scale)
         return out
 
+    def mul_(self, out, x):
+        """`out` `[B, NC, H, C, D]` times `x` `[B, T, H, D]` in chunk layout (zeros after T), in place: `x` is read where
+        it lies, in its dtype, instead of through a chunk copy."""
+        C, nf = self.C, self.T // self.C
+        if nf:
+            out[:, :nf].mul_(x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3))
+        if nf < self.NC:
+            out[:, nf, :, :self.T - nf * C].mul_(x[:, nf * C:].transpose(1, 2))
+            out[:, nf, :, self.T - nf * C:] = 0
+        return out
+
     def take(self, x, j):
         "Chunk tensor `[B, NC, ...]` -> its chunks of step j `[B, ...]`."
         return x[:, j]
@@ -381,6 +426,10 @@ class _Varlen:
         out = o[0].transpose(1, 2)[self.cidx, self.pidx]               # [T, H, D]
         return (out if scale is None else out.mul_(scale)).to(dtype).unsqueeze(0)
 
+    def mul_(self, out, x):
+        "`out` `[1, NC, H, C, D]` times `x` `[1, T, H, D]` in chunk layout, in place (through a chunk copy of `x`)."
+        return out.mul_(self.to_chunks(x, out.dtype))
+
     def take(self, x, j):
         "Chunk tensor `[1, NC, ...]` -> the chunks of step j `[active[j], ...]`, in sorted order."
         return x[0, self.pos[j]]
@@ -410,16 +459,17 @@ class _Varlen:
 # %% ../../nbs/04_chunk.ipynb #fd153ed5
 def _walk(local, decay_chunk, S, grid, reverse=False):
     """Stage 3, state passing: the recurrence over chunks, `S <- decay_chunk[j] * S + local[j]` with `local`
-    `[B, NC, H, K, V]`, `decay_chunk` `[B, NC, H, K]` and `S` `[N, H, K, V]` (in the grid's sorted order). Each chunk's
-    `local[j]` is replaced by the carried value where the walk enters the chunk; returns `(local, S after the last
-    chunk)`. Forward: `local` are the chunk's local states, replaced by the states at the chunks' starts. `reverse`:
-    `local` are the chunks' own state gradients, replaced by dL/dS at the chunks' ends; returns dL/dS before the
-    first chunk. Eager, `local` is overwritten in place (no second tensor of that size). Under `torch.compile` the
-    entered values are stacked at the end instead: Inductor turns each in-place write into a copy of all of `local`,
-    which made the compiled walk quadratic in the number of chunks."""
+    `[B, NC, H, K, V]`, `decay_chunk` `[B, NC, H, K]` and `S` `[N, H, K, V]` (in the grid's sorted order). Returns
+    `(entered, S after the last chunk)`, `entered[j]` the carried value where the walk enters chunk j. Forward: `local`
+    are the chunk's local states, and `entered` the states at the chunks' starts. `reverse`: `local` are the chunks' own
+    state gradients, `entered` dL/dS at the chunks' ends, and the result dL/dS before the first chunk. Eager over a
+    fixed grid, `local` comes from `_state_slots` and the walk runs in place in its buffer (`_walk_in_place`); over
+    packed sequences each chunk's `local[j]` is replaced by the carried value. Under `torch.compile` the entered values
+    are stacked at the end instead: Inductor turns each in-place write into a copy of all of `local`, which made the
+    compiled walk quadratic in the number of chunks."""
     compiling, entered = torch.compiler.is_compiling(), []
     if isinstance(grid, _Fixed) and not compiling:
-        return local, _walk_steps(local.unbind(1), decay_chunk.unsqueeze(-1).unbind(1), S, reverse)
+        return _walk_in_place(local, decay_chunk, S, reverse)
     for j in (reversed if reverse else iter)(range(grid.steps)):
         Sj = grid.states_at(S, j)                                                          # [n, H, K, V]
         new = torch.addcmul(grid.take(local, j), grid.take(decay_chunk, j)[..., None], Sj)   # [n, H, K, V]
@@ -433,15 +483,39 @@ def _walk(local, decay_chunk, S, grid, reverse=False):
     return local, S
 
 
-def _walk_steps(steps, decays, S, reverse=False):
-    """`_walk`'s steps over per-step views (`steps[j]` `[..., K, V]`, `decays[j]` `[..., K, 1]`, made at once: a step is
-    then two kernels and two dispatches, where indexing made six; an eager GPU walk is bound by them): each
-    `steps[j]` replaced by the value entering it; returns the value after the last."""
-    for j in (reversed if reverse else iter)(range(len(steps))):
-        new = torch.addcmul(steps[j], decays[j], S)
-        steps[j].copy_(S)
-        S = new
-    return S
+def _state_slots(like, shape, grid, reverse=False):
+    """An empty tensor of chunk states `shape` `[B, NC, H, K, V]` (`like`'s dtype) for `_walk` (`reverse` as there):
+    eager over a fixed grid, in a buffer with room for one state more before it (after it, `reverse`), where the walk
+    runs in place (`_walk_in_place`); elsewhere None (the product that makes the states then makes a tensor)."""
+    if not isinstance(grid, _Fixed) or torch.compiler.is_compiling():
+        return None
+    B, NC, *state = shape
+    buf = like.new_empty(B * NC + 1, *state)
+    return (buf[:-1] if reverse else buf[1:]).view(shape)
+
+
+def _walk_in_place(local, decay_chunk, S, reverse=False):
+    """`_walk` over a fixed grid, eager, one kernel a step: each chunk's slot of `local` (from `_state_slots`) becomes
+    the value leaving the chunk (`addcmul_` in place, over views of every step made at once: an eager GPU walk is bound
+    by its launches). The values entering the chunks are then the same buffer shifted by one state, a view. In it, each
+    row's first chunk (last, `reverse`) sits on the value leaving the row before (after) or on the spare slot: that value, the
+    walk's result, is taken out first, then replaced by the value entering the row (`S`)."""
+    B, NC = local.shape[:2]
+    flat = local.flatten(0, 1)                                                      # [B * NC, H, K, V]
+    shift = flat.stride(0) if reverse else -flat.stride(0)
+    room = (flat.untyped_storage().nbytes() // flat.element_size() - flat.storage_offset() - flat.numel() if reverse
+            else flat.storage_offset())
+    if room < flat.stride(0) or not local.is_contiguous():
+        raise RuntimeError("_walk_in_place: the chunk states must come from `_state_slots`")
+    if NC == 0:
+        return local, S
+    entered = flat.as_strided(flat.shape, flat.stride(), flat.storage_offset() + shift).view(local.shape)
+    steps, decays, entering = local.unbind(1), decay_chunk.unsqueeze(-1).unbind(1), S
+    for j in (reversed if reverse else iter)(range(NC)):
+        S = steps[j].addcmul_(decays[j], S)
+    S = S.clone()   # before its slot (each row's but the last, forward; but the first, reverse) takes `entering`
+    entered[:, 0 if not reverse else NC - 1] = entering
+    return entered, S
 
 
 def _start_state(h0, q, v, grid):
@@ -451,11 +525,12 @@ def _start_state(h0, q, v, grid):
     return grid.sort(h0.to(q.dtype))
 
 
-_KEEP_STATES = {'cuda': 'compiled'}   # per device type: True, False or 'compiled' (under torch.compile only)
+_KEEP_STATES = {'cuda': True}   # per device type: True, False or 'compiled' (under torch.compile only)
 
 
 def _keep_states(x):
-    "Whether the forward keeps its chunk states for the backward instead of the backward recomputing them."
+    """Whether the forward keeps its chunk states for the backward instead of the backward recomputing them (in one
+    pass over the chunks: `_forward` in slabs, which are there for memory, never keeps them)."""
     return _switched_on(_KEEP_STATES, x)
 
 
@@ -469,7 +544,8 @@ def _chunk_fwd(q, k, v, g, h0, grid, prod=None):
     o = _mm(A, v, prod)                                     # [B, NC, H, C, V]
     decay_chunk = decay_q[..., -1, :].clone()               # [B, NC, H, K] (decay_q is overwritten in stage 4)
     # 2. chunk states: each chunk's own contribution to the state (decay_k becomes k * decay_k)
-    local_states = _mm(decay_k.mul_(k).transpose(-1, -2), v, prod)   # [B, NC, H, K, V]
+    local_states = _mm(decay_k.mul_(k).transpose(-1, -2), v, prod,
+                       _state_slots(q, (*q.shape[:3], q.shape[-1], v.shape[-1]), grid))   # [B, NC, H, K, V]
     # 3. state passing: local_states overwritten with the states at the chunks' starts
     states, ht = _walk(local_states, decay_chunk, _start_state(h0, q, v, grid), grid)   # [B, NC, H, K, V], [N, H, K, V]
     # 4. off-diagonal output: o += (q * decay_q) @ states, one batched product into o (decay_q becomes q * decay_q)
@@ -494,21 +570,22 @@ def _chunk_fwd_lean(q, k, v, g, h0, grid):
     """`_chunk_fwd` (float32 products) over `grid` (all chunks or a slab's) from q, k, v in the input layout and
     g's chunk copy, where every chunk takes the one product and no decay is floored, with less memory and two passes
     fewer. The factors of A become the operands of stages 2 and 4 in place, q * decay_q = (q * up) e^(b_0 + r) and
-    k * decay_k = (k * down) e^r (see `_factors`), so neither decay of the chunk's size is formed; and each of q, k,
-    v is copied to the chunk layout where it is used and freed after."""
+    k * decay_k = (k * down) e^r (see `_factors`), so neither decay of the chunk's size is formed; q and k are read
+    where they lie (`mul_`), and v is copied to the chunk layout where it is used and freed after."""
     acc = g.dtype
     # 1. diagonal blocks: g's copy becomes up = exp(b - r), then q * up; its reciprocal becomes k * down
     up, r, g0 = _up(g, g)                                    # [B, NC, H, C, K], [B, NC, H, 1, K] x 2
     down = torch.reciprocal(up)
-    up.mul_(grid.to_chunks(q, acc))
-    down.mul_(grid.to_chunks(k, acc))
+    grid.mul_(up, q)                                         # q and k read where they lie: no chunk copies
+    grid.mul_(down, k)
     A = torch.matmul(up, down.transpose(-1, -2)).tril_()   # [B, NC, H, C, C]
     decay_chunk = (g0 + 2 * r).exp_()[..., 0, :]             # [B, NC, H, K]: exp(b_last)
     q_decayed, k_decayed = up.mul_((g0 + r).exp_()), down.mul_(r.exp_())   # in place: no decay of the chunk's size
     del up, down
     # 2. chunk states, and the diagonal blocks' output
     v = grid.to_chunks(v, acc)                               # [B, NC, H, C, V]
-    local_states = torch.matmul(k_decayed.transpose(-1, -2), v)   # [B, NC, H, K, V]
+    local_states = _bmm(k_decayed.transpose(-1, -2), v,
+                        _state_slots(v, (*v.shape[:3], k.shape[-1], v.shape[-1]), grid))   # [B, NC, H, K, V]
     del k_decayed
     o = torch.matmul(A, v)                                   # [B, NC, H, C, V]
     del v
@@ -543,15 +620,6 @@ def _intra_bwd_levels(q, k, g, dA, overwrite=True):
         else:
             dk0.addcmul_(dk0_decayed, decay_k0)
     return dq, dk, decay_q, decay_k
-
-
-def _bmm(a, b, out=None):
-    """`a @ b` for chunk tensors `[..., m, k]` and `[..., k, n]` with the same batch dims; eager, written into `out`
-    (contiguous, `[..., m, n]`) where given. Compiled, `out` is ignored (Inductor plans its own buffers)."""
-    if out is None or torch.compiler.is_compiling():
-        return a @ b
-    torch.bmm(a.flatten(0, -3), b.flatten(0, -3), out=out.view(-1, *out.shape[-2:]))
-    return out
 
 
 def _spare(free, like):
@@ -633,14 +701,17 @@ def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     k_decayed = _mul_to(_spare(free, k), k, decay_k)                 # [B, NC, H, C, K]
     kept = states is not None
     if not kept:   # stages 2 and 3 again: the states at the chunks' starts
-        states = _walk(_bmm(k_decayed.transpose(-1, -2), v), decay_chunk, _start_state(h0, q, v, grid), grid)[0]
+        local = _bmm(k_decayed.transpose(-1, -2), v, _state_slots(q, (*q.shape[:3], q.shape[-1], v.shape[-1]), grid))
+        states = _walk(local, decay_chunk, _start_state(h0, q, v, grid), grid)[0]
     # 4. off-diagonal output: dq through the states                   states: [B, NC, H, K, V]
     tmp = _spare(free, q)                                            # [B, NC, H, C, K]
     dq.addcmul_(_bmm(do, states.transpose(-1, -2), tmp), decay_q)
     # 3. state passing, backwards: dstates at the chunks' ends, dS before the first chunk
     dS = q.new_zeros((grid.N,) + states.shape[-3:]) if dht is None else grid.sort(dht.to(q.dtype))   # [N, H, K, V]
     # each chunk's own contribution q_decayed^T do, replaced by the gradients at the chunks' ends   [B, NC, H, K, V]
-    dstates, dS = _walk(decay_q.mul_(q).transpose(-1, -2) @ do, decay_chunk, dS, grid, reverse=True)
+    own = _bmm(decay_q.mul_(q).transpose(-1, -2), do,
+               _state_slots(q, (*q.shape[:3], q.shape[-1], do.shape[-1]), grid, reverse=True))
+    dstates, dS = _walk(own, decay_chunk, dS, grid, reverse=True)
     # row sums of states * dstates: kept states as batched dot products (no temporary of the states' size), else the
     # product in place and its sum (faster on a CPU than the dot products)
     sdS = torch.einsum('...kv,...kv->...k', states, dstates) if kept else states.mul_(dstates).sum(-1)
@@ -742,7 +813,7 @@ def _slabs(grid, n):
 
 def _forward(q, k, v, g, scale, h0, grid, fused, n):
     """The forward from `[B, T, H, D]` inputs: `o` `[B, T, H, V]` in v's dtype (times `scale`), the final state (in the
-    grid's order), `A` `[B, NC, H, C, C]`, the chunk states (where `_keep_states`, else None) and the initial states of
+    grid's order), `A` `[B, NC, H, C, C]`, the chunk states (in one pass where `_keep_states`, else None) and the initial states of
     the slabs after the first (for `_backward`). Slab by slab of `n` chunks (`_slab_chunks`), each slab's final state
     the next one's initial state; `n` >= NC: one pass, for any grid."""
     acc, prod = torch.promote_types(q.dtype, torch.float32), _product_dtype(q)
@@ -757,7 +828,6 @@ def _forward(q, k, v, g, scale, h0, grid, fused, n):
     B, H, C = grid.B, q.shape[2], grid.C
     o = v.new_empty(v.shape)                                                              # [B, T, H, V]
     A = q.new_empty(B, grid.NC, H, C, C, dtype=acc)                                       # [B, NC, H, C, C]
-    states = q.new_empty(B, grid.NC, H, q.shape[-1], v.shape[-1], dtype=acc) if keep else None
     starts, bufs = [], [None] * 4                                                         # [B, H, K, V] each
     for tokens, chunks, slab in _slabs(grid, n):
         if chunks.start:
@@ -771,10 +841,8 @@ def _forward(q, k, v, g, scale, h0, grid, fused, n):
             o_slab, h0, A_slab, states_slab = fwd(*bufs, h0, slab, prod)
         slab.from_chunks(o_slab, v.dtype, scale, out=o[:, tokens])
         A[:, chunks] = A_slab
-        if keep:
-            states[:, chunks] = states_slab
         del o_slab, A_slab, states_slab   # before the next slab's are made
-    return o, h0, A, states, starts
+    return o, h0, A, None, starts
 
 
 def _backward(q, k, v, g, do, scale, h0, dht, grid, A, states, fused, n, starts):
@@ -795,7 +863,7 @@ def _backward(q, k, v, g, do, scale, h0, dht, grid, A, states, fused, n, starts)
     for (tokens, chunks, slab), h0 in reversed(list(zip(_slabs(grid, n), [h0, *starts]))):
         qkvg = [slab.to_chunks(x[:, tokens], acc, buf=b) for x, b in zip(xs, bufs)]
         doc = torch.zeros_like(qkvg[2]) if do is None else slab.to_chunks(do[:, tokens], acc, scale, buf=bufs[4])
-        *d, dht = bwd(*qkvg, h0, doc, dht, slab, A[:, chunks], None if states is None else states[:, chunks])
+        *d, dht = bwd(*qkvg, h0, doc, dht, slab, A[:, chunks])   # (no states kept in slabs)
         bufs = [*qkvg, doc]   # as in `_forward`: the next slab's chunk copies go into their memory
         for out, d_slab in zip(grads, d):
             slab.from_chunks(d_slab, out.dtype, out=out[:, tokens])
@@ -811,7 +879,7 @@ class ChunkGLAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, scale, initial_state, fused, varlen):
         grid = varlen if varlen is not None else _Fixed(q.shape[0], q.shape[1], _chunk_size(q.shape[1]))
         n = _slab_chunks(q, v, grid)   # the backward's slabs are the forward's: it starts them from the saved states
-        with _flush_denormals(q.device):
+        with _flush_denormals(q.device), _tf32_products(q):
             o, ht, A, states, starts = _forward(q, k, v, g, scale, initial_state, grid, fused, n)
         ctx.save_for_backward(q, k, v, g, initial_state, A, states, *starts)
         ctx.scale, ctx.fused, ctx.grid, ctx.slab_chunks = scale, fused, grid, n
@@ -823,7 +891,7 @@ class ChunkGLAFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         check_no_double_backward('fused_chunk_gla' if ctx.fused else 'chunk_gla')
         q, k, v, g, h0, A, states, *starts = ctx.saved_tensors
-        with _flush_denormals(q.device):
+        with _flush_denormals(q.device), _tf32_products(q):
             *grads, dh0 = _backward(q, k, v, g, do, ctx.scale, h0, dht, ctx.grid, A, states, ctx.fused,
                                     ctx.slab_chunks, starts)
         return (*grads, None, None if h0 is None else dh0.to(h0.dtype), None, None)

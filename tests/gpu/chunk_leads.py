@@ -1,7 +1,7 @@
 """The speed leads of the chunk chapter's design notes, at the gpu1 shape (bf16), in one process on one card:
 
     python tests/gpu/chunk_leads.py [eager] [fla] [compile] [stage] [staged] [lean] [memory] [traffic] [cpu]
-                                    [--eager NAMES] [--compiled NAMES] [--json PATH]
+                                    [before PATH] [profile] [--eager NAMES] [--compiled NAMES] [--json PATH]
 
 `eager` times `chunk_gla`'s forward and forward+backward (`myfla_gla.bench.time_fn`: median of 20 calls, CUDA events),
 peak memory and error against the float64 recurrence for each switchable variant of `myfla_gla.ops.chunk`: the
@@ -13,7 +13,13 @@ product where the chunk's span allows (`_ONE_PRODUCT`) on and off; 'one slab', '
 and 'slabs of 64 MiB' set the eager forward's slab budget (`_SLAB_BYTES`; CUDA's default is one slab, 32 MiB is a
 quarter of the chunks here), with the levels; 'one product, one slab' and 'one product, slabs of 32 MiB' with the one
 product; 'usual forward, ...' and 'lean forward, ...' turn `_chunk_fwd_lean` (`_LEAN_FORWARD`) off and on with the one
-product and the named slabs; 'kept states' keeps the forward's chunk states for the backward in eager too.
+product and the named slabs; 'kept states' and 'recomputed states' keep the forward's chunk states for the backward
+or not (`_KEEP_STATES`); 'float32 products (no TF32)' turns `_TF32_PRODUCTS` off.
+
+`before PATH` times the op of a copy of the package made before a change, imported as `myfla_gla_before` from the
+folder PATH (e.g. `git archive REV myfla_gla | tar x -C PATH && mv PATH/myfla_gla PATH/myfla_gla_before`), and this
+one, alternately in one process (three rounds of `run`). `profile` prints the CUDA kernels of the eager forward,
+the eager forward+backward and the compiled forward+backward by self time (`torch.profiler`).
 `stage` times stage 1 alone (the intra-chunk attention `A` of the forward, and its backward), the dyadic levels
 against the one-product form (`_intra_attention` with the switch on: all chunks in one product at normaliser 1, all
 flagged and so computed both ways at 0.02) and a two-level scheme of 16-token sub-chunks (`intra_two_level`), eager
@@ -71,14 +77,16 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'lean forward, one slab': dict(one=True, slab=None, lean=True),
          'lean forward, slabs of 64 MiB': dict(one=True, slab=64 << 20, lean=True),
          'lean forward, slabs of 32 MiB': dict(one=True, slab=32 << 20, lean=True),
-         'kept states': dict(keep=True)}
+         'kept states': dict(keep=True), 'recomputed states': dict(keep=False),
+         'float32 products (no TF32)': dict(tf32=False),
+         'recomputed states, float32 products (no TF32)': dict(keep=False, tf32=False)}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
             'one product': dict(one=True)}
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
                half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES.get('cuda'),
-               lean=chunk._LEAN_FORWARD['cuda'])
+               lean=chunk._LEAN_FORWARD['cuda'], tf32=chunk._TF32_PRODUCTS['cuda'])
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--compiled') + 1])}
 if '--eager' in sys.argv:
@@ -86,9 +94,9 @@ if '--eager' in sys.argv:
 
 
 def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one'],
-            slab=DEFAULT['slab'], lean=DEFAULT['lean']):
+            slab=DEFAULT['slab'], lean=DEFAULT['lean'], tf32=DEFAULT['tf32']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
-    chunk._ONE_PRODUCT['cuda'], chunk._LEAN_FORWARD['cuda'] = one, lean
+    chunk._ONE_PRODUCT['cuda'], chunk._LEAN_FORWARD['cuda'], chunk._TF32_PRODUCTS['cuda'] = one, lean, tf32
     if slab is None:
         chunk._SLAB_BYTES.pop('cuda', None)   # a device type not listed: one slab
     else:
@@ -436,6 +444,28 @@ def traffic():
                                          for w, t in zip(('fwd', 'fwd+bwd'), counts)), flush=True)
     variant()
 
+def profile():
+    """The GPU kernels of the eager forward, the eager forward+backward and the compiled forward+backward (module
+    defaults), five calls each after three warm-up calls, by self CUDA time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    compiled = torch.compile(chunk_gla)
+    calls = {'eager forward': lambda: chunk_gla(q, k, v, g),
+             'eager forward+backward': lambda: torch.autograd.grad(chunk_gla(q, k, v, g)[0], (q, k, v, g), do),
+             'compiled forward+backward': lambda: torch.autograd.grad(compiled(q, k, v, g)[0], (q, k, v, g), do)}
+    for name, f in calls.items():
+        with torch.no_grad() if name == 'eager forward' else contextlib.nullcontext():
+            for _ in range(3):
+                f()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    f()
+                torch.cuda.synchronize()
+        print(f'--- {name}, 5 calls', flush=True)
+        print(prof.key_averages().table(sort_by='self_device_time_total', row_limit=30, max_name_column_width=70),
+              flush=True)
+
+
 if 'memory' in sys.argv:
     memory()
 if 'traffic' in sys.argv:
@@ -446,7 +476,7 @@ if 'cpu' in sys.argv:
     cpu()
 if 'staged' in sys.argv:
     staged('cuda' if torch.cuda.is_available() else 'cpu')
-if not {'eager', 'fla', 'compile'} & set(sys.argv):
+if not {'eager', 'fla', 'compile', 'before', 'profile'} & set(sys.argv):
     sys.exit()
 inp = bench.Inputs(bench.BenchConfig(**bench.PRESETS['gpu1'], device='cuda'))
 q, k, v, g = inp.q, inp.k, inp.v, inp.g
@@ -459,6 +489,14 @@ if 'eager' in sys.argv:
         variant(**kw)
         run(name, chunk_gla)
     variant()
+if 'before' in sys.argv:   # `before PATH`: the op of the package copy `PATH/myfla_gla_before` against this one
+    sys.path.insert(0, sys.argv[sys.argv.index('before') + 1])
+    import myfla_gla_before
+    for i in range(3):
+        run(f'before, round {i + 1}', myfla_gla_before.chunk_gla)
+        run(f'now, round {i + 1}', chunk_gla)
+if 'profile' in sys.argv:
+    profile()
 if 'fla' in sys.argv:
     from fla.ops.gla import chunk_gla as fla_chunk_gla
     run('FLA chunk_gla', lambda *x: fla_chunk_gla(*x))
