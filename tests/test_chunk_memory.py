@@ -20,7 +20,8 @@ def test_forward_peak_in_slabs(monkeypatch, one_product):
     chapter's design notes) scaled to a quarter of the chunks here. The forward's peak
     (grad enabled, the output included) is what stays until the end, the output and A, plus one slab's working set
     at stage 2: its float32 chunk copies of q, k, v and g, `decay_k`, A v, A and the local states, plus the carried
-    state and the walk's two, and the initial states of the slabs before (kept for the backward). Another float32
+    state and the walk's two (its spare slot and its result), and the initial states of the slabs before (kept for the
+    backward). Another float32
     tensor of one slab's chunks (a quarter of the 2 MiB a float32 copy of q
     takes here) breaks the bound; the forward before slabs peaked at 17.5 MiB here. Both stage 1 forms (one product,
     the levels) stay within it. The bound is also within 1.5x FLA's forward: its output, g's cumulative sum (float32),
@@ -76,7 +77,7 @@ def test_lean_forward_peak(monkeypatch, n):
     state, small = B * H * K * V * f32, 16 << 10
     slab = 3 * copy + n * B * H * C * C * f32 + n * state    # q * decay_q, k * decay_k, v; A; the local states
     starts = (T // C // n - 1) * state
-    assert peak <= out + A + slab + 2 * state + starts + small, peak   # the carried state and the walk's
+    assert peak <= out + A + slab + 2 * state + starts + small, peak   # the carried state, the walk's spare slot
 
 
 @pytest.mark.parametrize('dtype, T, keep', [(torch.float32, 200, False), (torch.bfloat16, 200, False),
@@ -84,9 +85,9 @@ def test_lean_forward_peak(monkeypatch, n):
 @pytest.mark.parametrize('per_slab', [1, 3])
 def test_slabs_give_the_numbers_of_one_pass(monkeypatch, dtype, T, keep, per_slab):
     """Slabs of 1 and 3 chunks (a made-up CPU budget) over 4 chunks, the last partial (T=200) or whole (T=256), with an
-    initial state and a final state's gradient, and with the chunk states kept for the backward (`_KEEP_STATES`):
-    every output and gradient of both ops bitwise those of one pass, the backward run slab by slab too (its chunk
-    backward called once per slab), and within the bounds against the float64 recurrence."""
+    initial state and a final state's gradient, and with the chunk states kept for the backward (`_KEEP_STATES`: in
+    one pass; slabs recompute them): every output and gradient of both ops bitwise those of one pass, the backward run
+    slab by slab too (its chunk backward called once per slab), and within the bounds against the float64 recurrence."""
     monkeypatch.setitem(chunk._KEEP_STATES, 'cpu', keep)
     calls = {}
     for name in ('_chunk_bwd', '_fused_bwd'):   # counted: `_backward` looks them up at each call

@@ -79,3 +79,23 @@ def test_denormals(n):
     with threads(n):
         check(1, 200, 2, 16, 16, torch.float32, normalizer=0.02, fns=(chunk_gla,))
         assert torch.tensor([1e-39]).mul_(1.)[0] != 0, 'the mode before the op is restored'
+
+
+def test_tf32_products_switch(monkeypatch):
+    """`_tf32_products` (`_TF32_PRODUCTS`, off by default: see the chunk chapter's design notes) sets PyTorch's TF32
+    switch for cuBLAS's float32 products only for bf16/fp16 inputs on a device type where it is on, and restores the
+    setting after the block, also when the block raises."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    x16, x32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    with chunk._tf32_products(x16):
+        assert matmul.fp32_precision == before
+    monkeypatch.setitem(chunk._TF32_PRODUCTS, 'cpu', True)
+    with chunk._tf32_products(x32):
+        assert matmul.fp32_precision == before
+    with chunk._tf32_products(x16):
+        assert matmul.fp32_precision == 'tf32'
+    assert matmul.fp32_precision == before
+    with pytest.raises(ZeroDivisionError), chunk._tf32_products(x16):
+        1 / 0
+    assert matmul.fp32_precision == before

@@ -14,7 +14,7 @@ and 'slabs of 64 MiB' set the eager forward's slab budget (`_SLAB_BYTES`; CUDA's
 quarter of the chunks here), with the levels; 'one product, one slab' and 'one product, slabs of 32 MiB' with the one
 product; 'usual forward, ...' and 'lean forward, ...' turn `_chunk_fwd_lean` (`_LEAN_FORWARD`) off and on with the one
 product and the named slabs; 'kept states' and 'recomputed states' keep the forward's chunk states for the backward
-or not (`_KEEP_STATES`); 'float32 products (no TF32)' turns `_TF32_PRODUCTS` off.
+or not (`_KEEP_STATES`); 'TF32 products' turns `_TF32_PRODUCTS` on.
 
 `before PATH` times the op of a copy of the package made before a change, imported as `myfla_gla_before` from the
 folder PATH (e.g. `git archive REV myfla_gla | tar x -C PATH && mv PATH/myfla_gla PATH/myfla_gla_before`), and this
@@ -78,15 +78,14 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'lean forward, slabs of 64 MiB': dict(one=True, slab=64 << 20, lean=True),
          'lean forward, slabs of 32 MiB': dict(one=True, slab=32 << 20, lean=True),
          'kept states': dict(keep=True), 'recomputed states': dict(keep=False),
-         'float32 products (no TF32)': dict(tf32=False),
-         'recomputed states, float32 products (no TF32)': dict(keep=False, tf32=False)}
+         'TF32 products': dict(tf32=True), 'recomputed states, TF32 products': dict(keep=False, tf32=True)}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
             'one product': dict(one=True)}
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
                half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES.get('cuda'),
-               lean=chunk._LEAN_FORWARD['cuda'], tf32=chunk._TF32_PRODUCTS['cuda'])
+               lean=chunk._LEAN_FORWARD['cuda'], tf32=chunk._TF32_PRODUCTS.get('cuda', False))
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--compiled') + 1])}
 if '--eager' in sys.argv:
