@@ -118,7 +118,7 @@ def _product_dtype(x):
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) and _switched_on(_HALF_PRODUCTS, x) else None
 
 
-_TF32_PRODUCTS = {}   # per device type: eager float32 products on TF32 tensor cores for bf16/fp16 inputs (off: see notes)
+_TF32_PRODUCTS = {}   # per device type: eager float32 products in TF32 for bf16/fp16 inputs (off: see the design notes)
 
 
 @contextlib.contextmanager
@@ -361,8 +361,8 @@ class _Fixed:
         return out
 
     def mul_(self, out, x):
-        """`out` `[B, NC, H, C, D]` times `x` `[B, T, H, D]` in chunk layout (zeros after T), in place: `x` is read where
-        it lies, in its dtype, instead of through a chunk copy."""
+        """`out` `[B, NC, H, C, D]` times `x` `[B, T, H, D]` in chunk layout (zeros after T), in place: `x` is read
+        where it lies, in its dtype, instead of through a chunk copy."""
         C, nf = self.C, self.T // self.C
         if nf:
             out[:, :nf].mul_(x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3))
@@ -498,8 +498,8 @@ def _walk_in_place(local, decay_chunk, S, reverse=False):
     """`_walk` over a fixed grid, eager, one kernel a step: each chunk's slot of `local` (from `_state_slots`) becomes
     the value leaving the chunk (`addcmul_` in place, over views of every step made at once: an eager GPU walk is bound
     by its launches). The values entering the chunks are then the same buffer shifted by one state, a view. In it, each
-    row's first chunk (last, `reverse`) sits on the value leaving the row before (after) or on the spare slot: that value, the
-    walk's result, is taken out first, then replaced by the value entering the row (`S`)."""
+    row's first chunk (last, `reverse`) sits on the value leaving the row before (after) or on the spare slot: that
+    value, the walk's result, is taken out first, then replaced by the value entering the row (`S`)."""
     B, NC = local.shape[:2]
     flat = local.flatten(0, 1)                                                      # [B * NC, H, K, V]
     shift = flat.stride(0) if reverse else -flat.stride(0)
@@ -546,7 +546,7 @@ def _chunk_fwd(q, k, v, g, h0, grid, prod=None):
     # 2. chunk states: each chunk's own contribution to the state (decay_k becomes k * decay_k)
     local_states = _mm(decay_k.mul_(k).transpose(-1, -2), v, prod,
                        _state_slots(q, (*q.shape[:3], q.shape[-1], v.shape[-1]), grid))   # [B, NC, H, K, V]
-    # 3. state passing: local_states overwritten with the states at the chunks' starts
+    # 3. state passing: local_states become the states at the chunks' starts, in their own memory
     states, ht = _walk(local_states, decay_chunk, _start_state(h0, q, v, grid), grid)   # [B, NC, H, K, V], [N, H, K, V]
     # 4. off-diagonal output: o += (q * decay_q) @ states, one batched product into o (decay_q becomes q * decay_q)
     if prod is None:
@@ -813,9 +813,9 @@ def _slabs(grid, n):
 
 def _forward(q, k, v, g, scale, h0, grid, fused, n):
     """The forward from `[B, T, H, D]` inputs: `o` `[B, T, H, V]` in v's dtype (times `scale`), the final state (in the
-    grid's order), `A` `[B, NC, H, C, C]`, the chunk states (in one pass where `_keep_states`, else None) and the initial states of
-    the slabs after the first (for `_backward`). Slab by slab of `n` chunks (`_slab_chunks`), each slab's final state
-    the next one's initial state; `n` >= NC: one pass, for any grid."""
+    grid's order), `A` `[B, NC, H, C, C]`, the chunk states (in one pass where `_keep_states`, else None) and the
+    initial states of the slabs after the first (for `_backward`). Slab by slab of `n` chunks (`_slab_chunks`), each
+    slab's final state the next one's initial state; `n` >= NC: one pass, for any grid."""
     acc, prod = torch.promote_types(q.dtype, torch.float32), _product_dtype(q)
     fwd, keep = _fused_fwd if fused else _chunk_fwd, _keep_states(q) and not fused
     if n >= grid.NC:
