@@ -21,9 +21,8 @@ def test_forward_peak_in_slabs(monkeypatch, one_product):
     (grad enabled, the output included) is what stays until the end, the output and A, plus one slab's working set
     at stage 2: its float32 chunk copies of q, k, v and g, `decay_k`, A v, A and the local states, plus the carried
     state and the walk's two (its spare slot and its result), and the initial states of the slabs before (kept for the
-    backward). Another float32
-    tensor of one slab's chunks (a quarter of the 2 MiB a float32 copy of q
-    takes here) breaks the bound; the forward before slabs peaked at 17.5 MiB here. Both stage 1 forms (one product,
+    backward). Another float32 tensor of one slab's chunks (a quarter of the 2 MiB a float32 copy of q takes here)
+    breaks the bound; the forward before slabs peaked at 17.5 MiB here. Both stage 1 forms (one product,
     the levels) stay within it. The bound is also within 1.5x FLA's forward: its output, g's cumulative sum (float32),
     A and the chunk states (bf16)."""
     for switch in ('_BROADCAST_ROWS', '_HALF_PRODUCTS', '_KEEP_STATES'):
