@@ -314,13 +314,14 @@ def _mul_to(out, a, b):
 
 
 def _copy(dst, src, scale=None):
-    """`dst` <- `src` (times `scale`) in one pass. The product is taken in `src`'s dtype, so a source of lower
-    precision than `dst` is cast first and then scaled in place, as two passes."""
+    """`dst` <- `src` (times `scale`) in one pass, the product taken in the higher of the two dtypes. A Python scalar
+    takes the tensor's dtype, so for a source of lower precision than `dst` the scale goes in as a one-element tensor
+    of `dst`'s dtype (a zero-dim one would not promote either)."""
     if scale is None:
         return dst.copy_(src)
-    if src.dtype == torch.promote_types(src.dtype, dst.dtype):
-        return _mul_to(dst, src, scale)
-    return dst.copy_(src).mul_(scale)
+    if src.dtype != torch.promote_types(src.dtype, dst.dtype):
+        scale = torch.full((1,), scale, dtype=dst.dtype, device=dst.device)
+    return _mul_to(dst, src, scale)
 
 
 def _reuse(buf, shape, dtype):
@@ -691,6 +692,21 @@ def _dg_and_finish(q, k, dq, dk, k_decayed, dk_states, decay_k, vdo, dg_passing,
     return _add_revcumsum(dg_inter.cumsum_(-2), intra, dk_states)
 
 
+def _row_dots(x, y, buf):
+    """`(x * y).sum(-1)` `[..., K]` of contiguous chunk-state tensors `[..., K, V]` without a temporary of their size:
+    compiled, one fused reduction; eager, the products in pieces of rows through `buf` (a contiguous tensor of x's
+    dtype whose values are dead) and their sums. (`einsum`'s batched dot products are a gemv per row on CUDA, about
+    four times a pass over the two tensors; see the design notes.)"""
+    n = buf.numel() // x.shape[-1]   # rows a piece
+    if torch.compiler.is_compiling() or n == 0:
+        return (x * y).sum(-1)
+    x, y, out = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1]), x.new_empty(x.shape[:-1])   # [rows, V] x 2
+    for i in range(0, len(x), n):
+        piece = buf.view(-1)[:x[i:i + n].numel()].view(-1, x.shape[-1])
+        torch.sum(torch.mul(x[i:i + n], y[i:i + n], out=piece), -1, out=out.view(-1)[i:i + n])
+    return out
+
+
 def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     """Backward in chunk layout (`do` already scaled): dq, dk, dv, dg, dh0. `states`: the forward's, if it kept them.
     Overwrites g (and, eager, the buffers of stage 1 once their values are dead: `free`)."""
@@ -712,9 +728,8 @@ def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     own = _bmm(decay_q.mul_(q).transpose(-1, -2), do,
                _state_slots(q, (*q.shape[:3], q.shape[-1], do.shape[-1]), grid, reverse=True))
     dstates, dS = _walk(own, decay_chunk, dS, grid, reverse=True)
-    # row sums of states * dstates: kept states as batched dot products (no temporary of the states' size), else the
-    # product in place and its sum (faster on a CPU than the dot products)
-    sdS = torch.einsum('...kv,...kv->...k', states, dstates) if kept else states.mul_(dstates).sum(-1)
+    # row sums of states * dstates: of kept states through the spare buffer, else the product in place and its sum
+    sdS = _row_dots(states, dstates, tmp) if kept else states.mul_(dstates).sum(-1)
     dg_passing = sdS.mul_(decay_chunk)                               # [B, NC, H, K]
     del states                                                       # (a kept tensor stays as saved)
     # 2. chunk states: dk_inter = dk_states * decay_k, multiplied out in `_dg_and_finish`
