@@ -3,11 +3,13 @@ recurrence, strong gates over long sequences, property-based tests over shapes, 
 varlen splits, bad input, and torch.compile. (The notebook holds the worked examples; tests/gpu/ the FLA parity.)"""
 import pytest
 import torch
+from torch.fx.experimental import _config as _fx_config
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from myfla_gla import assert_close, chunk_gla, fused_chunk_gla, naive_recurrent_gla, random_gla_inputs
 import myfla_gla.ops.chunk as chunk_ops
 from myfla_gla.testing import compare_op, op_inputs, run_op, run_reference
+from helpers import threads
 
 NAMES = ['o', 'ht', 'dq', 'dk', 'dv', 'dg', 'dh0']
 
@@ -282,3 +284,54 @@ def test_compile_matches_eager(monkeypatch, keep):
         grads_ref = torch.autograd.grad(loss(ref), (q, k, v, gates, h0))
         for name, r, x in zip(NAMES, list(ref) + list(grads_ref), list(out) + list(grads)):
             assert_close(f'compiled {name}', r, x, 1e-6, err_atol=0)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize('slab', [None, 1])
+def test_compiled_passes(monkeypatch, slab):
+    """The layout passes compiled by Inductor (`_COMPILED_PASSES`) give the eager passes' numbers bitwise: output,
+    final state and every gradient of bf16 inputs with a scale, two whole chunks and a part one, with CUDA's switches
+    on one CPU thread (the lean forward's products with q and k where they lie, the kept states), in one slab (every
+    whole-chunk pass compiled) and in slabs of one chunk (into and out of slices of the buffers). Where Inductor
+    fails, a warning, the switch off and the eager numbers."""
+    for name, on in (('_ONE_PRODUCT', True), ('_LEAN_FORWARD', True), ('_KEEP_STATES', True), ('_SLAB_BYTES', slab)):
+        monkeypatch.setitem(getattr(chunk_ops, name), 'cpu', on)
+    x = op_inputs('cpu', torch.bfloat16, 2, 150, 2, 16, 8)
+    with threads(1):
+        eager = run_op(chunk_gla, x, scale=0.3)
+        monkeypatch.setitem(chunk_ops._COMPILED_PASSES, 'cpu', True)
+        ran, compiled_pass = [], chunk_ops._compiled_pass
+        monkeypatch.setattr(chunk_ops, '_compiled_pass', lambda op: ran.append(op) or compiled_pass(op))
+        dynamo_settings = lambda: (_fx_config.backed_size_oblivious, _fx_config.use_duck_shape,
+                                   torch._dynamo.config.recompile_limit)
+        before = dynamo_settings()
+        compiled = run_op(chunk_gla, x, scale=0.3)
+        assert dynamo_settings() == before   # global: restored
+        # q and k; g, v, o, q, k, v, g, do, dq, dk, dv, dg: in slabs those of the two whole ones
+        assert (ran.count('mul'), ran.count('copy')) == ((2, 12) if slab is None else (4, 24)), ran
+        for name in NAMES[:6]:
+            assert torch.equal(eager[name], compiled[name]), name
+
+        def fails(op):
+            def run(*args):
+                raise torch._dynamo.exc.BackendCompilerFailed(run, RuntimeError('no compiler'), None)
+            return run
+        monkeypatch.setattr(chunk_ops, '_compiled_pass', fails)
+        with pytest.warns(UserWarning, match=r'(?s)layout passes stay eager on cpu.*no compiler'):
+            out = run_op(chunk_gla, x, scale=0.3)
+    assert chunk_ops._COMPILED_PASSES['cpu'] is False
+    for name in NAMES[:6]:
+        assert torch.equal(eager[name], out[name]), name
+
+
+def test_env_switch(monkeypatch):
+    "MYFLA_GLA_COMPILED_PASSES-style switches: '1' on, '0' off, unset the default, anything else refused."
+    for value, default, want in (('1', False, True), ('0', True, False), (None, True, True), (None, False, False)):
+        if value is None:
+            monkeypatch.delenv('MYFLA_X', raising=False)
+        else:
+            monkeypatch.setenv('MYFLA_X', value)
+        assert chunk_ops._env_switch('MYFLA_X', default) is want
+    monkeypatch.setenv('MYFLA_X', 'yes')
+    with pytest.raises(ValueError, match="MYFLA_X: expected '0' or '1', got 'yes'"):
+        chunk_ops._env_switch('MYFLA_X', False)

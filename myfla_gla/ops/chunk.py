@@ -8,6 +8,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
+import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -313,6 +316,76 @@ def _mul_to(out, a, b):
     return torch.mul(a, b, out=out)
 
 
+def _env_switch(name, default):
+    "The value of the environment variable `name`, '1' (True) or '0' (False); `default` where it is unset."
+    value = os.environ.get(name)
+    if value not in (None, '0', '1'):
+        raise ValueError(f"environment variable {name}: expected '0' or '1', got {value!r}")
+    return default if value is None else value == '1'
+
+
+# per device type: the fixed grid's layout passes of whole chunks as Inductor kernels (`_compiled`);
+# MYFLA_GLA_COMPILED_PASSES=1 or 0 turns them on or off for CUDA (off by default until timed in the op: design notes)
+_COMPILED_PASSES = {'cuda': _env_switch('MYFLA_GLA_COMPILED_PASSES', False)}
+
+
+_SETTINGS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _general_sizes():
+    """Within the block Dynamo traces sizes as general: no guard that a size is not 1 or equals another, so one graph
+    serves every shape of a dtype and layout kind (a few more for sizes of 1), with room for them all. The settings
+    are global: set and restored under a lock (threads would otherwise restore each other's), directly (PyTorch's
+    `patch` costs three times as much, on every call)."""
+    settings = [(_fx_config, 'backed_size_oblivious', True), (_fx_config, 'use_duck_shape', False),
+                (torch._dynamo.config, 'recompile_limit', 64)]
+    with _SETTINGS_LOCK:
+        before = [getattr(module, name) for module, name, _ in settings]
+        for module, name, value in settings:
+            setattr(module, name, value)
+        try:
+            yield
+        finally:
+            for (module, name, _), value in zip(settings, before):
+                setattr(module, name, value)
+
+
+@functools.cache
+def _compiled_pass(op):
+    """The layout pass `op` in place, `dst` <- `src` times a zero-dim `scale` where given (the product in its dtype)
+    ('copy') or `dst` <- `dst * src` ('mul'), as the function Inductor compiles once for every shape (`dynamic=True`)
+    of each dtype and layout."""
+    def copy(dst, src, scale):
+        dst.copy_(src if scale is None else src.to(scale.dtype) * scale)
+
+    def mul(dst, src, scale):   # (the grid's `mul_` has no scale)
+        dst.mul_(src)
+    return torch.compile({'copy': copy, 'mul': mul}[op], dynamic=True, fullgraph=True)
+
+
+def _compiled(op, dst, src, scale=None):
+    """Runs the pass `op` of `_compiled_pass` where `_COMPILED_PASSES` is on for `dst`'s device, in eager mode (a graph
+    of the caller's fuses it anyway); True if it ran. PyTorch's eager kernels for a transposed operand or a cast run
+    at about half the memory's rate on an H100, Inductor's at most of it. The scale goes in as a zero-dim tensor of the
+    higher of the two dtypes, the eager pass's product (a Python float would enter the graph in float64), made on the
+    device (no copy from the host, which would wait for the stream). Where Inductor cannot compile (no Triton, no C++
+    compiler), a warning, and the device's passes stay eager."""
+    if not _switched_on(_COMPILED_PASSES, dst) or torch.compiler.is_compiling() or _exporting():
+        return False
+    if scale is not None:
+        scale = torch.full((), scale, dtype=torch.promote_types(src.dtype, dst.dtype), device=dst.device)
+    try:
+        with _general_sizes():
+            _compiled_pass(op)(dst, src.detach(), scale)   # (detached: no guard on autograd state)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        warnings.warn(f'myfla_gla: the layout passes stay eager on {dst.device.type}: Inductor cannot compile '
+                      f'them here ({type(e).__name__}: {e})')
+        _COMPILED_PASSES[dst.device.type] = False
+        return False
+    return True
+
+
 def _copy(dst, src, scale=None):
     """`dst` <- `src` (times `scale`) in one pass, the product taken in the higher of the two dtypes. A Python scalar
     takes the tensor's dtype, so for a source of lower precision than `dst` the scale goes in as a one-element tensor
@@ -345,7 +418,8 @@ class _Fixed:
         out = _reuse(buf, (B, self.NC, H, C, D), dtype)               # [B, NC, H, C, D]
         out = x.new_empty(B, self.NC, H, C, D, dtype=dtype) if out is None else out
         if nf:
-            _copy(out[:, :nf], x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3), scale)
+            dst, src = out[:, :nf], x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3)
+            _compiled('copy', dst, src, scale) or _copy(dst, src, scale)
         if nf < self.NC:
             _copy(out[:, nf].zero_()[:, :, :T - nf * C], x[:, nf * C:].transpose(1, 2), scale)
         return out
@@ -356,7 +430,8 @@ class _Fixed:
         T, nf = self.T, self.T // C
         out = o.new_empty(B, T, H, D, dtype=dtype) if out is None else out   # [B, T, H, D]
         if nf:
-            _copy(out[:, :nf * C].unflatten(1, (nf, C)), o[:, :nf].transpose(2, 3), scale)
+            dst, src = out[:, :nf * C].unflatten(1, (nf, C)), o[:, :nf].transpose(2, 3)
+            _compiled('copy', dst, src, scale) or _copy(dst, src, scale)
         if nf < NC:
             _copy(out[:, nf * C:], o[:, nf, :, :T - nf * C].transpose(1, 2), scale)
         return out
@@ -366,7 +441,8 @@ class _Fixed:
         where it lies, in its dtype, instead of through a chunk copy."""
         C, nf = self.C, self.T // self.C
         if nf:
-            out[:, :nf].mul_(x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3))
+            dst, src = out[:, :nf], x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3)
+            _compiled('mul', dst, src) or dst.mul_(src)
         if nf < self.NC:
             out[:, nf, :, :self.T - nf * C].mul_(x[:, nf * C:].transpose(1, 2))
             out[:, nf, :, self.T - nf * C:] = 0

@@ -1,7 +1,7 @@
 """The speed leads of the chunk chapter's design notes, at the gpu1 shape (bf16), in one process on one card:
 
     python tests/gpu/chunk_leads.py [eager] [fla] [compile] [stage] [staged] [lean] [memory] [traffic] [cpu]
-                                    [before PATH] [profile] [--eager NAMES] [--compiled NAMES] [--json PATH]
+                                    [before PATH] [profile] [passes] [--eager NAMES] [--compiled NAMES] [--json PATH]
 
 `eager` times `chunk_gla`'s forward and forward+backward (`myfla_gla.bench.time_fn`: median of 20 calls, CUDA events),
 peak memory and error against the float64 recurrence for each switchable variant of `myfla_gla.ops.chunk`: the
@@ -14,7 +14,10 @@ and 'slabs of 64 MiB' set the eager forward's slab budget (`_SLAB_BYTES`; CUDA's
 quarter of the chunks here), with the levels; 'one product, one slab' and 'one product, slabs of 32 MiB' with the one
 product; 'usual forward, ...' and 'lean forward, ...' turn `_chunk_fwd_lean` (`_LEAN_FORWARD`) off and on with the one
 product and the named slabs; 'kept states' and 'recomputed states' keep the forward's chunk states for the backward
-or not (`_KEEP_STATES`); 'TF32 products' turns `_TF32_PRODUCTS` on.
+or not (`_KEEP_STATES`); 'TF32 products' turns `_TF32_PRODUCTS` on; 'compiled passes' and 'eager passes' turn the layout
+passes compiled by Inductor (`_COMPILED_PASSES`) on and off.
+
+`passes` times forms of the layout passes alone (see `passes`).
 
 `before PATH` times the op of a copy of the package made before a change, imported as `myfla_gla_before` from the
 folder PATH (e.g. `git archive REV myfla_gla | tar x -C PATH && mv PATH/myfla_gla PATH/myfla_gla_before`), and this
@@ -78,14 +81,16 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'lean forward, slabs of 64 MiB': dict(one=True, slab=64 << 20, lean=True),
          'lean forward, slabs of 32 MiB': dict(one=True, slab=32 << 20, lean=True),
          'kept states': dict(keep=True), 'recomputed states': dict(keep=False),
-         'TF32 products': dict(tf32=True), 'recomputed states, TF32 products': dict(keep=False, tf32=True)}
+         'TF32 products': dict(tf32=True), 'recomputed states, TF32 products': dict(keep=False, tf32=True),
+         'compiled passes': dict(passes=True), 'eager passes': dict(passes=False)}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
             'one product': dict(one=True)}
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
                half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES.get('cuda'),
-               lean=chunk._LEAN_FORWARD['cuda'], tf32=chunk._TF32_PRODUCTS.get('cuda', False))
+               lean=chunk._LEAN_FORWARD['cuda'], tf32=chunk._TF32_PRODUCTS.get('cuda', False),
+               passes=chunk._COMPILED_PASSES.get('cuda', False))
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--compiled') + 1])}
 if '--eager' in sys.argv:
@@ -93,9 +98,10 @@ if '--eager' in sys.argv:
 
 
 def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one'],
-            slab=DEFAULT['slab'], lean=DEFAULT['lean'], tf32=DEFAULT['tf32']):
+            slab=DEFAULT['slab'], lean=DEFAULT['lean'], tf32=DEFAULT['tf32'], passes=DEFAULT['passes']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
     chunk._ONE_PRODUCT['cuda'], chunk._LEAN_FORWARD['cuda'], chunk._TF32_PRODUCTS['cuda'] = one, lean, tf32
+    chunk._COMPILED_PASSES['cuda'] = passes
     if slab is None:
         chunk._SLAB_BYTES.pop('cuda', None)   # a device type not listed: one slab
     else:
@@ -443,6 +449,70 @@ def traffic():
                                          for w, t in zip(('fwd', 'fwd+bwd'), counts)), flush=True)
     variant()
 
+
+def passes(device):
+    """Forms of the layout passes at gpu1 (bf16 inputs, float32 chunk tensors), each timed alone (median of 50 calls,
+    CUDA events) and checked bitwise against the op's eager form: into the chunk layout (`_Fixed.to_chunks`), out of it
+    (`from_chunks`), and the lean forward's product with a strided view of q (`_Fixed.mul_`). The other forms: the
+    rows of the transposed layout moved as whole 8-byte words (a bf16 tensor viewed as int64, four values a word) and
+    cast contiguously, in two passes; Inductor's kernel for the same pass compiled for this shape (`static`); and the
+    op's compiled pass (`_compiled`, switched on: one graph for every shape, its host overhead included), also at
+    other lengths, whose first calls show whether they compile again. Plain contiguous passes of the same sizes give
+    the memory's rate. Without CUDA, a small shape on the CPU checks the forms only."""
+    B, T, H, D, C = (4, 4096, 16, 128, 64) if device == 'cuda' else (2, 256, 3, 16, 64)
+    NC = T // C
+    x = torch.randn(B, T, H, D, device=device).bfloat16()
+    ch = torch.randn(B, NC, H, C, D, device=device)                       # a float32 chunk tensor
+    words = lambda t: t.view(torch.int64)                                  # bf16 [..., D] -> int64 [..., D / 4]
+    chunked = lambda t: t.unflatten(1, (-1, C)).transpose(2, 3)            # [B, T, H, *] -> [B, NC, H, C, *], a view
+    out, tmp = torch.empty_like(ch), torch.empty(ch.shape, dtype=x.dtype, device=device)
+    y = torch.empty_like(x)
+    before = chunk._COMPILED_PASSES.get(device)
+    chunk._COMPILED_PASSES[device] = True
+
+    def op_pass(op, dst, src, scale=None):
+        assert chunk._compiled(op, dst, src, scale), 'the compiled pass did not run'
+        return dst
+    forms = {   # each returns its result: a chunk tensor, or y-shaped for the passes out of the chunk layout
+        'to chunks: copy_ with the cast (the op, eager)': lambda: out.copy_(chunked(x)),
+        'to chunks: int64 rows, then the cast': lambda: out.copy_(words(tmp).copy_(chunked(words(x))).view(x.dtype)),
+        'to chunks: static': torch.compile(lambda: chunked(x).float().contiguous()),
+        'to chunks: the op\'s compiled pass': lambda: op_pass('copy', out, chunked(x)),
+        'to chunks, scaled: the op\'s compiled pass': lambda: op_pass('copy', out, chunked(x), 1.),
+        'out of chunks: copy_ with the cast (the op, eager)': lambda: (chunked(y).copy_(ch), y)[1],
+        'out of chunks: the cast, then int64 rows': lambda: (chunked(words(y)).copy_(words(tmp.copy_(ch))), y)[1],
+        'out of chunks: static': torch.compile(lambda: ch.transpose(2, 3).reshape(x.shape).bfloat16()),
+        'out of chunks: the op\'s compiled pass': lambda: (op_pass('copy', chunked(y), ch), y)[1],
+        'mul_ by a strided bf16 view (the op, eager)': lambda: out.copy_(ch).mul_(chunked(x)),
+        'mul_ by int64 rows made contiguous': lambda: out.copy_(ch).mul_(words(tmp).copy_(chunked(words(x))).view(x.dtype)),
+        'mul_: the op\'s compiled pass': lambda: op_pass('mul', out.copy_(ch), chunked(x)),
+        'alone: int64 rows (bf16, to chunks)': lambda: words(tmp).copy_(chunked(words(x))),
+        'alone: bf16 rows by copy_ (to chunks)': lambda: tmp.copy_(chunked(x)),
+        'alone: float32 copy of the chunk tensor (contiguous)': lambda: out.copy_(ch),
+        'alone: bf16 -> float32 cast (contiguous)': lambda: out.view(x.shape).copy_(x),
+        'alone: float32 *= bf16 (contiguous)': lambda: out.view(x.shape).mul_(x),
+    }
+    want = {'to': chunked(x).float(), 'out': ch.transpose(2, 3).reshape(x.shape).bfloat16(), 'mul': ch * chunked(x)}
+    for name, fn in forms.items():
+        r = fn()
+        if not name.startswith('alone'):
+            assert torch.equal(r, want[name.split()[0].rstrip('_:')]), name
+        if device == 'cuda':
+            t = bench.time_fn(fn, device, repeats=50, warmup=3)
+            print(f"{name:55s} {t['median_ms'] * 1e3:7.1f} us  (first call {t['first_s']:.1f} s)", flush=True)
+            results.append(dict(name=name, ms=t['median_ms'], first_s=t['first_s']))
+    print('every form gives the op\'s numbers bitwise', flush=True)
+    for T2 in (T // 2, T // 2 + C):   # other lengths: does the op's compiled pass serve them without compiling again?
+        x2 = x[:, :T2].contiguous()
+        out2 = out.view(-1)[:x2.numel()].view(B, T2 // C, H, C, D)
+        t0 = time.perf_counter()
+        op_pass('copy', out2, chunked(x2))
+        torch.cuda.synchronize() if device == 'cuda' else None
+        assert torch.equal(out2, chunked(x2).float())
+        print(f"to chunks, the op's compiled pass, first call at T={T2}: {time.perf_counter() - t0:.2f} s", flush=True)
+    chunk._COMPILED_PASSES[device] = before
+
+
 def profile():
     """The GPU kernels of the eager forward, the eager forward+backward and the compiled forward+backward (module
     defaults), five calls each after three warm-up calls, by self CUDA time (torch.profiler)."""
@@ -467,6 +537,8 @@ def profile():
 
 if 'memory' in sys.argv:
     memory()
+if 'passes' in sys.argv:
+    passes('cuda' if torch.cuda.is_available() else 'cpu')
 if 'traffic' in sys.argv:
     traffic()
 if 'lean' in sys.argv:

@@ -160,3 +160,23 @@ def test_lean_forward_on_cuda(monkeypatch):
     assert len(calls) == 2, calls
     assert get_err_ratio(outs[False].float(), outs[True].float()) < 1e-4
     assert peaks[True] <= 0.8 * peaks[False], peaks
+
+
+@pytest.mark.compile
+def test_compiled_passes_on_cuda(monkeypatch):
+    """The layout passes as Inductor's Triton kernels (`_COMPILED_PASSES`, MYFLA_GLA_COMPILED_PASSES=1) give the eager
+    passes' numbers bitwise on CUDA: output, final state and every gradient, bf16 with a scale and a part chunk, and
+    float32; every whole-chunk copy and the lean forward's two products compiled."""
+    import myfla_gla.ops.chunk as chunk
+    for dtype in (torch.bfloat16, torch.float32):
+        x = op_inputs('cuda', dtype, 2, 300, 4, 64, 64)
+        monkeypatch.setitem(chunk._COMPILED_PASSES, 'cuda', False)
+        eager = run_op(chunk_gla, x, scale=0.3)
+        monkeypatch.setitem(chunk._COMPILED_PASSES, 'cuda', True)
+        ran, compiled_pass = [], chunk._compiled_pass
+        monkeypatch.setattr(chunk, '_compiled_pass', lambda op: ran.append(op) or compiled_pass(op))
+        compiled = run_op(chunk_gla, x, scale=0.3)
+        monkeypatch.setattr(chunk, '_compiled_pass', compiled_pass)
+        assert (ran.count('mul'), ran.count('copy')) == (2, 12), ran
+        for name in NAMES[:6]:
+            assert torch.equal(eager[name], compiled[name]), (dtype, name)
