@@ -1,7 +1,8 @@
 """The speed leads of the chunk chapter's design notes, at the gpu1 shape (bf16), in one process on one card:
 
     python tests/gpu/chunk_leads.py [eager] [fla] [compile] [stage] [staged] [lean] [memory] [traffic] [cpu]
-                                    [before PATH] [profile] [passes] [--eager NAMES] [--compiled NAMES] [--json PATH]
+                                    [before PATH] [before-compiled PATH] [profile] [passes]
+                                    [--eager NAMES] [--compiled NAMES] [--json PATH]
 
 `eager` times `chunk_gla`'s forward and forward+backward (`myfla_gla.bench.time_fn`: median of 20 calls, CUDA events),
 peak memory and error against the float64 recurrence for each switchable variant of `myfla_gla.ops.chunk`: the
@@ -21,7 +22,8 @@ passes compiled by Inductor (`_COMPILED_PASSES`) on and off.
 
 `before PATH` times the op of a copy of the package made before a change, imported as `myfla_gla_before` from the
 folder PATH (e.g. `git archive REV myfla_gla | tar x -C PATH && mv PATH/myfla_gla PATH/myfla_gla_before`), and this
-one, alternately in one process (three rounds of `run`). `profile` prints the CUDA kernels of the eager forward,
+one, alternately in one process (three rounds of `run`); `before-compiled PATH` the same for the two ops
+`torch.compile`d. `profile` prints the CUDA kernels of the eager forward,
 the eager forward+backward and the compiled forward+backward by self time (`torch.profiler`).
 `stage` times stage 1 alone (the intra-chunk attention `A` of the forward, and its backward), the dyadic levels
 against the one-product form (`_intra_attention` with the switch on: all chunks in one product at normaliser 1, all
@@ -547,7 +549,7 @@ if 'cpu' in sys.argv:
     cpu()
 if 'staged' in sys.argv:
     staged('cuda' if torch.cuda.is_available() else 'cpu')
-if not {'eager', 'fla', 'compile', 'before', 'profile'} & set(sys.argv):
+if not {'eager', 'fla', 'compile', 'before', 'before-compiled', 'profile'} & set(sys.argv):
     sys.exit()
 inp = bench.Inputs(bench.BenchConfig(**bench.PRESETS['gpu1'], device='cuda'))
 q, k, v, g = inp.q, inp.k, inp.v, inp.g
@@ -560,12 +562,17 @@ if 'eager' in sys.argv:
         variant(**kw)
         run(name, chunk_gla)
     variant()
-if 'before' in sys.argv:   # `before PATH`: the op of the package copy `PATH/myfla_gla_before` against this one
-    sys.path.insert(0, sys.argv[sys.argv.index('before') + 1])
+for mode in ('before', 'before-compiled'):   # `before PATH`: the op of the package copy `PATH/myfla_gla_before`
+    if mode not in sys.argv:                 # against this one; `before-compiled PATH` the two compiled
+        continue
+    sys.path.insert(0, sys.argv[sys.argv.index(mode) + 1])
     import myfla_gla_before
+    ops = myfla_gla_before.chunk_gla, chunk_gla
+    if mode == 'before-compiled':
+        ops = tuple(torch.compile(op) for op in ops)
     for i in range(3):
-        run(f'before, round {i + 1}', myfla_gla_before.chunk_gla)
-        run(f'now, round {i + 1}', chunk_gla)
+        run(f'{mode}, round {i + 1}', ops[0])
+        run(f"now{', compiled' if mode != 'before' else ''}, round {i + 1}", ops[1])
 if 'profile' in sys.argv:
     profile()
 if 'fla' in sys.argv:
