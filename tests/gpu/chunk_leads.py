@@ -23,8 +23,8 @@ passes compiled by Inductor (`_COMPILED_PASSES`) on and off.
 `before PATH` times the op of a copy of the package made before a change, imported as `myfla_gla_before` from the
 folder PATH (e.g. `git archive REV myfla_gla | tar x -C PATH && mv PATH/myfla_gla PATH/myfla_gla_before`), and this
 one, alternately in one process (three rounds of `run`); `before-compiled PATH` the same for the two ops
-`torch.compile`d. `profile` prints the CUDA kernels of the eager forward,
-the eager forward+backward and the compiled forward+backward by self time (`torch.profiler`).
+`torch.compile`d. `profile` prints the CUDA kernels of the eager and the compiled forward and
+forward+backward by self time (`torch.profiler`).
 `stage` times stage 1 alone (the intra-chunk attention `A` of the forward, and its backward), the dyadic levels
 against the one-product form (`_intra_attention` with the switch on: all chunks in one product at normaliser 1, all
 flagged and so computed both ways at 0.02) and a two-level scheme of 16-token sub-chunks (`intra_two_level`), eager
@@ -516,15 +516,17 @@ def passes(device):
 
 
 def profile():
-    """The GPU kernels of the eager forward, the eager forward+backward and the compiled forward+backward (module
-    defaults), five calls each after three warm-up calls, by self CUDA time (torch.profiler)."""
+    """The GPU kernels of the eager forward, the eager forward+backward, the compiled forward and the compiled
+    forward+backward (module defaults; the forwards without autograd, as `run` times them), five calls each after three
+    warm-up calls, by self CUDA time (torch.profiler)."""
     from torch.profiler import ProfilerActivity
     compiled = torch.compile(chunk_gla)
     calls = {'eager forward': lambda: chunk_gla(q, k, v, g),
              'eager forward+backward': lambda: torch.autograd.grad(chunk_gla(q, k, v, g)[0], (q, k, v, g), do),
+             'compiled forward': lambda: compiled(q, k, v, g),
              'compiled forward+backward': lambda: torch.autograd.grad(compiled(q, k, v, g)[0], (q, k, v, g), do)}
     for name, f in calls.items():
-        with torch.no_grad() if name == 'eager forward' else contextlib.nullcontext():
+        with torch.no_grad() if name.endswith('forward') else contextlib.nullcontext():
             for _ in range(3):
                 f()
             torch.cuda.synchronize()
