@@ -2,7 +2,8 @@
 
 `run_with_fla`: a script run in a fresh process beside FLA 0.6.0's own classes (FLA-written checkpoints, FLA's
 layers on the CPU). `cp_layer_errors`: a layer run by one process and by the ranks of a context-parallel group.
-`threads`: torch's CPU thread count within a block."""
+`threads`: torch's CPU thread count within a block. `run_with_compiled_passes`: `chunk_gla` with its layout passes
+eager and compiled."""
 import contextlib
 import sys
 
@@ -19,6 +20,23 @@ def threads(n):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def run_with_compiled_passes(monkeypatch, x, **kw):
+    """`chunk_gla`'s outputs and gradients on the op inputs `x` (`myfla_gla.testing.run_op`) with the layout passes
+    eager, and compiled (`_COMPILED_PASSES` on for x's device), and the kinds of the passes compiled, in call order."""
+    import myfla_gla.ops.chunk as chunk
+    from myfla_gla import chunk_gla
+    from myfla_gla.testing import run_op
+    device = x['q'].device.type
+    monkeypatch.setitem(chunk._COMPILED_PASSES, device, False)
+    eager = run_op(chunk_gla, x, **kw)
+    monkeypatch.setitem(chunk._COMPILED_PASSES, device, True)
+    ran, compiled_pass = [], chunk._compiled_pass
+    monkeypatch.setattr(chunk, '_compiled_pass', lambda op: ran.append(op) or compiled_pass(op))
+    compiled = run_op(chunk_gla, x, **kw)
+    monkeypatch.setattr(chunk, '_compiled_pass', compiled_pass)
+    return eager, compiled, ran
 
 
 _FLA_PREAMBLE = '''\

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from myfla_gla import assert_close, chunk_gla, fused_chunk_gla, naive_recurrent_gla, random_gla_inputs
 import myfla_gla.ops.chunk as chunk_ops
 from myfla_gla.testing import compare_op, op_inputs, run_op, run_reference
-from helpers import threads
+from helpers import run_with_compiled_passes, threads
 
 NAMES = ['o', 'ht', 'dq', 'dk', 'dv', 'dg', 'dh0']
 
@@ -297,15 +297,11 @@ def test_compiled_passes(monkeypatch, slab):
     for name, on in (('_ONE_PRODUCT', True), ('_LEAN_FORWARD', True), ('_KEEP_STATES', True), ('_SLAB_BYTES', slab)):
         monkeypatch.setitem(getattr(chunk_ops, name), 'cpu', on)
     x = op_inputs('cpu', torch.bfloat16, 2, 150, 2, 16, 8)
+    dynamo_settings = lambda: (_fx_config.backed_size_oblivious, _fx_config.use_duck_shape,
+                               torch._dynamo.config.recompile_limit)
     with threads(1):
-        eager = run_op(chunk_gla, x, scale=0.3)
-        monkeypatch.setitem(chunk_ops._COMPILED_PASSES, 'cpu', True)
-        ran, compiled_pass = [], chunk_ops._compiled_pass
-        monkeypatch.setattr(chunk_ops, '_compiled_pass', lambda op: ran.append(op) or compiled_pass(op))
-        dynamo_settings = lambda: (_fx_config.backed_size_oblivious, _fx_config.use_duck_shape,
-                                   torch._dynamo.config.recompile_limit)
         before = dynamo_settings()
-        compiled = run_op(chunk_gla, x, scale=0.3)
+        eager, compiled, ran = run_with_compiled_passes(monkeypatch, x, scale=0.3)
         assert dynamo_settings() == before   # global: restored
         # q and k; g, v, o, q, k, v, g, do, dq, dk, dv, dg: in slabs those of the two whole ones
         assert (ran.count('mul'), ran.count('copy')) == ((2, 12) if slab is None else (4, 24)), ran

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import myfla_gla.ops.chunk as chunk
-from myfla_gla import chunk_gla, fused_chunk_gla, random_gla_inputs
+from myfla_gla import assert_close, chunk_gla, fused_chunk_gla, random_gla_inputs
 from helpers import threads
 from test_chunk import check
 
@@ -71,6 +71,17 @@ def test_kept_states_twice(monkeypatch):
     second = torch.autograd.grad(o.sum(), (q, k, v, g))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_row_dots_in_pieces():
+    """`_row_dots` (the kept states' row sums with their gradients, eager) through a buffer of a few rows at a time: one
+    row, pieces that do not divide the rows, all rows at once, and a buffer smaller than a row (one fused product).
+    With V > C, as at gpu1 (V=128, C=64), the backward's buffer holds fewer rows than the states have."""
+    x, y = torch.randn(2, 3, 5, 8, 6, dtype=torch.float64), torch.randn(2, 3, 5, 8, 6, dtype=torch.float64)
+    want = (x * y).sum(-1)
+    for rows in (1, 7, 240, 1000, 0.5):
+        buf = torch.full((int(rows * 6),), float('nan'), dtype=x.dtype)   # dead values: never read
+        assert_close(f'row sums, {rows} rows a piece', want, chunk._row_dots(x, y, buf), 1e-15, err_atol=0)
 
 
 @pytest.mark.parametrize('n', [1, 2])

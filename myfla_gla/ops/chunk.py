@@ -324,8 +324,9 @@ def _env_switch(name, default):
     return default if value is None else value == '1'
 
 
-# per device type: the fixed grid's layout passes of whole chunks as Inductor kernels (`_compiled`);
-# MYFLA_GLA_COMPILED_PASSES=1 or 0 turns them on or off for CUDA (off by default until timed in the op: design notes)
+# per device type: the fixed grid's layout passes of whole chunks as Inductor kernels (`_compiled`; a part chunk's
+# few rows stay eager, which spares a graph per layout); MYFLA_GLA_COMPILED_PASSES=1 or 0 turns them on or off for
+# CUDA (off by default until timed in the op: see the design notes)
 _COMPILED_PASSES = {'cuda': _env_switch('MYFLA_GLA_COMPILED_PASSES', False)}
 
 

@@ -22,6 +22,7 @@ from fla.ops.gla import chunk_gla as fla_chunk_gla  # noqa: E402
 from myfla_gla import DEFAULT_RATIO, assert_close, chunk_gla, fused_chunk_gla, get_err_ratio  # noqa: E402
 from myfla_gla import random_gla_inputs  # noqa: E402
 from myfla_gla.testing import compare_op, op_inputs, run_op, run_reference  # noqa: E402
+from helpers import run_with_compiled_passes  # noqa: E402
 
 NAMES = ['o', 'ht', 'dq', 'dk', 'dv', 'dg', 'dh0']
 
@@ -167,16 +168,9 @@ def test_compiled_passes_on_cuda(monkeypatch):
     """The layout passes as Inductor's Triton kernels (`_COMPILED_PASSES`, MYFLA_GLA_COMPILED_PASSES=1) give the eager
     passes' numbers bitwise on CUDA: output, final state and every gradient, bf16 with a scale and a part chunk, and
     float32; every whole-chunk copy and the lean forward's two products compiled."""
-    import myfla_gla.ops.chunk as chunk
     for dtype in (torch.bfloat16, torch.float32):
-        x = op_inputs('cuda', dtype, 2, 300, 4, 64, 64)
-        monkeypatch.setitem(chunk._COMPILED_PASSES, 'cuda', False)
-        eager = run_op(chunk_gla, x, scale=0.3)
-        monkeypatch.setitem(chunk._COMPILED_PASSES, 'cuda', True)
-        ran, compiled_pass = [], chunk._compiled_pass
-        monkeypatch.setattr(chunk, '_compiled_pass', lambda op: ran.append(op) or compiled_pass(op))
-        compiled = run_op(chunk_gla, x, scale=0.3)
-        monkeypatch.setattr(chunk, '_compiled_pass', compiled_pass)
+        eager, compiled, ran = run_with_compiled_passes(monkeypatch, op_inputs('cuda', dtype, 2, 300, 4, 64, 64),
+                                                        scale=0.3)
         assert (ran.count('mul'), ran.count('copy')) == (2, 12), ran
         for name in NAMES[:6]:
             assert torch.equal(eager[name], compiled[name]), (dtype, name)
