@@ -733,11 +733,11 @@ def _intra_bwd(q, k, g, dA, free=None):
                     (q, k, g, dA.tril_(-1)))   # the levels read only below the diagonal
 
 
-def _intra_grads(q, k, v, g, do, A, free=None):
+def _intra_grads(q, k, v, g, do, A, free=None, prod=None):
     """Stage 1 backward: intra-chunk dq, dk (without s == t terms) and dv; `vdo` `[..., C, 1]`, each row's v . do
     (the factor of the s == t terms: dA's diagonal); and the chunk's `decay_q`, `decay_k`. `A` is the forward's
-    attention; `free` as in `_intra_bwd`."""
-    dv = A.transpose(-1, -2) @ do                                           # [..., C, V]
+    attention; `free` as in `_intra_bwd`; `prod` applies to dv's product."""
+    dv = _mm(A.transpose(-1, -2), do, prod)                                 # [..., C, V]
     dA = do @ v.transpose(-1, -2)                                           # [..., C, C]
     vdo = dA.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).clone()               # [..., C, 1]
     dq, dk, decay_q, decay_k = _intra_bwd(q, k, g, dA, free)
@@ -784,12 +784,13 @@ def _row_dots(x, y, buf):
     return out
 
 
-def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
+def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None, prod=None):
     """Backward in chunk layout (`do` already scaled): dq, dk, dv, dg, dh0. `states`: the forward's, if it kept them.
-    Overwrites g (and, eager, the buffers of stage 1 once their values are dead: `free`)."""
+    `prod` (see `_product_dtype`) applies to dv's two products only: dq, dk and dg keep float32 products. Overwrites g
+    (and, eager, the buffers of stage 1 once their values are dead: `free`)."""
     free = []
     # 1. diagonal blocks
-    dq, dk, dv, vdo, decay_q, decay_k = _intra_grads(q, k, v, g, do, A, free)   # [B, NC, H, C, K | V]
+    dq, dk, dv, vdo, decay_q, decay_k = _intra_grads(q, k, v, g, do, A, free, prod)   # [B, NC, H, C, K | V]
     decay_chunk = decay_q[..., -1, :].clone()                        # [B, NC, H, K] (decay_q becomes q * decay_q)
     k_decayed = _mul_to(_spare(free, k), k, decay_k)                 # [B, NC, H, C, K]
     kept = states is not None
@@ -811,7 +812,10 @@ def _chunk_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
     del states                                                       # (a kept tensor stays as saved)
     # 2. chunk states: dk_inter = dk_states * decay_k, multiplied out in `_dg_and_finish`
     dk_states = _bmm(v, dstates.transpose(-1, -2), tmp)              # [B, NC, H, C, K]
-    dv.view(-1, *dv.shape[-2:]).baddbmm_(k_decayed.view(-1, *k.shape[-2:]), dstates.view(-1, *dstates.shape[-2:]))
+    if prod is None:
+        dv.view(-1, *dv.shape[-2:]).baddbmm_(k_decayed.view(-1, *k.shape[-2:]), dstates.view(-1, *dstates.shape[-2:]))
+    else:
+        dv += _mm(k_decayed, dstates, prod)
     dg = _dg_and_finish(q, k, dq, dk, k_decayed, dk_states, decay_k, vdo, dg_passing, [decay_q])   # q * decay_q: dead
     return dq, dk, dv, dg, grid.unsort(dS)
 
@@ -942,7 +946,8 @@ def _backward(q, k, v, g, do, scale, h0, dht, grid, A, states, fused, n, starts)
     float64, in the grid's order), from `_forward`'s inputs and results (`do` `[B, T, H, V]` unscaled, or None). Slab
     by slab as `_forward`, last to first: each slab from its initial state (h0, then `starts`) and the gradient at its
     end (`dht` for the last, else the next slab's dL/dh0); only one slab's chunk copies are live at a time."""
-    acc, bwd, xs = torch.promote_types(q.dtype, torch.float32), _fused_bwd if fused else _chunk_bwd, (q, k, v, g)
+    acc, xs = torch.promote_types(q.dtype, torch.float32), (q, k, v, g)
+    bwd = _fused_bwd if fused else functools.partial(_chunk_bwd, prod=_product_dtype(q))   # dv's products
     if n >= grid.NC:
         qc, kc, vc, gc = (grid.to_chunks(x, acc) for x in xs)
         doc = torch.zeros_like(vc) if do is None else grid.to_chunks(do, acc, scale)
