@@ -90,9 +90,9 @@ def test_slabs_give_the_numbers_of_one_pass(monkeypatch, dtype, T, keep, per_sla
     monkeypatch.setitem(chunk._KEEP_STATES, 'cpu', keep)
     calls = {}
     for name in ('_chunk_bwd', '_fused_bwd'):   # counted: `_backward` looks them up at each call
-        def counted(*args, name=name, fn=getattr(chunk, name)):
+        def counted(*args, name=name, fn=getattr(chunk, name), **kw):
             calls[name] = calls.get(name, 0) + 1
-            return fn(*args)
+            return fn(*args, **kw)
         monkeypatch.setattr(chunk, name, counted)
     x = op_inputs('cpu', dtype, 2, T, 2, 16, 8, seed=None)
     monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', None)
