@@ -449,6 +449,18 @@ class _Fixed:
             out[:, nf, :, self.T - nf * C:] = 0
         return out
 
+    def div(self, x, den):
+        """`x` `[B, T, H, D]` in chunk layout divided by `den` `[B, NC, H, C, D]`: a new tensor of den's dtype, zeros
+        after T. `x` is read where it lies, in its dtype: one pass where a reciprocal and a product would be two."""
+        C, nf, out = self.C, self.T // self.C, torch.empty_like(den)
+        if nf:
+            torch.div(x[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3), den[:, :nf], out=out[:, :nf])
+        if nf < self.NC:
+            torch.div(x[:, nf * C:].transpose(1, 2), den[:, nf, :, :self.T - nf * C],
+                      out=out[:, nf, :, :self.T - nf * C])
+            out[:, nf, :, self.T - nf * C:] = 0
+        return out
+
     def take(self, x, j):
         "Chunk tensor `[B, NC, ...]` -> its chunks of step j `[B, ...]`."
         return x[:, j]
@@ -507,6 +519,10 @@ class _Varlen:
     def mul_(self, out, x):
         "`out` `[1, NC, H, C, D]` times `x` `[1, T, H, D]` in chunk layout, in place (through a chunk copy of `x`)."
         return out.mul_(self.to_chunks(x, out.dtype))
+
+    def div(self, x, den):
+        "`x` `[1, T, H, D]` in chunk layout divided by `den` `[1, NC, H, C, D]` (through a chunk copy of `x`)."
+        return self.to_chunks(x, den.dtype).div_(den)
 
     def take(self, x, j):
         "Chunk tensor `[1, NC, ...]` -> the chunks of step j `[active[j], ...]`, in sorted order."
@@ -648,14 +664,14 @@ def _chunk_fwd_lean(q, k, v, g, h0, grid):
     """`_chunk_fwd` (float32 products) over `grid` (all chunks or a slab's) from q, k, v in the input layout and
     g's chunk copy, where every chunk takes the one product and no decay is floored, with less memory and two passes
     fewer. The factors of A become the operands of stages 2 and 4 in place, q * decay_q = (q * up) e^(b_0 + r) and
-    k * decay_k = (k * down) e^r (see `_factors`), so neither decay of the chunk's size is formed; q and k are read
-    where they lie (`mul_`), and v is copied to the chunk layout where it is used and freed after."""
+    k * decay_k = (k * down) e^r (see `_factors`), so neither decay of the chunk's size is formed, and k * down is
+    k / up; q and k are read where they lie (the grid's `mul_` and `div`), and v is copied to the chunk layout where it
+    is used and freed after."""
     acc = g.dtype
-    # 1. diagonal blocks: g's copy becomes up = exp(b - r), then q * up; its reciprocal becomes k * down
+    # 1. diagonal blocks: g's copy becomes up = exp(b - r), then q * up; k * down = k / up
     up, r, g0 = _up(g, g)                                    # [B, NC, H, C, K], [B, NC, H, 1, K] x 2
-    down = torch.reciprocal(up)
-    grid.mul_(up, q)                                         # q and k read where they lie: no chunk copies
-    grid.mul_(down, k)
+    down = grid.div(k, up)                                   # q and k read where they lie: no chunk copies
+    grid.mul_(up, q)
     A = torch.matmul(up, down.transpose(-1, -2)).tril_()   # [B, NC, H, C, C]
     decay_chunk = (g0 + 2 * r).exp_()[..., 0, :]             # [B, NC, H, K]: exp(b_last)
     q_decayed, k_decayed = up.mul_((g0 + r).exp_()), down.mul_(r.exp_())   # in place: no decay of the chunk's size

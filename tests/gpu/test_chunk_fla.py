@@ -167,10 +167,10 @@ def test_lean_forward_on_cuda(monkeypatch):
 def test_compiled_passes_on_cuda(monkeypatch):
     """The layout passes as Inductor's Triton kernels (`_COMPILED_PASSES`, MYFLA_GLA_COMPILED_PASSES=1) give the eager
     passes' numbers bitwise on CUDA: output, final state and every gradient, bf16 with a scale and a part chunk, and
-    float32; every whole-chunk copy and the lean forward's two products compiled."""
+    float32; every whole-chunk copy and the lean forward's product with q compiled."""
     for dtype in (torch.bfloat16, torch.float32):
         eager, compiled, ran = run_with_compiled_passes(monkeypatch, op_inputs('cuda', dtype, 2, 300, 4, 64, 64),
                                                         scale=0.3)
-        assert (ran.count('mul'), ran.count('copy')) == (2, 12), ran
+        assert (ran.count('mul'), ran.count('copy')) == (1, 12), ran   # q (k's division stays eager); the copies
         for name in NAMES[:6]:
             assert torch.equal(eager[name], compiled[name]), (dtype, name)
