@@ -3,7 +3,6 @@ recurrence, strong gates over long sequences, property-based tests over shapes, 
 varlen splits, bad input, and torch.compile. (The notebook holds the worked examples; tests/gpu/ the FLA parity.)"""
 import pytest
 import torch
-from torch.fx.experimental import _config as _fx_config
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from myfla_gla import assert_close, chunk_gla, fused_chunk_gla, naive_recurrent_gla, random_gla_inputs
@@ -297,8 +296,7 @@ def test_compiled_passes(monkeypatch, slab):
     for name, on in (('_ONE_PRODUCT', True), ('_LEAN_FORWARD', True), ('_KEEP_STATES', True), ('_SLAB_BYTES', slab)):
         monkeypatch.setitem(getattr(chunk_ops, name), 'cpu', on)
     x = op_inputs('cpu', torch.bfloat16, 2, 150, 2, 16, 8)
-    dynamo_settings = lambda: (_fx_config.backed_size_oblivious, _fx_config.use_duck_shape,
-                               torch._dynamo.config.recompile_limit)
+    dynamo_settings = lambda: torch._dynamo.config.recompile_limit
     with threads(1):
         before = dynamo_settings()
         eager, compiled, ran = run_with_compiled_passes(monkeypatch, x, scale=0.3)
@@ -318,6 +316,25 @@ def test_compiled_passes(monkeypatch, slab):
     assert chunk_ops._COMPILED_PASSES['cpu'] is False
     for name in NAMES[:6]:
         assert torch.equal(eager[name], out[name]), name
+
+
+@pytest.mark.compile
+def test_compiled_pass_limits(monkeypatch):
+    """A layout pass is compiled only where it has at least `_COMPILED_MIN_NUMEL` elements and for the first
+    `_PASS_GRAPHS` graphs (shapes, dtypes, layouts) of its kind; elsewhere `_compiled` returns False, and the caller
+    runs the eager pass. Shapes compiled before keep their graphs; Dynamo's setting is restored."""
+    torch._dynamo.reset()   # (graphs of other tests count against the limit)
+    monkeypatch.setitem(chunk_ops._COMPILED_PASSES, 'cpu', True)
+    monkeypatch.setattr(chunk_ops, '_COMPILED_MIN_NUMEL', 64)
+    monkeypatch.setattr(chunk_ops, '_PASS_GRAPHS', 2)
+    limit, ran = torch._dynamo.config.recompile_limit, []
+    for n in (8, 16, 24, 16, 8, 2):   # [n, 4, 4] from a transposed bf16 source; the last under the size
+        src, dst = torch.randn(4, n, 4).bfloat16().transpose(0, 1), torch.full((n, 4, 4), torch.nan)
+        ran.append(chunk_ops._compiled('copy', dst, src))
+        assert torch.equal(dst, src.float()) if ran[-1] else dst.isnan().all()
+    assert ran == [True, True, False, True, True, False]
+    assert torch._dynamo.config.recompile_limit == limit
+    torch._dynamo.reset()
 
 
 def test_env_switch(monkeypatch):

@@ -326,59 +326,59 @@ def _env_switch(name, default):
 
 # per device type: the fixed grid's layout passes of whole chunks as Inductor kernels (`_compiled`; a part chunk's
 # few rows stay eager, which spares a graph per layout); MYFLA_GLA_COMPILED_PASSES=1 or 0 turns them on or off for
-# CUDA (off by default until timed in the op: see the design notes)
+# CUDA (off by default: on an H100 they made the eager forward faster and its backward slower; see the design notes)
 _COMPILED_PASSES = {'cuda': _env_switch('MYFLA_GLA_COMPILED_PASSES', False)}
+_COMPILED_MIN_NUMEL = 1 << 20   # smaller passes stay eager: they take microseconds, a compilation seconds
+_PASS_GRAPHS = 64               # graphs (shapes, dtypes, layouts) of each pass kind; passes beyond them stay eager
 
 
 _SETTINGS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _general_sizes():
-    """Within the block Dynamo traces sizes as general: no guard that a size is not 1 or equals another, so one graph
-    serves every shape of a dtype and layout kind (a few more for sizes of 1), with room for them all. The settings
-    are global: set and restored under a lock (threads would otherwise restore each other's), directly (PyTorch's
-    `patch` costs three times as much, on every call)."""
-    settings = [(_fx_config, 'backed_size_oblivious', True), (_fx_config, 'use_duck_shape', False),
-                (torch._dynamo.config, 'recompile_limit', 64)]
+def _room_for_graphs():
+    """Within the block Dynamo keeps up to `_PASS_GRAPHS` graphs of a compiled function. The setting is global: set
+    and restored under a lock (threads would otherwise restore each other's), directly (PyTorch's `patch` costs three
+    times as much, on every call)."""
     with _SETTINGS_LOCK:
-        before = [getattr(module, name) for module, name, _ in settings]
-        for module, name, value in settings:
-            setattr(module, name, value)
+        before, torch._dynamo.config.recompile_limit = torch._dynamo.config.recompile_limit, _PASS_GRAPHS
         try:
             yield
         finally:
-            for (module, name, _), value in zip(settings, before):
-                setattr(module, name, value)
+            torch._dynamo.config.recompile_limit = before
 
 
 @functools.cache
 def _compiled_pass(op):
     """The layout pass `op` in place, `dst` <- `src` times a zero-dim `scale` where given (the product in its dtype)
-    ('copy') or `dst` <- `dst * src` ('mul'), as the function Inductor compiles once for every shape (`dynamic=True`)
-    of each dtype and layout."""
+    ('copy') or `dst` <- `dst * src` ('mul'), as the function Inductor compiles for each shape, dtype and layout
+    (static shapes: its kernel for every shape at once ran at a third of the static kernel's rate on an H100)."""
     def copy(dst, src, scale):
         dst.copy_(src if scale is None else src.to(scale.dtype) * scale)
 
     def mul(dst, src, scale):   # (the grid's `mul_` has no scale)
         dst.mul_(src)
-    return torch.compile({'copy': copy, 'mul': mul}[op], dynamic=True, fullgraph=True)
+    return torch.compile({'copy': copy, 'mul': mul}[op], dynamic=False, fullgraph=True)
 
 
 def _compiled(op, dst, src, scale=None):
-    """Runs the pass `op` of `_compiled_pass` where `_COMPILED_PASSES` is on for `dst`'s device, in eager mode (a graph
-    of the caller's fuses it anyway); True if it ran. PyTorch's eager kernels for a transposed operand or a cast run
-    at about half the memory's rate on an H100, Inductor's at most of it. The scale goes in as a zero-dim tensor of the
-    higher of the two dtypes, the eager pass's product (a Python float would enter the graph in float64), made on the
-    device (no copy from the host, which would wait for the stream). Where Inductor cannot compile (no Triton, no C++
-    compiler), a warning, and the device's passes stay eager."""
-    if not _switched_on(_COMPILED_PASSES, dst) or torch.compiler.is_compiling() or _exporting():
+    """Runs the pass `op` of `_compiled_pass` where `_COMPILED_PASSES` is on for `dst`'s device and the pass has at
+    least `_COMPILED_MIN_NUMEL` elements, in eager mode (a graph of the caller's fuses it anyway); True if it ran.
+    PyTorch's eager kernels for a transposed operand or a cast run at about half the memory's rate on an H100,
+    Inductor's at most of it. The scale goes in as a zero-dim tensor of the higher of the two dtypes, the eager
+    pass's product (a Python float would enter the graph in float64), made on the device (no copy from the host,
+    which would wait for the stream). A shape beyond the pass's `_PASS_GRAPHS` graphs stays eager; where Inductor
+    cannot compile (no Triton, no C++ compiler), a warning, and the device's passes stay eager."""
+    if (not _switched_on(_COMPILED_PASSES, dst) or dst.numel() < _COMPILED_MIN_NUMEL or torch.compiler.is_compiling()
+            or _exporting()):
         return False
     if scale is not None:
         scale = torch.full((), scale, dtype=torch.promote_types(src.dtype, dst.dtype), device=dst.device)
     try:
-        with _general_sizes():
+        with _room_for_graphs():
             _compiled_pass(op)(dst, src.detach(), scale)   # (detached: no guard on autograd state)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        return False
     except torch._dynamo.exc.BackendCompilerFailed as e:
         warnings.warn(f'myfla_gla: the layout passes stay eager on {dst.device.type}: Inductor cannot compile '
                       f'them here ({type(e).__name__}: {e})')
