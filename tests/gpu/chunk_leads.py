@@ -16,7 +16,9 @@ quarter of the chunks here), with the levels; 'one product, one slab' and 'one p
 product; 'usual forward, ...' and 'lean forward, ...' turn `_chunk_fwd_lean` (`_LEAN_FORWARD`) off and on with the one
 product and the named slabs; 'kept states' and 'recomputed states' keep the forward's chunk states for the backward
 or not (`_KEEP_STATES`); 'TF32 products' turns `_TF32_PRODUCTS` on; 'compiled passes' and 'eager passes' turn the layout
-passes compiled by Inductor (`_COMPILED_PASSES`) on and off.
+passes compiled by Inductor (`_COMPILED_PASSES`) on and off, 'compiled passes, forward' on in the forward only (the
+backward's eager), 'compiled passes, into chunks' on for the passes into the chunk layout and the products only (those
+out of it eager, and the scaled ones).
 
 `passes` times forms of the layout passes alone (see `passes`).
 
@@ -84,7 +86,8 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'lean forward, slabs of 32 MiB': dict(one=True, slab=32 << 20, lean=True),
          'kept states': dict(keep=True), 'recomputed states': dict(keep=False),
          'TF32 products': dict(tf32=True), 'recomputed states, TF32 products': dict(keep=False, tf32=True),
-         'compiled passes': dict(passes=True), 'eager passes': dict(passes=False)}
+         'compiled passes': dict(passes=True), 'eager passes': dict(passes=False),
+         'compiled passes, forward': dict(passes='forward'), 'compiled passes, into chunks': dict(passes='into')}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
@@ -99,11 +102,33 @@ if '--eager' in sys.argv:
     EAGER = {k: EAGER[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--eager') + 1])}
 
 
+_BACKWARD, _COMPILED = chunk._backward, chunk._compiled
+
+
+def _eager_passes(fn):
+    "`fn` with the layout passes eager while it runs (`_COMPILED_PASSES` off, then on again)."
+    def run(*args, **kwargs):
+        chunk._COMPILED_PASSES['cuda'] = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            chunk._COMPILED_PASSES['cuda'] = True
+    return run
+
+
+def _into_chunks(compiled):
+    "`_compiled` for the unscaled passes into the chunk layout (a float32 destination) and the products only."
+    return lambda op, dst, src, scale=None: ((op == 'mul' or scale is None and dst.dtype == torch.float32 != src.dtype)
+                                              and compiled(op, dst, src, scale))
+
+
 def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one'],
             slab=DEFAULT['slab'], lean=DEFAULT['lean'], tf32=DEFAULT['tf32'], passes=DEFAULT['passes']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
     chunk._ONE_PRODUCT['cuda'], chunk._LEAN_FORWARD['cuda'], chunk._TF32_PRODUCTS['cuda'] = one, lean, tf32
-    chunk._COMPILED_PASSES['cuda'] = passes
+    chunk._COMPILED_PASSES['cuda'] = bool(passes)
+    chunk._backward = _eager_passes(_BACKWARD) if passes == 'forward' else _BACKWARD
+    chunk._compiled = _into_chunks(_COMPILED) if passes == 'into' else _COMPILED
     if slab is None:
         chunk._SLAB_BYTES.pop('cuda', None)   # a device type not listed: one slab
     else:
