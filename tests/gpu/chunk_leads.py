@@ -18,7 +18,8 @@ product and the named slabs; 'kept states' and 'recomputed states' keep the forw
 or not (`_KEEP_STATES`); 'TF32 products' turns `_TF32_PRODUCTS` on; 'compiled passes' and 'eager passes' turn the layout
 passes compiled by Inductor (`_COMPILED_PASSES`) on and off, 'compiled passes, forward' on in the forward only (the
 backward's eager), 'compiled passes, into chunks' on for the passes into the chunk layout and the products only (those
-out of it eager, and the scaled ones).
+out of it eager, and the scaled ones); 'compiled passes, forward, slabs of 64 MiB' the forward's with the lean forward in
+slabs (its peak memory).
 
 `passes` times forms of the layout passes alone (see `passes`).
 
@@ -87,7 +88,8 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'kept states': dict(keep=True), 'recomputed states': dict(keep=False),
          'TF32 products': dict(tf32=True), 'recomputed states, TF32 products': dict(keep=False, tf32=True),
          'compiled passes': dict(passes=True), 'eager passes': dict(passes=False),
-         'compiled passes, forward': dict(passes='forward'), 'compiled passes, into chunks': dict(passes='into')}
+         'compiled passes, forward': dict(passes='forward'), 'compiled passes, into chunks': dict(passes='into'),
+         'compiled passes, forward, slabs of 64 MiB': dict(passes='forward', one=True, slab=64 << 20, lean=True)}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
