@@ -485,8 +485,8 @@ def passes(device):
     (`from_chunks`), and the lean forward's product with a strided view of q (`_Fixed.mul_`). The other forms: the
     rows of the transposed layout moved as whole 8-byte words (a bf16 tensor viewed as int64, four values a word) and
     cast contiguously, in two passes; Inductor's kernel for the same pass compiled for this shape (`static`); and the
-    op's compiled pass (`_compiled`, switched on: one graph for every shape, its host overhead included), also at
-    other lengths, whose first calls show whether they compile again. Plain contiguous passes of the same sizes give
+    op's compiled pass (`_compiled`, switched on: a graph per shape, its host overhead included), also at other
+    lengths, whose first calls show what compiling again costs. Plain contiguous passes of the same sizes give
     the memory's rate. Without CUDA, a small shape on the CPU checks the forms only."""
     B, T, H, D, C = (4, 4096, 16, 128, 64) if device == 'cuda' else (2, 256, 3, 16, 64)
     NC = T // C
@@ -496,8 +496,8 @@ def passes(device):
     chunked = lambda t: t.unflatten(1, (-1, C)).transpose(2, 3)            # [B, T, H, *] -> [B, NC, H, C, *], a view
     out, tmp = torch.empty_like(ch), torch.empty(ch.shape, dtype=x.dtype, device=device)
     y = torch.empty_like(x)
-    before = chunk._COMPILED_PASSES.get(device)
-    chunk._COMPILED_PASSES[device] = True
+    before, min_numel = chunk._COMPILED_PASSES.get(device), chunk._COMPILED_MIN_NUMEL
+    chunk._COMPILED_PASSES[device], chunk._COMPILED_MIN_NUMEL = True, 0   # (the CPU's shape is small)
 
     def op_pass(op, dst, src, scale=None):
         assert chunk._compiled(op, dst, src, scale), 'the compiled pass did not run'
@@ -539,7 +539,7 @@ def passes(device):
         torch.cuda.synchronize() if device == 'cuda' else None
         assert torch.equal(out2, chunked(x2).float())
         print(f"to chunks, the op's compiled pass, first call at T={T2}: {time.perf_counter() - t0:.2f} s", flush=True)
-    chunk._COMPILED_PASSES[device] = before
+    chunk._COMPILED_PASSES[device], chunk._COMPILED_MIN_NUMEL = before, min_numel
 
 
 def profile():
