@@ -36,11 +36,12 @@ def test_half_products(monkeypatch, dtype, normalizer):
 
 
 @pytest.mark.parametrize('op', [chunk_gla, fused_chunk_gla])
-def test_half_products_round_the_forward_only(monkeypatch, op):
+def test_half_products_round_the_forward_and_dv(monkeypatch, op):
     """The switch reaches the op: the output changes (the forward's products round their operands), and with it dv,
-    which uses the forward's A; dq, dk and dg, whose backward products are float32 (no kept states here), are bitwise
-    those without it. The final state changes in chunk_gla, not in fused_chunk_gla, which rounds only stage 1's products
-    (its state walk does not use A)."""
+    which uses the forward's A (and in chunk_gla rounds its own two products too); dq, dk and dg, whose backward
+    products are float32 (no kept states here), are bitwise those without it. The final state changes in chunk_gla,
+    not in fused_chunk_gla, which rounds only stage 1's products (its state walk does not use A). In chunk_gla with
+    dv's products in float32 only dv changes."""
     q, k, v, g = random_gla_inputs(2, 100, 2, 32, 16, dtype=torch.bfloat16)
     def run(half):
         monkeypatch.setitem(chunk._HALF_PRODUCTS, 'cpu', half)
@@ -52,6 +53,13 @@ def test_half_products_round_the_forward_only(monkeypatch, op):
     assert torch.equal(ht0, ht1) == (op is fused_chunk_gla)
     for a, b in ((dq0, dq1), (dk0, dk1), (dg0, dg1)):
         assert torch.equal(a, b)
+    if op is chunk_gla:   # dv's own rounding: its products in float32, the rest as before
+        chunk_bwd = chunk._chunk_bwd
+        monkeypatch.setattr(chunk, '_chunk_bwd', lambda *args, prod=None, **kw: chunk_bwd(*args, **kw))
+        o2, ht2, (dq2, dk2, dv2, dg2) = run(True)
+        assert not torch.equal(dv1, dv2)
+        for a, b in ((o1, o2), (ht1, ht2), (dq1, dq2), (dk1, dk2), (dg1, dg2)):
+            assert torch.equal(a, b)
 
 
 def test_switched_on():
