@@ -1396,7 +1396,9 @@ def main(argv=None) -> int:
         if getattr(a, opt) == '':
             print(f"python -m myfla_gla.bench: --{opt} '': no file is written", file=sys.stderr)
     cfg = gen_config_from_args(a) if a.generate else config_from_args(a)
-    command = 'python -m myfla_gla.bench ' + ' '.join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    # the command as run, after the package's switches set in the environment (MYFLA_...=...), which change what runs
+    env = [f'{k}={shlex.quote(v)}' for k, v in sorted(os.environ.items()) if k.startswith('MYFLA_')]
+    command = ' '.join([*env, 'python -m myfla_gla.bench', *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     latest = []
     def keep(record):
         latest[:] = [record]

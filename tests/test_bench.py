@@ -133,8 +133,10 @@ def test_bench_presets_and_overrides():
         bench.parse_args(['--preset', 'nope'])
 
 
-def test_bench_json_record(tmp_path, capsys):
+def test_bench_json_record(tmp_path, capsys, monkeypatch):
     out = tmp_path / 'r.json'
+    for name in [k for k in os.environ if k.startswith('MYFLA_')]:
+        monkeypatch.delenv(name)
     assert bench.main([*tiny, '--naive', '--json', str(out)]) == 0
     printed = capsys.readouterr().out
     assert 'implementation' in printed and 'naive_recurrent_gla' in printed and 'fwd+bwd/floor' in printed
@@ -145,6 +147,11 @@ def test_bench_json_record(tmp_path, capsys):
     for key in ('date', 'torch', 'device', 'device_name', 'command', 'threads'):
         assert key in rec['meta']
     assert rec['meta']['command'].startswith('python -m myfla_gla.bench --preset small')
+    # the package's switches set in the environment go before it, as a shell would take them
+    monkeypatch.setenv('MYFLA_GLA_COMPILED_PASSES', '0')
+    assert bench.main([*tiny, '--impl', 'chunk_gla', '--json', str(out)]) == 0
+    assert json.loads(out.read_text())['meta']['command'].startswith(
+        'MYFLA_GLA_COMPILED_PASSES=0 python -m myfla_gla.bench --preset small')
     rows = {r['name']: r for r in rec['results']}
     assert set(rows) == {n for n in bench.IMPLS if bench.OPT_IN.get(n) in (None, 'naive')}
     for r in rows.values():

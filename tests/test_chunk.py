@@ -1,6 +1,8 @@
 """chunk_gla and fused_chunk_gla on CPU: FLA's test matrices (spec 9.2) at CPU-sized lengths against the float64
 recurrence, strong gates over long sequences, property-based tests over shapes, chunk boundaries, gates and
 varlen splits, bad input, and torch.compile. (The notebook holds the worked examples; tests/gpu/ the FLA parity.)"""
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -338,7 +340,8 @@ def test_compiled_pass_limits(monkeypatch):
 
 
 def test_env_switch(monkeypatch):
-    "MYFLA_GLA_COMPILED_PASSES-style switches: '1' on, '0' off, unset the default, anything else refused."
+    """MYFLA_GLA_COMPILED_PASSES-style switches: '1' on, '0' off, unset the default, anything else refused; and that
+    switch's default (on for CUDA)."""
     for value, default, want in (('1', False, True), ('0', True, False), (None, True, True), (None, False, False)):
         if value is None:
             monkeypatch.delenv('MYFLA_X', raising=False)
@@ -348,3 +351,5 @@ def test_env_switch(monkeypatch):
     monkeypatch.setenv('MYFLA_X', 'yes')
     with pytest.raises(ValueError, match="MYFLA_X: expected '0' or '1', got 'yes'"):
         chunk_ops._env_switch('MYFLA_X', False)
+    # the package's switch as the environment of this run sets it: on CUDA compiled unless it says '0', never on the CPU
+    assert chunk_ops._COMPILED_PASSES == {'cuda': os.environ.get('MYFLA_GLA_COMPILED_PASSES') != '0'}

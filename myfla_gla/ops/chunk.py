@@ -325,9 +325,9 @@ def _env_switch(name, default):
 
 
 # per device type: the fixed grid's layout passes of whole chunks as Inductor kernels (`_compiled`; a part chunk's
-# few rows stay eager, which spares a graph per layout); MYFLA_GLA_COMPILED_PASSES=1 or 0 turns them on or off for
-# CUDA (off by default: on an H100 they made the eager forward faster and its backward slower; see the design notes)
-_COMPILED_PASSES = {'cuda': _env_switch('MYFLA_GLA_COMPILED_PASSES', False)}
+# few rows stay eager, which spares a graph per layout); MYFLA_GLA_COMPILED_PASSES=0 or 1 turns them off or on for
+# CUDA (on by default: on an H100 the eager forward and forward+backward took 0.92x the time; see the design notes)
+_COMPILED_PASSES = {'cuda': _env_switch('MYFLA_GLA_COMPILED_PASSES', True)}
 _COMPILED_MIN_NUMEL = 1 << 20   # smaller passes stay eager: they take microseconds, a compilation seconds
 _PASS_GRAPHS = 64               # graphs (shapes, dtypes, layouts) of each pass kind; passes beyond them stay eager
 

@@ -545,7 +545,8 @@ def passes(device):
 def profile():
     """The GPU kernels of the eager forward, the eager forward+backward, the compiled forward and the compiled
     forward+backward (module defaults; the forwards without autograd, as `run` times them), five calls each after three
-    warm-up calls, by self CUDA time (torch.profiler)."""
+    warm-up calls, by self CUDA time (torch.profiler); with `--shapes` also by operand shapes."""
+    shapes = '--shapes' in sys.argv
     from torch.profiler import ProfilerActivity
     compiled = torch.compile(chunk_gla)
     calls = {'eager forward': lambda: chunk_gla(q, k, v, g),
@@ -557,13 +558,18 @@ def profile():
             for _ in range(3):
                 f()
             torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                        record_shapes=shapes) as prof:
                 for _ in range(5):
                     f()
                 torch.cuda.synchronize()
         print(f'--- {name}, 5 calls', flush=True)
         print(prof.key_averages().table(sort_by='self_device_time_total', row_limit=30, max_name_column_width=70),
               flush=True)
+        if shapes:   # the products by their operands' shapes, with the time of the kernels they launched
+            print(prof.key_averages(group_by_input_shape=True).table(
+                sort_by='device_time_total', row_limit=40, max_name_column_width=40, max_shapes_column_width=90),
+                flush=True)
 
 
 if 'memory' in sys.argv:

@@ -165,7 +165,7 @@ def test_lean_forward_on_cuda(monkeypatch):
 
 @pytest.mark.compile
 def test_compiled_passes_on_cuda(monkeypatch):
-    """The layout passes as Inductor's Triton kernels (`_COMPILED_PASSES`, MYFLA_GLA_COMPILED_PASSES=1) give the eager
+    """The layout passes as Inductor's Triton kernels (`_COMPILED_PASSES`, on by default on CUDA) give the eager
     passes' numbers bitwise on CUDA: output, final state and every gradient, bf16 with a scale and a part chunk, and
     float32; every whole-chunk copy and the lean forward's product with q compiled."""
     for dtype in (torch.bfloat16, torch.float32):
