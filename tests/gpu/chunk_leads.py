@@ -1,7 +1,7 @@
 """The speed leads of the chunk chapter's design notes, at the gpu1 shape (bf16), in one process on one card:
 
     python tests/gpu/chunk_leads.py [eager] [fla] [compile] [stage] [staged] [lean] [memory] [traffic] [cpu]
-                                    [before PATH] [before-compiled PATH] [profile] [passes]
+                                    [before PATH] [before-compiled PATH] [profile] [passes] [history]
                                     [--eager NAMES] [--compiled NAMES] [--json PATH]
 
 `eager` times `chunk_gla`'s forward and forward+backward (`myfla_gla.bench.time_fn`: median of 20 calls, CUDA events),
@@ -27,7 +27,8 @@ slabs (its peak memory).
 folder PATH (e.g. `git archive REV myfla_gla | tar x -C PATH && mv PATH/myfla_gla PATH/myfla_gla_before`), and this
 one, alternately in one process (three rounds of `run`); `before-compiled PATH` the same for the two ops
 `torch.compile`d. `profile` prints the CUDA kernels of the eager and the compiled forward and
-forward+backward by self time (`torch.profiler`).
+forward+backward by self time (`torch.profiler`); `history` the blocks live at the compiled forward's peak (the CUDA
+allocator's history), each with the line of Inductor's code that allocated it.
 `stage` times stage 1 alone (the intra-chunk attention `A` of the forward, and its backward), the dyadic levels
 against the one-product form (`_intra_attention` with the switch on: all chunks in one product at normaliser 1, all
 flagged and so computed both ways at 0.02) and a two-level scheme of 16-token sub-chunks (`intra_two_level`), eager
@@ -572,6 +573,47 @@ def profile():
                 flush=True)
 
 
+def history():
+    """The blocks live at the peak of one compiled inference forward (`no_grad`, as the bench measures its peak), from
+    the CUDA caching allocator's history after three warm-up calls: size, the line of Inductor's generated code that
+    allocated it and the op's frame it came from."""
+    compiled = torch.compile(chunk_gla)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(q, k, v, g)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.memory._record_memory_history(max_entries=100000, stacks='python')
+        out = compiled(q, k, v, g)
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+    print(f'compiled forward: peak {(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB above its inputs',
+          flush=True)
+    live, cur, peak, at_peak = {}, 0, 0, {}
+    for ev in snap['device_traces'][0]:   # replayed: the live blocks where the most bytes were live
+        if ev['action'] == 'alloc':
+            frames = [f for f in ev.get('frames', []) if 'torch/' not in f['filename']]   # generated code, the op
+            live[ev['addr']] = (ev['size'], frames[:2])
+            cur += ev['size']
+            if cur > peak:
+                peak, at_peak = cur, dict(live)
+        elif ev['action'] == 'free_requested' and ev['addr'] in live:
+            cur -= live.pop(ev['addr'])[0]
+    print(f'replayed: {peak / 2**20:.0f} MiB allocated within the call at its peak', flush=True)
+    for size, frames in sorted(at_peak.values(), key=lambda x: -x[0]):
+        where = [f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}" for f in frames]
+        code = ''
+        if frames:
+            try:
+                code = open(frames[0]['filename']).read().splitlines()[frames[0]['line'] - 1].strip()
+            except (OSError, IndexError):
+                pass
+        print(f'{size / 2**20:8.1f} MiB  {"; ".join(where)}\n            {code}', flush=True)
+    del out
+
+
 if 'memory' in sys.argv:
     memory()
 if 'passes' in sys.argv:
@@ -584,7 +626,7 @@ if 'cpu' in sys.argv:
     cpu()
 if 'staged' in sys.argv:
     staged('cuda' if torch.cuda.is_available() else 'cpu')
-if not {'eager', 'fla', 'compile', 'before', 'before-compiled', 'profile'} & set(sys.argv):
+if not {'eager', 'fla', 'compile', 'before', 'before-compiled', 'profile', 'history'} & set(sys.argv):
     sys.exit()
 inp = bench.Inputs(bench.BenchConfig(**bench.PRESETS['gpu1'], device='cuda'))
 q, k, v, g = inp.q, inp.k, inp.v, inp.g
@@ -610,6 +652,8 @@ for mode in ('before', 'before-compiled'):   # `before PATH`: the op of the pack
         run(f"now{', compiled' if mode != 'before' else ''}, round {i + 1}", ops[1])
 if 'profile' in sys.argv:
     profile()
+if 'history' in sys.argv:
+    history()
 if 'fla' in sys.argv:
     from fla.ops.gla import chunk_gla as fla_chunk_gla
     run('FLA chunk_gla', lambda *x: fla_chunk_gla(*x))
