@@ -637,6 +637,7 @@ def _chunk_fwd(q, k, v, g, h0, grid, prod=None):
     `_mm` with `prod`."""
     # 1. diagonal blocks: intra-chunk attention and its output (g becomes decay_q)
     A, decay_q, decay_k = _intra_attention(q, k, g, True, prod)   # [B, NC, H, C, C], [B, NC, H, C, K] x 2
+    v = v if prod is None else v.to(prod)                   # rounded once for the two products that read it
     o = _mm(A, v, prod)                                     # [B, NC, H, C, V]
     decay_chunk = decay_q[..., -1, :].clone()               # [B, NC, H, K] (decay_q is overwritten in stage 4)
     # 2. chunk states: each chunk's own contribution to the state (decay_k becomes k * decay_k)
