@@ -136,3 +136,23 @@ def test_span_limit_in_the_op(one_product):
     compare_op(chunk_gla, x, 'g')
     assert one_product['levels'] == one_product['levels_bwd'] == [1]
     assert one_product['one'] == one_product['one_bwd'] == [4]
+
+
+def test_compiled_cond_takes_the_common_case_as_its_true_branch(monkeypatch):
+    """Compiled, `_by_span`'s `torch.cond` has the one product (no chunk flagged, the common case) as its true branch:
+    Inductor frees a cond's operands only on its true path (on the false one q and k's stack and g would stay live to
+    the graph's end: 384 MiB at gpu1). Run eagerly with `is_compiling` faked, the cond recorded, both cases."""
+    preds = []
+    def cond(pred, true_fn, false_fn, ops):
+        preds.append(bool(pred))
+        return (true_fn if pred else false_fn)(*ops)
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    monkeypatch.setattr(torch, 'cond', cond)
+    q, k = torch.randn(2, 3, 8, 4), torch.randn(2, 3, 8, 4)
+    for scale, want in ((1., True), (100., False)):   # weak gates: nothing flagged; strong: some chunks flagged
+        g = torch.nn.functional.logsigmoid(torch.randn(2, 3, 8, 4)) * scale
+        flagged = chunk._flagged(g)
+        assert bool(flagged.any()) != want
+        A, *_ = chunk._by_span(chunk._intra_one_product, chunk._intra_levels, flagged, (q, k, g))
+        assert preds[-1] == want
+        assert_close(f'A, gates x{scale}', chunk._intra_levels(q, k, g)[0], A, 1e-5, err_atol=0)
