@@ -251,6 +251,38 @@ def test_compiled_walk_stacks_the_states(cu, monkeypatch):
         assert torch.equal(eager[name], compiled[name]), name
 
 
+@pytest.mark.parametrize('cu', [None, [0, 0, 70, 200, 201]])
+def test_forward_without_gradients_stacks_the_states_in_the_products_dtype(cu, monkeypatch):
+    """The compiled walk's path (faked as above) with bf16 products (`_HALF_PRODUCTS`, CUDA's under torch.compile) and
+    `_NARROW_STATES` on: a forward that no backward will follow (under `no_grad`, or inputs that need no gradient)
+    stacks its chunk states in bf16, which stage 4 reads rounded to bf16 anyway, so its output and final state are
+    bitwise those of a forward with gradients, whose states stay float32 for the backward. `fused_chunk_gla` keeps
+    no states; with the switch off, float32 states."""
+    x = op_inputs('cpu', torch.bfloat16, 1, 201, 2, 8, 8, cu_seqlens=cu, seed=None, h0=True)
+    kw = dict(cu_seqlens=None if cu is None else torch.tensor(cu), initial_state=x['h0'], output_final_state=True)
+    monkeypatch.setitem(chunk_ops._ONE_PRODUCT, 'cpu', False)   # (as above: no `torch.cond` under the patch)
+    monkeypatch.setitem(chunk_ops._HALF_PRODUCTS, 'cpu', True)
+    monkeypatch.setitem(chunk_ops._NARROW_STATES, 'cpu', True)
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    stacked, walk = [], chunk_ops._walk
+    monkeypatch.setattr(chunk_ops, '_walk', lambda *a, **k: stacked.append(walk(*a, **k)[0].dtype) or walk(*a, **k))
+    q, k, v, g = (x[n] for n in 'qkvg')
+    want = chunk_gla(*(t.clone().requires_grad_() for t in (q, k, v, g)), **kw)
+    assert stacked == [torch.float32]
+    with torch.no_grad():
+        got = chunk_gla(*(t.clone().requires_grad_() for t in (q, k, v, g)), **kw)
+    assert stacked[1:] == [torch.bfloat16]
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(want, chunk_gla(q, k, v, g, **kw)))   # no input needs a gradient
+    assert stacked[2:] == [torch.bfloat16]
+    fused_chunk_gla(q, k, v, g, **kw)
+    assert len(stacked) == 3
+    monkeypatch.setitem(chunk_ops._NARROW_STATES, 'cpu', False)
+    assert all(torch.equal(a, b) for a, b in zip(want, chunk_gla(q, k, v, g, **kw)))
+    assert stacked[3:] == [torch.float32]
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize('keep', [False, True])
 def test_compile_matches_eager(monkeypatch, keep):

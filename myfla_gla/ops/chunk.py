@@ -553,7 +553,7 @@ class _Varlen:
         return S[self.inv]
 
 # %% ../../nbs/04_chunk.ipynb #fd153ed5
-def _walk(local, decay_chunk, S, grid, reverse=False):
+def _walk(local, decay_chunk, S, grid, reverse=False, dtype=None):
     """Stage 3, state passing: the recurrence over chunks, `S <- decay_chunk[j] * S + local[j]` with `local`
     `[B, NC, H, K, V]`, `decay_chunk` `[B, NC, H, K]` and `S` `[N, H, K, V]` (in the grid's sorted order). Returns
     `(entered, S after the last chunk)`, `entered[j]` the carried value where the walk enters chunk j. Forward: `local`
@@ -562,7 +562,8 @@ def _walk(local, decay_chunk, S, grid, reverse=False):
     fixed grid, `local` comes from `_state_slots` and the walk runs in place in its buffer (`_walk_in_place`); over
     packed sequences each chunk's `local[j]` is replaced by the carried value. Under `torch.compile` the entered values
     are stacked at the end instead: Inductor turns each in-place write into a copy of all of `local`, which made the
-    compiled walk quadratic in the number of chunks."""
+    compiled walk quadratic in the number of chunks; with `dtype`, stacked in that dtype (the walk itself carries S in
+    its own)."""
     compiling, entered = torch.compiler.is_compiling(), []
     if isinstance(grid, _Fixed) and not compiling:
         return _walk_in_place(local, decay_chunk, S, reverse)
@@ -575,6 +576,7 @@ def _walk(local, decay_chunk, S, grid, reverse=False):
             grid.put(local, j, Sj)
         S = grid.advance(S, j, new)
     if compiling and entered:
+        entered = [x.to(dtype) for x in entered] if dtype is not None else entered
         local = grid.stack(entered[::-1] if reverse else entered)
     return local, S
 
@@ -630,11 +632,11 @@ def _keep_states(x):
     return _switched_on(_KEEP_STATES, x)
 
 
-def _chunk_fwd(q, k, v, g, h0, grid, prod=None):
+def _chunk_fwd(q, k, v, g, h0, grid, prod=None, states_dtype=None):
     """Forward in chunk layout (q, k, g `[B, NC, H, C, K]`, v `[B, NC, H, C, V]`): `o` (unscaled) `[B, NC, H, C, V]`,
     the final state `[N, H, K, V]`, and for the backward the intra-chunk attention `A` `[B, NC, H, C, C]` and the chunk
     states `[B, NC, H, K, V]`. `chunk_fwd_plain` with buffers reused (g's among them), for any grid; products as
-    `_mm` with `prod`."""
+    `_mm` with `prod`. `states_dtype`: compiled, the chunk states are stacked in this dtype (see `_forward`)."""
     # 1. diagonal blocks: intra-chunk attention and its output (g becomes decay_q)
     A, decay_q, decay_k = _intra_attention(q, k, g, True, prod)   # [B, NC, H, C, C], [B, NC, H, C, K] x 2
     v = v if prod is None else v.to(prod)                   # rounded once for the two products that read it
@@ -644,7 +646,8 @@ def _chunk_fwd(q, k, v, g, h0, grid, prod=None):
     local_states = _mm(decay_k.mul_(k).transpose(-1, -2), v, prod,
                        _state_slots(q, (*q.shape[:3], q.shape[-1], v.shape[-1]), grid))   # [B, NC, H, K, V]
     # 3. state passing: local_states become the states at the chunks' starts, in their own memory
-    states, ht = _walk(local_states, decay_chunk, _start_state(h0, q, v, grid), grid)   # [B, NC, H, K, V], [N, H, K, V]
+    states, ht = _walk(local_states, decay_chunk, _start_state(h0, q, v, grid), grid,
+                       dtype=states_dtype)                  # [B, NC, H, K, V], [N, H, K, V]
     # 4. off-diagonal output: o += (q * decay_q) @ states, one batched product into o (decay_q becomes q * decay_q)
     if prod is None:
         o.view(-1, *o.shape[-2:]).baddbmm_(decay_q.mul_(q).view(-1, *q.shape[-2:]), states.view(-1, *states.shape[-2:]))
@@ -926,13 +929,22 @@ def _slabs(grid, n):
         yield tokens, slice(c0, c0 + n), _Fixed(grid.B, tokens.stop - tokens.start, grid.C)
 
 
-def _forward(q, k, v, g, scale, h0, grid, fused, n):
+# per device type: a compiled forward that no backward will follow stacks its chunk states in the products' dtype
+# (`_forward`; off: not yet timed on a GPU, see the design notes)
+_NARROW_STATES = {}
+
+
+def _forward(q, k, v, g, scale, h0, grid, fused, n, grad=True):
     """The forward from `[B, T, H, D]` inputs: `o` `[B, T, H, V]` in v's dtype (times `scale`), the final state (in the
     grid's order), `A` `[B, NC, H, C, C]`, the chunk states (in one pass where `_keep_states`, else None) and the
     initial states of the slabs after the first (for `_backward`). Slab by slab of `n` chunks (`_slab_chunks`), each
-    slab's final state the next one's initial state; `n` >= NC: one pass, for any grid."""
+    slab's final state the next one's initial state; `n` >= NC: one pass, for any grid. Without `grad` (no backward
+    will follow), with products in `prod` and `_NARROW_STATES` on, the compiled walk stacks the chunk states in
+    `prod`: stage 4 reads them only rounded to it, so `o` is the same, and the stack is half the bytes."""
     acc, prod = torch.promote_types(q.dtype, torch.float32), _product_dtype(q)
     fwd, keep = _fused_fwd if fused else _chunk_fwd, _keep_states(q) and not fused
+    if not (fused or grad) and _switched_on(_NARROW_STATES, q):
+        fwd = functools.partial(_chunk_fwd, states_dtype=prod)
     if n >= grid.NC:
         gc = grid.to_chunks(g, acc)
         if _lean(gc, fused, prod):
@@ -992,11 +1004,11 @@ class ChunkGLAFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, q, k, v, g, scale, initial_state, fused, varlen):
+    def forward(ctx, q, k, v, g, scale, initial_state, fused, varlen, grad):
         grid = varlen if varlen is not None else _Fixed(q.shape[0], q.shape[1], _chunk_size(q.shape[1]))
         n = _slab_chunks(q, v, grid)   # the backward's slabs are the forward's: it starts them from the saved states
         with _flush_denormals(q.device), _tf32_products(q):
-            o, ht, A, states, starts = _forward(q, k, v, g, scale, initial_state, grid, fused, n)
+            o, ht, A, states, starts = _forward(q, k, v, g, scale, initial_state, grid, fused, n, grad)
         ctx.save_for_backward(q, k, v, g, initial_state, A, states, *starts)
         ctx.scale, ctx.fused, ctx.grid, ctx.slab_chunks = scale, fused, grid, n
         ctx.set_materialize_grads(False)
@@ -1010,7 +1022,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         with _flush_denormals(q.device), _tf32_products(q):
             *grads, dh0 = _backward(q, k, v, g, do, ctx.scale, h0, dht, ctx.grid, A, states, ctx.fused,
                                     ctx.slab_chunks, starts)
-        return (*grads, None, None if h0 is None else dh0.to(h0.dtype), None, None)
+        return (*grads, None, None if h0 is None else dh0.to(h0.dtype), None, None, None)
 
 # %% ../../nbs/04_chunk.ipynb #bf3a8146
 def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu,
@@ -1030,7 +1042,8 @@ def _gla_chunked(q, k, v, g, scale, initial_state, output_final_state, state_v_f
             raise ValueError(f"`cu_seqlens` must rise from 0 to the packed length {T}; got {cu.tolist()}")
         varlen = _Varlen(cu_seqlens, cu, _chunk_size(int(cu.diff().max()) if len(cu) > 1 else 1))
     h0 = initial_state.transpose(-1, -2) if initial_state is not None and state_v_first else initial_state
-    o, ht = ChunkGLAFunction.apply(q, k, v, g, K ** -0.5 if scale is None else scale, h0, fused, varlen)
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, h0))
+    o, ht = ChunkGLAFunction.apply(q, k, v, g, K ** -0.5 if scale is None else scale, h0, fused, varlen, grad)
     if not output_final_state:
         return o, None
     return o, ht.transpose(-1, -2) if state_v_first else ht

@@ -19,7 +19,8 @@ or not (`_KEEP_STATES`); 'TF32 products' turns `_TF32_PRODUCTS` on; 'compiled pa
 passes compiled by Inductor (`_COMPILED_PASSES`) on and off, 'compiled passes, forward' on in the forward only (the
 backward's eager), 'compiled passes, into chunks' on for the passes into the chunk layout and the products only (those
 out of it eager, and the scaled ones); 'compiled passes, forward, slabs of 64 MiB' the forward's with the lean forward in
-slabs (its peak memory).
+slabs (its peak memory). Compiled, 'narrow states' turns `_NARROW_STATES` on (the forward without gradients, which
+`run` times, stacks its chunk states in bf16).
 
 `passes` times forms of the layout passes alone (see `passes`).
 
@@ -94,11 +95,11 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
-            'one product': dict(one=True)}
+            'one product': dict(one=True), 'narrow states': dict(narrow=True)}
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
                half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES.get('cuda'),
                lean=chunk._LEAN_FORWARD['cuda'], tf32=chunk._TF32_PRODUCTS.get('cuda', False),
-               passes=chunk._COMPILED_PASSES.get('cuda', False))
+               passes=chunk._COMPILED_PASSES.get('cuda', False), narrow=chunk._NARROW_STATES.get('cuda', False))
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--compiled') + 1])}
 if '--eager' in sys.argv:
@@ -126,10 +127,11 @@ def _into_chunks(compiled):
 
 
 def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one'],
-            slab=DEFAULT['slab'], lean=DEFAULT['lean'], tf32=DEFAULT['tf32'], passes=DEFAULT['passes']):
+            slab=DEFAULT['slab'], lean=DEFAULT['lean'], tf32=DEFAULT['tf32'], passes=DEFAULT['passes'],
+            narrow=DEFAULT['narrow']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
     chunk._ONE_PRODUCT['cuda'], chunk._LEAN_FORWARD['cuda'], chunk._TF32_PRODUCTS['cuda'] = one, lean, tf32
-    chunk._COMPILED_PASSES['cuda'] = bool(passes)
+    chunk._COMPILED_PASSES['cuda'], chunk._NARROW_STATES['cuda'] = bool(passes), narrow
     chunk._backward = _eager_passes(_BACKWARD) if passes == 'forward' else _BACKWARD
     chunk._compiled = _into_chunks(_COMPILED) if passes == 'into' else _COMPILED
     if slab is None:
