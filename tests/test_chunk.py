@@ -265,7 +265,11 @@ def test_forward_without_gradients_stacks_the_states_in_the_products_dtype(cu, m
     monkeypatch.setitem(chunk_ops._NARROW_STATES, 'cpu', True)
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
     stacked, walk = [], chunk_ops._walk
-    monkeypatch.setattr(chunk_ops, '_walk', lambda *a, **k: stacked.append(walk(*a, **k)[0].dtype) or walk(*a, **k))
+    def recorded(*args, **kw):
+        out = walk(*args, **kw)
+        stacked.append(out[0].dtype)
+        return out
+    monkeypatch.setattr(chunk_ops, '_walk', recorded)
     q, k, v, g = (x[n] for n in 'qkvg')
     want = chunk_gla(*(t.clone().requires_grad_() for t in (q, k, v, g)), **kw)
     assert stacked == [torch.float32]
