@@ -3,12 +3,13 @@
 `run_with_fla`: a script run in a fresh process beside FLA 0.6.0's own classes (FLA-written checkpoints, FLA's
 layers on the CPU). `cp_layer_errors`: a layer run by one process and by the ranks of a context-parallel group.
 `threads`: torch's CPU thread count within a block. `run_with_compiled_passes`: `chunk_gla` with its layout passes
-eager and compiled."""
+eager and compiled. `host_reads`: how often a call reads tensor values on the host."""
 import contextlib
 import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 @contextlib.contextmanager
@@ -103,3 +104,23 @@ def cp_layer_errors(layer, rank: int, world: int, cu: list, conv1d_kernel_size=N
         dist.all_reduce(p.grad)
         errs[n] = get_err_ratio(ref[n], p.grad)
     return errs, received
+
+
+class HostReads(TorchFunctionMode):
+    "Counts the host's reads of tensor values in the block (`bool`, `int`, `item`, `tolist`): on a GPU each waits for it."
+    READS = {'__bool__', '__int__', '__index__', '__float__', 'item', 'tolist'}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += getattr(func, '__name__', None) in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(fn):
+    "How many times `fn()` reads tensor values on the host."
+    with HostReads() as reads:
+        fn()
+    return reads.n

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import myfla_gla.ops.chunk as chunk
-from myfla_gla import chunk_gla, fused_chunk_gla
+from myfla_gla import DEFAULT_RATIO, assert_close, chunk_gla, fused_chunk_gla
 from myfla_gla.bench import _cpu_peak_bytes
-from myfla_gla.testing import op_inputs, run_op
-from helpers import threads
+from myfla_gla.testing import op_inputs, run_op, run_reference
+from helpers import host_reads, threads
 from test_chunk import NAMES, check
 
 
@@ -77,6 +77,67 @@ def test_lean_forward_peak(monkeypatch, n):
     slab = 3 * copy + n * B * H * C * C * f32 + n * state    # q * decay_q, k * decay_k, v; A; the local states
     starts = (T // C // n - 1) * state
     assert peak <= out + A + slab + 2 * state + starts + small, peak   # the carried state, the walk's spare slot
+
+
+@pytest.mark.parametrize('T', [1024, 1000])
+def test_forward_without_gradients_in_slabs(monkeypatch, T):
+    """A forward that no backward will follow takes the slabs of `_SLAB_BYTES_WITHOUT_GRAD` while one with gradients
+    takes `_SLAB_BYTES`' one pass (CUDA's other switches, one CPU thread; the scaled gpu1 shape of
+    `test_forward_peak_in_slabs`, slabs of 4 chunks, with T=1000 the last chunk partial): the output bitwise that of
+    one pass, every slab through `_chunk_fwd_lean`, which the slabs choose with as many host reads as one pass makes
+    (one check for all slabs: a GPU would otherwise wait at each), and a peak without A of all chunks or the slabs'
+    initial states: the output and one slab's working set (`test_lean_forward_peak`'s, whose bound at gpu1 would be
+    1.27x FLA's forward)."""
+    for switch in ('_BROADCAST_ROWS', '_HALF_PRODUCTS', '_KEEP_STATES', '_ONE_PRODUCT', '_LEAN_FORWARD'):
+        monkeypatch.setitem(getattr(chunk, switch), 'cpu', getattr(chunk, switch).get('cuda'))
+    calls = []
+    monkeypatch.setattr(chunk, '_chunk_fwd_lean', lambda *a, fn=chunk._chunk_fwd_lean: calls.append(1) or fn(*a))
+    B, H, K, V, C, f32, n = 1, 4, 128, 128, 64, 4, 4
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True) for D in (K, K, V))
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16().requires_grad_()
+    grid, copy = chunk._Fixed(B, T, C), B * n * H * C * max(K, V) * f32    # a slab's float32 chunk copy
+    monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', None)
+    monkeypatch.setitem(chunk._SLAB_BYTES_WITHOUT_GRAD, 'cpu', copy)
+    assert chunk._slab_chunks(q, v, grid, grad=False) == n and chunk._slab_chunks(q, v, grid) == grid.NC
+    with threads(1):   # no floors on a CPU (see `_floor`), as on CUDA
+        one_pass, reads = chunk_gla(q, k, v, g)[0], host_reads(lambda: chunk_gla(q, k, v, g))
+        assert len(calls) == 2
+        calls.clear()
+        with torch.no_grad():
+            assert torch.equal(chunk_gla(q, k, v, g)[0], one_pass)
+            assert len(calls) == -(-grid.NC // n)
+            assert host_reads(lambda: chunk_gla(q, k, v, g)) == reads
+            peak = _cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0])
+    out, state, rows = B * T * H * V * 2, B * H * K * V * f32, B * n * H * K * f32
+    slab = 3 * copy + n * B * H * C * C * f32 + n * state    # q * decay_q, k * decay_k, v; A; the local states
+    assert peak <= out + slab + 2 * state + 3 * rows, peak  # the carried state, the walk's spare slot; r, g_0, decay
+
+
+@pytest.mark.parametrize('flagged', [1, 3])
+def test_slabs_choose_the_lean_forward_each(monkeypatch, flagged):
+    """In slabs of one chunk (B=2 T=200 H=2 K=16 V=8 float32, CUDA's switches, one CPU thread), one chunk of one head
+    and channel with gates strong enough to flag it (`_flagged`): the second, or the fourth, partial (8 tokens). That
+    slab takes the usual forward and the others `_chunk_fwd_lean`, chosen by the one check for all slabs
+    (`_lean_slabs`); output and final state against the float64 recurrence, without gradients and with them."""
+    for switch in ('_BROADCAST_ROWS', '_HALF_PRODUCTS', '_KEEP_STATES', '_ONE_PRODUCT', '_LEAN_FORWARD'):
+        monkeypatch.setitem(getattr(chunk, switch), 'cpu', getattr(chunk, switch).get('cuda'))
+    calls = []
+    monkeypatch.setattr(chunk, '_chunk_fwd_lean', lambda *a, fn=chunk._chunk_fwd_lean: calls.append(1) or fn(*a))
+    x = op_inputs('cpu', torch.float32, 2, 200, 2, 16, 8, seed=0, dht=False)
+    x['g'][1, 64 * flagged:64 * flagged + 64, 0, 3] = -20.   # its sum after the first token below -80 (span 40)
+    grid = chunk._Fixed(2, 200, 64)
+    assert chunk._flagged(grid.to_chunks(x['g'], torch.float32)).any((0, 2)).tolist() == [c == flagged for c in range(4)]
+    monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', 2 * 2 * 64 * 16 * 4)   # slabs of one chunk with gradients too
+    monkeypatch.setitem(chunk._SLAB_BYTES_WITHOUT_GRAD, 'cpu', 2 * 2 * 64 * 16 * 4)
+    ref = run_reference(x)
+    with threads(1):
+        for grad in (False, True):
+            calls.clear()
+            with torch.set_grad_enabled(grad):
+                o, ht = chunk_gla(x['q'], x['k'], x['v'], x['g'], initial_state=x['h0'], output_final_state=True)
+            assert len(calls) == 3, calls
+            assert_close('o', ref['o'], o, DEFAULT_RATIO[torch.float32])
+            assert_close('ht', ref['ht'], ht, DEFAULT_RATIO[torch.float32])
 
 
 @pytest.mark.parametrize('dtype, T, keep', [(torch.float32, 200, False), (torch.bfloat16, 200, False),

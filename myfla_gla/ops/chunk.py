@@ -658,12 +658,17 @@ def _chunk_fwd(q, k, v, g, h0, grid, prod=None, states_dtype=None):
 _LEAN_FORWARD = {'cuda': True}   # per device type: `_chunk_fwd_lean` where it applies (see `_forward`)
 
 
-def _lean(g, fused, prod):
-    """Whether the forward can take `_chunk_fwd_lean` for g's chunk copy: switched on for its device, eager (no host
-    check in a graph), `chunk_gla` with float32 products, no decay floored, and every chunk in one product (one host
-    check; where a chunk is flagged, the op's usual forward makes it again)."""
+def _lean_allowed(g, fused, prod):
+    """Whether the forward may take `_chunk_fwd_lean` for g (its chunk copy or the input): switched on for its device,
+    eager (no host check in a graph), `chunk_gla` with float32 products, no decay floored and the one product on."""
     return (_switched_on(_LEAN_FORWARD, g) and not torch.compiler.is_compiling() and not fused and prod is None
-            and _floor(g) is None and _switched_on(_ONE_PRODUCT, g) and not bool(_flagged(g).any()))
+            and _floor(g) is None and _switched_on(_ONE_PRODUCT, g))
+
+
+def _lean(g, fused, prod):
+    """Whether the forward takes `_chunk_fwd_lean` for g's chunk copy: where it may (`_lean_allowed`) and every chunk
+    takes the one product (one host check; where a chunk is flagged, the op's usual forward makes it again)."""
+    return _lean_allowed(g, fused, prod) and not bool(_flagged(g).any())
 
 
 def _chunk_fwd_lean(q, k, v, g, h0, grid):
@@ -910,12 +915,17 @@ def _fused_bwd(q, k, v, g, h0, do, dht, grid, A, states=None):
 # fastest measured here. CUDA: one slab (on an H100 slabs of a quarter of the chunks cut the forward's peak 2.7x,
 # but their launches made it 1.3x slower). See the design notes
 _SLAB_BYTES = {'cpu': 2 << 20}
+# per device type: the budget of a forward that no backward will follow, which keeps neither A nor the slabs' initial
+# states; a device type not listed takes `_SLAB_BYTES`'s. None listed: CUDA's (64 MiB, two slabs at gpu1) is not yet
+# timed with the one host check of `_lean_slabs` (see the design notes)
+_SLAB_BYTES_WITHOUT_GRAD = {}
 
 
-def _slab_chunks(q, v, grid):
-    """Chunks per slab of `_forward` and `_backward`: by `_SLAB_BYTES`, at least one; all of them for packed sequences
-    and under `torch.compile`."""
-    budget = _SLAB_BYTES.get(q.device.type)
+def _slab_chunks(q, v, grid, grad=True):
+    """Chunks per slab of `_forward` and `_backward`: by `_SLAB_BYTES` (`_SLAB_BYTES_WITHOUT_GRAD` without `grad`,
+    where it lists the device type), at least one; all of them for packed sequences and under `torch.compile`."""
+    budgets = _SLAB_BYTES if grad or q.device.type not in _SLAB_BYTES_WITHOUT_GRAD else _SLAB_BYTES_WITHOUT_GRAD
+    budget = budgets.get(q.device.type)
     if budget is None or not isinstance(grid, _Fixed) or torch.compiler.is_compiling():
         return grid.NC
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -929,6 +939,22 @@ def _slabs(grid, n):
         yield tokens, slice(c0, c0 + n), _Fixed(grid.B, tokens.stop - tokens.start, grid.C)
 
 
+def _lean_slabs(g, grid, n, fused, prod):
+    """`_lean` for each of a fixed grid's slabs of `n` chunks (`_slabs`), from g `[B, T, H, K]` where it lies, with
+    one host check for all of them: a check per slab would make the host wait at each slab for the device to finish
+    the slabs before it, and only then launch the slab's kernels. The gates are summed in g's dtype (bf16 rounds a
+    span near the limit by a fraction of a unit: the limit is half the exponent range, see `_SPAN_LIMIT`)."""
+    slabs, acc = -(-grid.NC // n), torch.promote_types(g.dtype, torch.float32)
+    if not _lean_allowed(g, fused, prod):
+        return [False] * slabs
+    C, nf = grid.C, grid.T // grid.C                                                  # nf full chunks
+    flagged = [_flagged(g[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3), acc)] if nf else []   # [B, nf, H]
+    if nf < grid.NC:
+        flagged.append(_flagged(g[:, nf * C:].transpose(1, 2), acc)[:, None])        # [B, 1, H]: the part chunk
+    flagged = torch.cat(flagged, 1).any(-1).any(0)                                  # [NC]
+    return [not x for x in F.pad(flagged, (0, slabs * n - grid.NC)).view(slabs, n).any(1).tolist()]
+
+
 # per device type: a compiled forward that no backward will follow stacks its chunk states in the products' dtype
 # (`_forward`; off: not yet timed on a GPU, see the design notes)
 _NARROW_STATES = {}
@@ -939,8 +965,9 @@ def _forward(q, k, v, g, scale, h0, grid, fused, n, grad=True):
     grid's order), `A` `[B, NC, H, C, C]`, the chunk states (in one pass where `_keep_states`, else None) and the
     initial states of the slabs after the first (for `_backward`). Slab by slab of `n` chunks (`_slab_chunks`), each
     slab's final state the next one's initial state; `n` >= NC: one pass, for any grid. Without `grad` (no backward
-    will follow), with products in `prod` and `_NARROW_STATES` on, the compiled walk stacks the chunk states in
-    `prod`: stage 4 reads them only rounded to it, so `o` is the same, and the stack is half the bytes."""
+    will follow), slabs keep neither A (None) nor their initial states; with products in `prod` and `_NARROW_STATES`
+    on, the compiled walk stacks the chunk states in `prod`: stage 4 reads them only rounded to it, so `o` is the
+    same, and the stack is half the bytes."""
     acc, prod = torch.promote_types(q.dtype, torch.float32), _product_dtype(q)
     fwd, keep = _fused_fwd if fused else _chunk_fwd, _keep_states(q) and not fused
     if not (fused or grad) and _switched_on(_NARROW_STATES, q):
@@ -954,20 +981,22 @@ def _forward(q, k, v, g, scale, h0, grid, fused, n, grad=True):
         return grid.from_chunks(o, v.dtype, scale), ht, A, states if keep else None, []
     B, H, C = grid.B, q.shape[2], grid.C
     o = v.new_empty(v.shape)                                                              # [B, T, H, V]
-    A = q.new_empty(B, grid.NC, H, C, C, dtype=acc)                                       # [B, NC, H, C, C]
+    A = q.new_empty(B, grid.NC, H, C, C, dtype=acc) if grad else None                   # [B, NC, H, C, C]
     starts, bufs = [], [None] * 4                                                         # [B, H, K, V] each
-    for tokens, chunks, slab in _slabs(grid, n):
-        if chunks.start:
+    lean = _lean_slabs(g, grid, n, fused, prod)
+    for (tokens, chunks, slab), slab_lean in zip(_slabs(grid, n), lean):
+        if chunks.start and grad:
             starts.append(h0)   # fresh (a slab's final state), a few hundred KiB: cheaper kept than recomputed
         # each slab's chunk copies in the memory of the last one's: on a CPU fresh memory costs more than a pass
         bufs[3] = gc = slab.to_chunks(g[:, tokens], acc, buf=bufs[3])
-        if _lean(gc, fused, prod):
+        if slab_lean:
             o_slab, h0, A_slab, states_slab = _chunk_fwd_lean(*(x[:, tokens] for x in (q, k, v)), gc, h0, slab)
         else:
             bufs[:3] = [slab.to_chunks(x[:, tokens], acc, buf=b) for x, b in zip((q, k, v), bufs)]
             o_slab, h0, A_slab, states_slab = fwd(*bufs, h0, slab, prod)
         slab.from_chunks(o_slab, v.dtype, scale, out=o[:, tokens])
-        A[:, chunks] = A_slab
+        if grad:
+            A[:, chunks] = A_slab
         del o_slab, A_slab, states_slab   # before the next slab's are made
     return o, h0, A, None, starts
 
@@ -1006,7 +1035,7 @@ class ChunkGLAFunction(torch.autograd.Function):
     @autocast_off
     def forward(ctx, q, k, v, g, scale, initial_state, fused, varlen, grad):
         grid = varlen if varlen is not None else _Fixed(q.shape[0], q.shape[1], _chunk_size(q.shape[1]))
-        n = _slab_chunks(q, v, grid)   # the backward's slabs are the forward's: it starts them from the saved states
+        n = _slab_chunks(q, v, grid, grad)   # the backward's slabs are the forward's: it starts them from its states
         with _flush_denormals(q.device), _tf32_products(q):
             o, ht, A, states, starts = _forward(q, k, v, g, scale, initial_state, grid, fused, n, grad)
         ctx.save_for_backward(q, k, v, g, initial_state, A, states, *starts)

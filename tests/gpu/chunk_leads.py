@@ -20,9 +20,13 @@ passes compiled by Inductor (`_COMPILED_PASSES`) on and off, 'compiled passes, f
 backward's eager), 'compiled passes, into chunks' on for the passes into the chunk layout and the products only (those
 out of it eager, and the scaled ones); 'compiled passes, forward, slabs of 64 MiB' the forward's with the lean forward in
 slabs (its peak memory). Compiled, 'narrow states' turns `_NARROW_STATES` on (the forward without gradients, which
-`run` times, stacks its chunk states in bf16).
+`run` times, stacks its chunk states in bf16). Eager, 'slabs without gradients' sets `_SLAB_BYTES_WITHOUT_GRAD` to 64
+MiB (two slabs at gpu1 for the forward `run` times; forward+backward stays in one slab).
 
-`passes` times forms of the layout passes alone (see `passes`).
+`passes` times forms of the layout passes alone (see `passes`). `slabs` compares the eager forward without gradients in
+one slab, in the slabs of 'slabs without gradients' (one host check for all slabs) and in the same slabs with a host
+check at each slab (as before `_lean_slabs`): time, the CUDA kernels' time and count, and the host's time to issue a
+call (see `slabs`); without a GPU, its peak at gpu1 and the host's time at a tiny shape on the CPU (`slabs_on_cpu`).
 
 `before PATH` times the op of a copy of the package made before a change, imported as `myfla_gla_before` from the
 folder PATH (e.g. `git archive REV myfla_gla | tar x -C PATH && mv PATH/myfla_gla PATH/myfla_gla_before`), and this
@@ -91,7 +95,8 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'TF32 products': dict(tf32=True), 'recomputed states, TF32 products': dict(keep=False, tf32=True),
          'compiled passes': dict(passes=True), 'eager passes': dict(passes=False),
          'compiled passes, forward': dict(passes='forward'), 'compiled passes, into chunks': dict(passes='into'),
-         'compiled passes, forward, slabs of 64 MiB': dict(passes='forward', one=True, slab=64 << 20, lean=True)}
+         'compiled passes, forward, slabs of 64 MiB': dict(passes='forward', one=True, slab=64 << 20, lean=True),
+         'slabs without gradients': dict(nograd_slab=64 << 20)}
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
@@ -99,7 +104,8 @@ COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
                half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES.get('cuda'),
                lean=chunk._LEAN_FORWARD['cuda'], tf32=chunk._TF32_PRODUCTS.get('cuda', False),
-               passes=chunk._COMPILED_PASSES.get('cuda', False), narrow=chunk._NARROW_STATES.get('cuda', False))
+               passes=chunk._COMPILED_PASSES.get('cuda', False), narrow=chunk._NARROW_STATES.get('cuda', False),
+               nograd_slab=chunk._SLAB_BYTES_WITHOUT_GRAD.get('cuda'))
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--compiled') + 1])}
 if '--eager' in sys.argv:
@@ -128,16 +134,17 @@ def _into_chunks(compiled):
 
 def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one'],
             slab=DEFAULT['slab'], lean=DEFAULT['lean'], tf32=DEFAULT['tf32'], passes=DEFAULT['passes'],
-            narrow=DEFAULT['narrow']):
+            narrow=DEFAULT['narrow'], nograd_slab=DEFAULT['nograd_slab']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
     chunk._ONE_PRODUCT['cuda'], chunk._LEAN_FORWARD['cuda'], chunk._TF32_PRODUCTS['cuda'] = one, lean, tf32
     chunk._COMPILED_PASSES['cuda'], chunk._NARROW_STATES['cuda'] = bool(passes), narrow
     chunk._backward = _eager_passes(_BACKWARD) if passes == 'forward' else _BACKWARD
     chunk._compiled = _into_chunks(_COMPILED) if passes == 'into' else _COMPILED
-    if slab is None:
-        chunk._SLAB_BYTES.pop('cuda', None)   # a device type not listed: one slab
-    else:
-        chunk._SLAB_BYTES['cuda'] = slab
+    for budgets, budget in ((chunk._SLAB_BYTES, slab), (chunk._SLAB_BYTES_WITHOUT_GRAD, nograd_slab)):
+        if budget is None:
+            budgets.pop('cuda', None)   # a device type not listed: one slab (without gradients: `_SLAB_BYTES`')
+        else:
+            budgets['cuda'] = budget
 
 
 def intra_two_level(q, k, g, S=16):
@@ -575,6 +582,49 @@ def profile():
                 flush=True)
 
 
+def slabs():
+    """The eager forward without gradients (module defaults otherwise) in one slab, in slabs of 64 MiB with one host
+    check for all (`_lean_slabs`) and with a check at each slab: the median time of a call, its CUDA kernels' time and
+    count (torch.profiler, five calls), and the time the host takes to issue one (five calls, then a synchronisation).
+    Where the kernels' time is the same, a call that takes longer spends it waiting: the device for the host's
+    launches after each check that waits for the device. Two rounds."""
+    from torch.profiler import ProfilerActivity
+    lean_slabs = chunk._lean_slabs
+
+    def per_slab(g, grid, n, fused, prod):   # each slab's check when it comes, from g where it lies (no part chunk)
+        C = grid.C
+        for tokens, _, _ in chunk._slabs(grid, n):
+            gs = g[:, tokens].unflatten(1, (-1, C)).transpose(2, 3)
+            yield chunk._lean_allowed(g, fused, prod) and not bool(chunk._flagged(gs, torch.float32).any())
+
+    def fwd():
+        with torch.no_grad():
+            return chunk_gla(q, k, v, g)[0]
+    forms = {'one slab': (None, lean_slabs), 'slabs of 64 MiB, one check': (64 << 20, lean_slabs),
+             'slabs of 64 MiB, a check per slab': (64 << 20, per_slab)}
+    for r in range(2):
+        for name, (budget, check) in forms.items():
+            variant(nograd_slab=budget)
+            chunk._lean_slabs = check
+            t = bench.time_fn(fwd, 'cuda', repeats=20, warmup=3)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(5):
+                fwd()
+            host = (time.perf_counter() - start) / 5 * 1e3
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fwd()
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            print(f"{name:36s} round {r + 1}: {t['median_ms']:.3f} ms a call, kernels "
+                  f"{sum(e.self_device_time_total for e in kernels) / 5e3:.3f} ms in "
+                  f"{sum(e.count for e in kernels) / 5:.0f}, host {host:.3f} ms to issue a call", flush=True)
+    chunk._lean_slabs = lean_slabs
+    variant()
+
+
 def history():
     """The blocks live at the peak of one compiled inference forward (`no_grad`, as the bench measures its peak), from
     the CUDA caching allocator's history after three warm-up calls: size, the line of Inductor's generated code that
@@ -616,8 +666,46 @@ def history():
     del out
 
 
+def slabs_on_cpu():
+    """`slabs` without a GPU, on the CPU's CUDA code path (one thread, denormals flushed: no floors, as on CUDA): the
+    forward without gradients' peak memory at gpu1 (`bench._cpu_peak_bytes`) in one slab and in the slabs of 'slabs
+    without gradients', and the host's time of a call (fastest of 30 after 5) at a shape too small for the arithmetic to
+    count (B=1 T=4096 H=1 K=V=16 bf16: gpu1's 64 chunks) in one, two and four slabs, three rounds."""
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+
+    def inputs(B, T, H, K):
+        g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16()
+        return *(torch.randn(B, T, H, K, dtype=torch.bfloat16) for _ in range(3)), g
+    with cuda_path_on_cpu(), torch.no_grad():
+        x = inputs(4, 4096, 16, 128)
+        for budget in (None, 64 << 20):
+            chunk._SLAB_BYTES_WITHOUT_GRAD['cpu'] = budget
+            print(f"forward without gradients at gpu1, {'one slab' if budget is None else 'slabs of 64 MiB'}: peak "
+                  f"{bench._cpu_peak_bytes(lambda: chunk_gla(*x)[0]) / 2**20:.1f} MiB", flush=True)
+        x = inputs(1, 4096, 1, 16)
+        for r in range(3):
+            times = {}
+            for n in (1, 2, 4):
+                chunk._SLAB_BYTES_WITHOUT_GRAD['cpu'] = 64 * 64 * 16 * 4 // n if n > 1 else None
+                for _ in range(5):
+                    chunk_gla(*x)
+                ts = []
+                for _ in range(30):
+                    start = time.perf_counter()
+                    chunk_gla(*x)
+                    ts.append(time.perf_counter() - start)
+                times[n] = min(ts) * 1e3
+            print(f'round {r + 1}, host time of a call: ' + ', '.join(f"{t:.2f} ms in {n} slab{'s' * (n > 1)}"
+                                                                      for n, t in times.items()), flush=True)
+        chunk._SLAB_BYTES_WITHOUT_GRAD.pop('cpu', None)
+
+
 if 'memory' in sys.argv:
     memory()
+if 'slabs' in sys.argv and not torch.cuda.is_available():
+    slabs_on_cpu()
 if 'passes' in sys.argv:
     passes('cuda' if torch.cuda.is_available() else 'cpu')
 if 'traffic' in sys.argv:
@@ -628,7 +716,8 @@ if 'cpu' in sys.argv:
     cpu()
 if 'staged' in sys.argv:
     staged('cuda' if torch.cuda.is_available() else 'cpu')
-if not {'eager', 'fla', 'compile', 'before', 'before-compiled', 'profile', 'history'} & set(sys.argv):
+if not {'eager', 'fla', 'compile', 'before', 'before-compiled', 'profile', 'history'} & set(sys.argv) and not (
+        'slabs' in sys.argv and torch.cuda.is_available()):
     sys.exit()
 inp = bench.Inputs(bench.BenchConfig(**bench.PRESETS['gpu1'], device='cuda'))
 q, k, v, g = inp.q, inp.k, inp.v, inp.g
@@ -654,6 +743,8 @@ for mode in ('before', 'before-compiled'):   # `before PATH`: the op of the pack
         run(f"now{', compiled' if mode != 'before' else ''}, round {i + 1}", ops[1])
 if 'profile' in sys.argv:
     profile()
+if 'slabs' in sys.argv:
+    slabs()
 if 'history' in sys.argv:
     history()
 if 'fla' in sys.argv:

@@ -22,7 +22,7 @@ from fla.ops.gla import chunk_gla as fla_chunk_gla  # noqa: E402
 from myfla_gla import DEFAULT_RATIO, assert_close, chunk_gla, fused_chunk_gla, get_err_ratio  # noqa: E402
 from myfla_gla import random_gla_inputs  # noqa: E402
 from myfla_gla.testing import compare_op, op_inputs, run_op, run_reference  # noqa: E402
-from helpers import run_with_compiled_passes  # noqa: E402
+from helpers import host_reads, run_with_compiled_passes  # noqa: E402
 
 NAMES = ['o', 'ht', 'dq', 'dk', 'dv', 'dg', 'dh0']
 
@@ -165,6 +165,37 @@ def test_lean_forward_on_cuda(monkeypatch):
     assert len(calls) == 2, calls
     assert get_err_ratio(outs[False].float(), outs[True].float()) < 1e-4
     assert peaks[True] <= 0.8 * peaks[False], peaks
+
+
+def test_forward_without_gradients_in_slabs_on_cuda(monkeypatch):
+    """A forward without gradients in slabs (`_SLAB_BYTES_WITHOUT_GRAD`: four slabs of 4 chunks here), one chunk of
+    the third slab flagged: that slab takes the usual forward, the others `_chunk_fwd_lean`, chosen with as many host
+    reads as one pass makes (one check for all slabs, `_lean_slabs`); the output against float64, within bf16
+    rounding of one pass's (which takes the usual forward throughout), and its peak memory below one pass's."""
+    import myfla_gla.ops.chunk as chunk
+    calls = []
+    monkeypatch.setattr(chunk, '_chunk_fwd_lean', lambda *a, fn=chunk._chunk_fwd_lean: calls.append(1) or fn(*a))
+    x = op_inputs('cuda', torch.bfloat16, 2, 1024, 8, 128, 128, 16, h0=False, dht=False)
+    x['g'][0, 64 * 9:64 * 10, 3, 5] = -20.   # chunk 9: its gates after the first sum below -80 (span 40)
+    q, k, v, g = (x[n] for n in 'qkvg')
+    peaks, outs, reads, four = {}, {}, {}, 4 * 2 * 8 * 64 * 128 * 4   # four chunks' float32 copy of q
+    for budget in (None, four):   # one pass; slabs of four chunks
+        monkeypatch.setitem(chunk._SLAB_BYTES_WITHOUT_GRAD, 'cuda', budget)
+        with torch.no_grad():
+            chunk_gla(q, k, v, g)   # warm-up: the allocator's caching, cuBLAS' workspace, the compiled passes
+            torch.cuda.synchronize()
+            calls.clear()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            outs[budget] = chunk_gla(q, k, v, g)[0]
+            peaks[budget] = torch.cuda.max_memory_allocated() - base
+            assert len(calls) == (0 if budget is None else 3), calls
+            reads[budget] = host_reads(lambda: chunk_gla(q, k, v, g))
+    one_pass, slabs = outs.values()
+    assert reads[None] == reads[four], reads
+    assert get_err_ratio(one_pass.float(), slabs.float()) < 1e-4
+    assert_close('o in slabs', run_reference(x)['o'], slabs, DEFAULT_RATIO[torch.bfloat16])
+    assert peaks[four] < 0.6 * peaks[None], peaks
 
 
 @pytest.mark.compile
