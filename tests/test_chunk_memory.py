@@ -13,6 +13,13 @@ from helpers import host_reads, threads
 from test_chunk import NAMES, check
 
 
+def scaled_gpu1(B, T, H, K, V):
+    "bf16 inputs requiring gradients as the gpu1 benchmark's (gates at normaliser 16), at a shape scaled down."
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True) for D in (K, K, V))
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16().requires_grad_()
+    return q, k, v, g
+
+
 @pytest.mark.parametrize('one_product', [False, True])
 def test_forward_peak_in_slabs(monkeypatch, one_product):
     """The gpu1 benchmark's shape (B=4 T=4096 H=16 K=V=128, bf16, 64 chunks) scaled to B=1 T=1024 H=4: 16 chunks, and
@@ -31,8 +38,7 @@ def test_forward_peak_in_slabs(monkeypatch, one_product):
     B, T, H, K, V, C = 1, 1024, 4, 128, 128, 64
     n = 4   # chunks per slab
     monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', (32 << 20) * (B * H * n) // (4 * 16 * 16))
-    q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True) for D in (K, K, V))
-    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16().requires_grad_()
+    q, k, v, g = scaled_gpu1(B, T, H, K, V)
     assert chunk._slab_chunks(q, v, chunk._Fixed(B, T, C)) == n
     peak = _cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0])
     f32 = 4
@@ -46,8 +52,18 @@ def test_forward_peak_in_slabs(monkeypatch, one_product):
     assert peak <= 1.5 * fla, (peak, fla)
 
 
+@pytest.fixture
+def lean_calls(monkeypatch):
+    "The op's switches at their CUDA values for the CPU (the lean forward among them); the list of its calls."
+    for switch in ('_BROADCAST_ROWS', '_HALF_PRODUCTS', '_KEEP_STATES', '_ONE_PRODUCT', '_LEAN_FORWARD'):
+        monkeypatch.setitem(getattr(chunk, switch), 'cpu', getattr(chunk, switch).get('cuda'))
+    calls = []
+    monkeypatch.setattr(chunk, '_chunk_fwd_lean', lambda *a, fn=chunk._chunk_fwd_lean: calls.append(1) or fn(*a))
+    return calls
+
+
 @pytest.mark.parametrize('n', [16, 8, 4])
-def test_lean_forward_peak(monkeypatch, n):
+def test_lean_forward_peak(monkeypatch, lean_calls, n):
     """CUDA's forward (`_chunk_fwd_lean`, the other switches at their CUDA values) at the scaled gpu1 shape of
     `test_forward_peak_in_slabs` (B=1 T=1024 H=4 K=V=128, bf16, 16 chunks), in one pass (CUDA's default) and in slabs
     of 8 and 4 chunks: the peak, at a slab's stage 2, is g's chunk copy become q * decay_q, k * decay_k, v's float32
@@ -56,22 +72,17 @@ def test_lean_forward_peak(monkeypatch, n):
     pass (at gpu1, measured the same way: 1098 MiB, 685 in two slabs, 420.5 in four, against 772, 488 and 320 with
     this one; FLA's is 384). Another float32 chunk copy of a slab breaks the bound.
     Slabs give the numbers of one pass, bitwise."""
-    for switch in ('_BROADCAST_ROWS', '_HALF_PRODUCTS', '_KEEP_STATES', '_ONE_PRODUCT', '_LEAN_FORWARD'):
-        monkeypatch.setitem(getattr(chunk, switch), 'cpu', getattr(chunk, switch).get('cuda'))
-    calls = []
-    monkeypatch.setattr(chunk, '_chunk_fwd_lean', lambda *a, fn=chunk._chunk_fwd_lean: calls.append(1) or fn(*a))
     B, T, H, K, V, C, f32 = 1, 1024, 4, 128, 128, 64, 4
-    q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True) for D in (K, K, V))
-    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16().requires_grad_()
+    q, k, v, g = scaled_gpu1(B, T, H, K, V)
     with threads(1):   # no floors on a CPU (see `_floor`), as on CUDA
         monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', None)
         one_pass = chunk_gla(q, k, v, g)[0]
         monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', B * n * H * C * max(K, V) * f32)
         assert chunk._slab_chunks(q, v, chunk._Fixed(B, T, C)) == n
-        calls.clear()
+        lean_calls.clear()
         peak = _cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0])
         assert torch.equal(chunk_gla(q, k, v, g)[0], one_pass)
-    assert len(calls) == 2 * (T // C // n)   # two calls, each slab through it
+    assert len(lean_calls) == 2 * (T // C // n)   # two calls, each slab through it
     out, A, copy = B * T * H * V * 2, B * T * H * C * f32, B * n * H * C * max(K, V) * f32
     state, small = B * H * K * V * f32, 16 << 10
     slab = 3 * copy + n * B * H * C * C * f32 + n * state    # q * decay_q, k * decay_k, v; A; the local states
@@ -80,32 +91,27 @@ def test_lean_forward_peak(monkeypatch, n):
 
 
 @pytest.mark.parametrize('T', [1024, 1000])
-def test_forward_without_gradients_in_slabs(monkeypatch, T):
+def test_forward_without_gradients_in_slabs(monkeypatch, lean_calls, T):
     """A forward that no backward will follow takes the slabs of `_SLAB_BYTES_WITHOUT_GRAD` while one with gradients
     takes `_SLAB_BYTES`' one pass (CUDA's other switches, one CPU thread; the scaled gpu1 shape of
     `test_forward_peak_in_slabs`, slabs of 4 chunks, with T=1000 the last chunk partial): the output bitwise that of
     one pass, every slab through `_chunk_fwd_lean`, which the slabs choose with as many host reads as one pass makes
     (one check for all slabs: a GPU would otherwise wait at each), and a peak without A of all chunks or the slabs'
-    initial states: the output and one slab's working set (`test_lean_forward_peak`'s, whose bound at gpu1 would be
-    1.27x FLA's forward)."""
-    for switch in ('_BROADCAST_ROWS', '_HALF_PRODUCTS', '_KEEP_STATES', '_ONE_PRODUCT', '_LEAN_FORWARD'):
-        monkeypatch.setitem(getattr(chunk, switch), 'cpu', getattr(chunk, switch).get('cuda'))
-    calls = []
-    monkeypatch.setattr(chunk, '_chunk_fwd_lean', lambda *a, fn=chunk._chunk_fwd_lean: calls.append(1) or fn(*a))
+    initial states: the output and one slab's working set (`test_lean_forward_peak`'s; at gpu1, measured the same
+    way, 424 MiB in slabs of 64 MiB against 773 in one: 1.1x FLA's forward)."""
     B, H, K, V, C, f32, n = 1, 4, 128, 128, 64, 4, 4
-    q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True) for D in (K, K, V))
-    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16().requires_grad_()
+    q, k, v, g = scaled_gpu1(B, T, H, K, V)
     grid, copy = chunk._Fixed(B, T, C), B * n * H * C * max(K, V) * f32    # a slab's float32 chunk copy
     monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', None)
     monkeypatch.setitem(chunk._SLAB_BYTES_WITHOUT_GRAD, 'cpu', copy)
     assert chunk._slab_chunks(q, v, grid, grad=False) == n and chunk._slab_chunks(q, v, grid) == grid.NC
     with threads(1):   # no floors on a CPU (see `_floor`), as on CUDA
         one_pass, reads = chunk_gla(q, k, v, g)[0], host_reads(lambda: chunk_gla(q, k, v, g))
-        assert len(calls) == 2
-        calls.clear()
+        assert len(lean_calls) == 2
+        lean_calls.clear()
         with torch.no_grad():
             assert torch.equal(chunk_gla(q, k, v, g)[0], one_pass)
-            assert len(calls) == -(-grid.NC // n)
+            assert len(lean_calls) == -(-grid.NC // n)
             assert host_reads(lambda: chunk_gla(q, k, v, g)) == reads
             peak = _cpu_peak_bytes(lambda: chunk_gla(q, k, v, g)[0])
     out, state, rows = B * T * H * V * 2, B * H * K * V * f32, B * n * H * K * f32
@@ -114,15 +120,11 @@ def test_forward_without_gradients_in_slabs(monkeypatch, T):
 
 
 @pytest.mark.parametrize('flagged', [1, 3])
-def test_slabs_choose_the_lean_forward_each(monkeypatch, flagged):
+def test_slabs_choose_the_lean_forward_each(monkeypatch, lean_calls, flagged):
     """In slabs of one chunk (B=2 T=200 H=2 K=16 V=8 float32, CUDA's switches, one CPU thread), one chunk of one head
     and channel with gates strong enough to flag it (`_flagged`): the second, or the fourth, partial (8 tokens). That
     slab takes the usual forward and the others `_chunk_fwd_lean`, chosen by the one check for all slabs
     (`_lean_slabs`); output and final state against the float64 recurrence, without gradients and with them."""
-    for switch in ('_BROADCAST_ROWS', '_HALF_PRODUCTS', '_KEEP_STATES', '_ONE_PRODUCT', '_LEAN_FORWARD'):
-        monkeypatch.setitem(getattr(chunk, switch), 'cpu', getattr(chunk, switch).get('cuda'))
-    calls = []
-    monkeypatch.setattr(chunk, '_chunk_fwd_lean', lambda *a, fn=chunk._chunk_fwd_lean: calls.append(1) or fn(*a))
     x = op_inputs('cpu', torch.float32, 2, 200, 2, 16, 8, seed=0, dht=False)
     x['g'][1, 64 * flagged:64 * flagged + 64, 0, 3] = -20.   # its sum after the first token below -80 (span 40)
     grid = chunk._Fixed(2, 200, 64)
@@ -132,10 +134,10 @@ def test_slabs_choose_the_lean_forward_each(monkeypatch, flagged):
     ref = run_reference(x)
     with threads(1):
         for grad in (False, True):
-            calls.clear()
+            lean_calls.clear()
             with torch.set_grad_enabled(grad):
                 o, ht = chunk_gla(x['q'], x['k'], x['v'], x['g'], initial_state=x['h0'], output_final_state=True)
-            assert len(calls) == 3, calls
+            assert len(lean_calls) == 3, lean_calls
             assert_close('o', ref['o'], o, DEFAULT_RATIO[torch.float32])
             assert_close('ht', ref['ht'], ht, DEFAULT_RATIO[torch.float32])
 
@@ -182,8 +184,7 @@ def test_forward_backward_peak_in_slabs(monkeypatch):
     B, T, H, K, V, C, n = 1, 1024, 4, 128, 128, 64, 4
     f32 = 4
     monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', B * n * H * C * max(K, V) * f32)
-    q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16, requires_grad=True) for D in (K, K, V))
-    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16().requires_grad_()
+    q, k, v, g = scaled_gpu1(B, T, H, K, V)
     do = torch.randn(B, T, H, V, dtype=torch.bfloat16)
     assert chunk._slab_chunks(q, v, chunk._Fixed(B, T, C)) == n
     peak = _cpu_peak_bytes(lambda: torch.autograd.grad(chunk_gla(q, k, v, g)[0], (q, k, v, g), do))
