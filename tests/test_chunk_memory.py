@@ -119,25 +119,26 @@ def test_forward_without_gradients_in_slabs(monkeypatch, lean_calls, T):
     assert peak <= out + slab + 2 * state + 3 * rows, peak  # the carried state, the walk's spare slot; r, g_0, decay
 
 
-@pytest.mark.parametrize('flagged', [1, 3])
-def test_slabs_choose_the_lean_forward_each(monkeypatch, lean_calls, flagged):
-    """In slabs of one chunk (B=2 T=200 H=2 K=16 V=8 float32, CUDA's switches, one CPU thread), one chunk of one head
-    and channel with gates strong enough to flag it (`_flagged`): the second, or the fourth, partial (8 tokens). That
-    slab takes the usual forward and the others `_chunk_fwd_lean`, chosen by the one check for all slabs
-    (`_lean_slabs`); output and final state against the float64 recurrence, without gradients and with them."""
+@pytest.mark.parametrize('per_slab, flagged, lean', [(1, 1, 3), (1, 3, 3), (3, 1, 1), (3, 3, 1)])
+def test_slabs_choose_the_lean_forward_each(monkeypatch, lean_calls, per_slab, flagged, lean):
+    """In slabs of one chunk and of three (B=2 T=200 H=2 K=16 V=8 float32, CUDA's switches, one CPU thread: four chunks
+    of 64, the last partial), one chunk of one head and channel with gates strong enough to flag it (`_flagged`): the
+    second, or the fourth (8 tokens). Its slab takes the usual forward and the others `_chunk_fwd_lean`, chosen by
+    the one check for all slabs (`_lean_slabs`); output and final state against the float64 recurrence, without
+    gradients and with them."""
     x = op_inputs('cpu', torch.float32, 2, 200, 2, 16, 8, seed=0, dht=False)
     x['g'][1, 64 * flagged:64 * flagged + 64, 0, 3] = -20.   # its sum after the first token below -80 (span 40)
     grid = chunk._Fixed(2, 200, 64)
     assert chunk._flagged(grid.to_chunks(x['g'], torch.float32)).any((0, 2)).tolist() == [c == flagged for c in range(4)]
-    monkeypatch.setitem(chunk._SLAB_BYTES, 'cpu', 2 * 2 * 64 * 16 * 4)   # slabs of one chunk with gradients too
-    monkeypatch.setitem(chunk._SLAB_BYTES_WITHOUT_GRAD, 'cpu', 2 * 2 * 64 * 16 * 4)
+    for budgets in (chunk._SLAB_BYTES, chunk._SLAB_BYTES_WITHOUT_GRAD):   # with gradients and without
+        monkeypatch.setitem(budgets, 'cpu', per_slab * 2 * 2 * 64 * 16 * 4)
     ref = run_reference(x)
     with threads(1):
         for grad in (False, True):
             lean_calls.clear()
             with torch.set_grad_enabled(grad):
                 o, ht = chunk_gla(x['q'], x['k'], x['v'], x['g'], initial_state=x['h0'], output_final_state=True)
-            assert len(lean_calls) == 3, lean_calls
+            assert len(lean_calls) == lean, lean_calls
             assert_close('o', ref['o'], o, DEFAULT_RATIO[torch.float32])
             assert_close('ht', ref['ht'], ht, DEFAULT_RATIO[torch.float32])
 
