@@ -944,15 +944,14 @@ def _lean_slabs(g, grid, n, fused, prod):
     one host check for all of them: a check per slab would make the host wait at each slab for the device to finish
     the slabs before it, and only then launch the slab's kernels. The gates are summed in g's dtype (bf16 rounds a
     span near the limit by a fraction of a unit: the limit is half the exponent range, see `_SPAN_LIMIT`)."""
-    slabs, acc = -(-grid.NC // n), torch.promote_types(g.dtype, torch.float32)
     if not _lean_allowed(g, fused, prod):
-        return [False] * slabs
-    C, nf = grid.C, grid.T // grid.C                                                  # nf full chunks
+        return [False] * -(-grid.NC // n)
+    C, nf, acc = grid.C, grid.T // grid.C, torch.promote_types(g.dtype, torch.float32)   # nf full chunks
     flagged = [_flagged(g[:, :nf * C].unflatten(1, (nf, C)).transpose(2, 3), acc)] if nf else []   # [B, nf, H]
     if nf < grid.NC:
         flagged.append(_flagged(g[:, nf * C:].transpose(1, 2), acc)[:, None])        # [B, 1, H]: the part chunk
-    flagged = torch.cat(flagged, 1).any(-1).any(0)                                  # [NC]
-    return [not x for x in F.pad(flagged, (0, slabs * n - grid.NC)).view(slabs, n).any(1).tolist()]
+    flagged = torch.cat(flagged, 1).any(-1).any(0).tolist()                         # NC: the one host read
+    return [not any(flagged[c:c + n]) for c in range(0, grid.NC, n)]
 
 
 # per device type: a compiled forward that no backward will follow stacks its chunk states in the products' dtype
