@@ -19,9 +19,11 @@ or not (`_KEEP_STATES`); 'TF32 products' turns `_TF32_PRODUCTS` on; 'compiled pa
 passes compiled by Inductor (`_COMPILED_PASSES`) on and off, 'compiled passes, forward' on in the forward only (the
 backward's eager), 'compiled passes, into chunks' on for the passes into the chunk layout and the products only (those
 out of it eager, and the scaled ones); 'compiled passes, forward, slabs of 64 MiB' the forward's with the lean forward in
-slabs (its peak memory). Compiled, 'narrow states' turns `_NARROW_STATES` on (the forward without gradients, which
-`run` times, stacks its chunk states in bf16). Eager, 'slabs without gradients' sets `_SLAB_BYTES_WITHOUT_GRAD` to 64
-MiB (two slabs at gpu1 for the forward `run` times; forward+backward stays in one slab).
+slabs (its peak memory); a variant that names the slabs takes them for the forward without gradients too. Compiled,
+'narrow states' and 'wide states' turn `_NARROW_STATES` on (CUDA's default: the forward without gradients, which `run`
+times, stacks its chunk states in bf16) and off. Eager, 'slabs without gradients' sets `_SLAB_BYTES_WITHOUT_GRAD` to 64
+MiB (CUDA's default: two slabs at gpu1 for the forward `run` times; forward+backward stays in one slab) and 'one slab
+without gradients' takes it off.
 
 `passes` times forms of the layout passes alone (see `passes`). `slabs` compares the eager forward without gradients in
 one slab, in the slabs of 'slabs without gradients' (one host check for all slabs) and in the same slabs with a host
@@ -96,11 +98,14 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'compiled passes': dict(passes=True), 'eager passes': dict(passes=False),
          'compiled passes, forward': dict(passes='forward'), 'compiled passes, into chunks': dict(passes='into'),
          'compiled passes, forward, slabs of 64 MiB': dict(passes='forward', one=True, slab=64 << 20, lean=True),
-         'slabs without gradients': dict(nograd_slab=64 << 20)}
+         'slabs without gradients': dict(nograd_slab=64 << 20), 'one slab without gradients': dict(nograd_slab=None)}
+for kw in EAGER.values():   # a variant that names the slabs names them for the forward without gradients too
+    if 'slab' in kw:
+        kw.setdefault('nograd_slab', kw['slab'])
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
-            'one product': dict(one=True), 'narrow states': dict(narrow=True)}
+            'one product': dict(one=True), 'narrow states': dict(narrow=True), 'wide states': dict(narrow=False)}
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
                half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES.get('cuda'),
                lean=chunk._LEAN_FORWARD['cuda'], tf32=chunk._TF32_PRODUCTS.get('cuda', False),
