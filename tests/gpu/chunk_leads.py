@@ -1,8 +1,8 @@
 """The speed leads of the chunk chapter's design notes, at the gpu1 shape (bf16), in one process on one card:
 
     python tests/gpu/chunk_leads.py [eager] [fla] [compile] [stage] [staged] [lean] [memory] [traffic] [cpu]
-                                    [before PATH] [before-compiled PATH] [profile] [passes] [history]
-                                    [--eager NAMES] [--compiled NAMES] [--json PATH]
+                                    [before PATH] [before-compiled PATH] [profile] [passes] [pass-host] [slabs]
+                                    [history] [--eager NAMES] [--compiled NAMES] [--json PATH]
 
 `eager` times `chunk_gla`'s forward and forward+backward (`myfla_gla.bench.time_fn`: median of 20 calls, CUDA events),
 peak memory and error against the float64 recurrence for each switchable variant of `myfla_gla.ops.chunk`: the
@@ -25,7 +25,8 @@ times, stacks its chunk states in bf16) and off. Eager, 'slabs without gradients
 MiB (CUDA's default: two slabs at gpu1 for the forward `run` times; forward+backward stays in one slab) and 'one slab
 without gradients' takes it off.
 
-`passes` times forms of the layout passes alone (see `passes`). `slabs` compares the eager forward without gradients in
+`passes` times forms of the layout passes alone (see `passes`); `pass-host` (also without a GPU) the host's cost of
+a compiled pass's call and how many the op makes (see `pass_host`). `slabs` compares the eager forward without gradients in
 one slab, in the slabs of 'slabs without gradients' (one host check for all slabs) and in the same slabs with a host
 check at each slab (as before `_lean_slabs`): time, the CUDA kernels' time and count, and the host's time to issue a
 call (see `slabs`); without a GPU, its peak at gpu1 and the host's time at a tiny shape on the CPU (`slabs_on_cpu`).
@@ -61,6 +62,7 @@ one-product stage 1 off and on, the lean forward off and on, in one slab and in 
 path at the gpu1 shape on the CPU for the variants of `--eager` (see `traffic`): where a variant's time goes before a
 GPU times it."""
 import contextlib
+import functools
 import json
 import re
 import sys
@@ -707,10 +709,81 @@ def slabs_on_cpu():
         chunk._SLAB_BYTES_WITHOUT_GRAD.pop('cpu', None)
 
 
+def pass_host():
+    """The host's cost of a layout pass compiled by Inductor (`_compiled`), on the GPU where there is one, else on the
+    CPU: microseconds a call (fastest of five rounds of 2000 calls, no synchronisation inside a round) of a copy of
+    gpu1's g into a slab of chunk layout at B=1 T=4096 H=1 K=16 (64 chunks, 65536 elements: small enough that only the
+    host counts) as the eager copy, as `_compiled` (the op's path), as the function `torch.compile`d called directly
+    and as the same graph compiled by `torch._inductor.standalone_compile` (no Dynamo frame or guards: a caller would
+    key it by shapes, strides and dtypes itself). Then how many compiled passes the op's eager forward without
+    gradients (one and two slabs) and forward+backward run at that shape with CUDA's switches."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    torch.set_num_threads(1)
+    src = torch.randn(1, 4096, 1, 16, dtype=torch.bfloat16, device=device).unflatten(1, (64, 64)).transpose(2, 3)
+    dst = torch.empty(1, 64, 1, 64, 16, device=device)
+    switches = (chunk._BROADCAST_ROWS, chunk._HALF_PRODUCTS, chunk._KEEP_STATES, chunk._ONE_PRODUCT, chunk._SLAB_BYTES,
+                chunk._LEAN_FORWARD, chunk._NARROW_STATES, chunk._COMPILED_PASSES, chunk._SLAB_BYTES_WITHOUT_GRAD)
+    before, min_numel = [dict(d) for d in switches], chunk._COMPILED_MIN_NUMEL
+    for d in switches:
+        d[device] = d.get('cuda')
+    chunk._COMPILED_MIN_NUMEL = 1
+
+    def host_us(fn):
+        for _ in range(20):
+            fn()
+        best = float('inf')
+        for _ in range(5):
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(2000):
+                fn()
+            best = min(best, (time.perf_counter() - start) / 2000)
+        return best * 1e6
+
+    def copy(dst, src):
+        dst.copy_(src)
+    forms = {'eager copy': lambda: dst.copy_(src), '_compiled': lambda: chunk._compiled('copy', dst, src),
+             'torch.compile, called directly': functools.partial(chunk._compiled_pass('copy'), dst, src, None)}
+    if hasattr(torch._inductor, 'standalone_compile'):
+        art = torch._inductor.standalone_compile(make_fx(copy)(dst, src), [dst, src],
+                                                 dynamic_shapes='from_example_inputs')
+        forms['standalone_compile'] = functools.partial(art, dst, src)
+    for name, fn in forms.items():
+        dst.zero_()
+        fn()
+        exact = torch.equal(dst, src.float())
+        print(f"{name:32s} {host_us(fn):6.1f} us a call on {device}, the copy {'exact' if exact else 'WRONG'}", flush=True)
+    x = [torch.randn(1, 4096, 1, 16, dtype=torch.bfloat16, device=device, requires_grad=True) for _ in range(3)]
+    g1 = (torch.nn.functional.logsigmoid(torch.randn(1, 4096, 1, 16, device=device)) / 16).bfloat16().requires_grad_()
+    ran, compiled = [], chunk._compiled
+    chunk._compiled = lambda *a: compiled(*a) and (ran.append(a[0]) or True)
+    try:
+        for n in (1, 2):
+            chunk._SLAB_BYTES_WITHOUT_GRAD[device] = 64 * 64 * 16 * 4 // n if n > 1 else None
+            with torch.no_grad():
+                chunk_gla(*x, g1)
+                ran.clear()
+                chunk_gla(*x, g1)
+            print(f'forward without gradients in {n} slab(s): {len(ran)} compiled passes', flush=True)
+        chunk_gla(*x, g1)[0].sum().backward()
+        ran.clear()
+        chunk_gla(*x, g1)[0].sum().backward()
+        print(f'forward+backward: {len(ran)} compiled passes', flush=True)
+    finally:
+        chunk._compiled, chunk._COMPILED_MIN_NUMEL = compiled, min_numel
+        for d, b in zip(switches, before):
+            d.clear()
+            d.update(b)
+
+
 if 'memory' in sys.argv:
     memory()
 if 'slabs' in sys.argv and not torch.cuda.is_available():
     slabs_on_cpu()
+if 'pass-host' in sys.argv:
+    pass_host()
 if 'passes' in sys.argv:
     passes('cuda' if torch.cuda.is_available() else 'cpu')
 if 'traffic' in sys.argv:
