@@ -324,31 +324,39 @@ def test_compile_matches_eager(monkeypatch, keep):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize('slab', [None, 1])
-def test_compiled_passes(monkeypatch, slab):
+@pytest.mark.parametrize('slab, standalone', [(None, False), (1, False), (None, True), (1, True)])
+def test_compiled_passes(monkeypatch, slab, standalone):
     """The layout passes compiled by Inductor (`_COMPILED_PASSES`) give the eager passes' numbers bitwise: output,
     final state and every gradient of bf16 inputs with a scale, two whole chunks and a part one, with CUDA's switches
     on one CPU thread (the lean forward's product with q where it lies, the kept states), in one slab (every
-    whole-chunk pass compiled) and in slabs of one chunk (into and out of slices of the buffers). Where Inductor
-    fails, a warning, the switch off and the eager numbers."""
+    whole-chunk pass compiled) and in slabs of one chunk (into and out of slices of the buffers); through
+    `torch.compile` and through `standalone_compile`'s artifacts (`_STANDALONE_PASSES`). Where Inductor fails, a
+    warning, the switch off and the eager numbers."""
     for name, on in (('_ONE_PRODUCT', True), ('_LEAN_FORWARD', True), ('_KEEP_STATES', True), ('_SLAB_BYTES', slab)):
         monkeypatch.setitem(getattr(chunk_ops, name), 'cpu', on)
+    monkeypatch.setattr(chunk_ops, '_PASS_ARTIFACTS', {})
     x = op_inputs('cpu', torch.bfloat16, 2, 150, 2, 16, 8)
     dynamo_settings = lambda: torch._dynamo.config.recompile_limit
     with threads(1):
         before = dynamo_settings()
-        eager, compiled, ran = run_with_compiled_passes(monkeypatch, x, scale=0.3)
+        eager, compiled, ran = run_with_compiled_passes(monkeypatch, x, standalone, scale=0.3)
         assert dynamo_settings() == before   # global: restored
         # q (k's division by up stays eager); g, v, o, q, k, v, g, do, dq, dk, dv, dg: in slabs the two whole ones'
         assert (ran.count('mul'), ran.count('copy')) == ((1, 12) if slab is None else (2, 24)), ran
+        assert (len(chunk_ops._PASS_ARTIFACTS) > 0) == standalone
         for name in NAMES[:6]:
             assert torch.equal(eager[name], compiled[name]), name
 
-        def fails(op):
+        def fails(*args, **kwargs):   # Inductor without a compiler, as `standalone_compile` reports it
+            raise torch._inductor.exc.InductorError(RuntimeError('no compiler'), None)
+
+        def fails_in_dynamo(op):      # and as a `torch.compile`d function does
             def run(*args):
                 raise torch._dynamo.exc.BackendCompilerFailed(run, RuntimeError('no compiler'), None)
             return run
-        monkeypatch.setattr(chunk_ops, '_compiled_pass', fails)
+        monkeypatch.setattr(chunk_ops, '_PASS_ARTIFACTS', {})
+        monkeypatch.setattr(torch._inductor, 'standalone_compile', fails)
+        monkeypatch.setattr(chunk_ops, '_compiled_pass', fails_in_dynamo)
         with pytest.warns(UserWarning, match=r'(?s)layout passes stay eager on cpu.*no compiler'):
             out = run_op(chunk_gla, x, scale=0.3)
     assert chunk_ops._COMPILED_PASSES['cpu'] is False
@@ -357,12 +365,16 @@ def test_compiled_passes(monkeypatch, slab):
 
 
 @pytest.mark.compile
-def test_compiled_pass_limits(monkeypatch):
+@pytest.mark.parametrize('standalone', [False, True])
+def test_compiled_pass_limits(monkeypatch, standalone):
     """A layout pass is compiled only where it has at least `_COMPILED_MIN_NUMEL` elements and for the first
     `_PASS_GRAPHS` graphs (shapes, dtypes, layouts) of its kind; elsewhere `_compiled` returns False, and the caller
-    runs the eager pass. Shapes compiled before keep their graphs; Dynamo's setting is restored."""
+    runs the eager pass. Shapes compiled before keep their graphs; Dynamo's setting is restored. The same through
+    `standalone_compile`'s artifacts (`_STANDALONE_PASSES`)."""
     torch._dynamo.reset()   # (graphs of other tests count against the limit)
     monkeypatch.setitem(chunk_ops._COMPILED_PASSES, 'cpu', True)
+    monkeypatch.setitem(chunk_ops._STANDALONE_PASSES, 'cpu', standalone)
+    monkeypatch.setattr(chunk_ops, '_PASS_ARTIFACTS', {})
     monkeypatch.setattr(chunk_ops, '_COMPILED_MIN_NUMEL', 64)
     monkeypatch.setattr(chunk_ops, '_PASS_GRAPHS', 2)
     limit, ran = torch._dynamo.config.recompile_limit, []
@@ -372,7 +384,33 @@ def test_compiled_pass_limits(monkeypatch):
         assert torch.equal(dst, src.float()) if ran[-1] else dst.isnan().all()
     assert ran == [False, True, True, False, True, True]   # (a graph for the small one would leave no room for 16)
     assert torch._dynamo.config.recompile_limit == limit
+    assert len(chunk_ops._PASS_ARTIFACTS) == (2 if standalone else 0)
     torch._dynamo.reset()
+
+
+@pytest.mark.compile
+def test_standalone_pass_layouts(monkeypatch):
+    """A pass's artifact (`_STANDALONE_PASSES`) serves only the layout it was compiled for: the same shape with other
+    strides, another dtype, a scale, or a destination off 16-byte alignment (a slice one float in) each get their own,
+    and each gives the eager pass's numbers; a layout seen before takes its artifact again."""
+    monkeypatch.setitem(chunk_ops._COMPILED_PASSES, 'cpu', True)
+    monkeypatch.setitem(chunk_ops._STANDALONE_PASSES, 'cpu', True)
+    monkeypatch.setattr(chunk_ops, '_PASS_ARTIFACTS', {})
+    monkeypatch.setattr(chunk_ops, '_COMPILED_MIN_NUMEL', 1)
+    src = torch.randn(3, 8, 4).bfloat16()
+    buf = torch.full((1 + 8 * 3 * 4,), torch.nan)
+    cases = [('copy', torch.empty(8, 3, 4), src.transpose(0, 1), None),
+             ('copy', torch.empty(8, 3, 4), src.float().transpose(0, 1), None),
+             ('copy', torch.empty(8, 3, 4), src.transpose(0, 1).contiguous(), None),
+             ('copy', torch.empty(8, 3, 4), src.transpose(0, 1), 0.3),
+             ('copy', buf[1:].view(8, 3, 4), src.transpose(0, 1), None),
+             ('mul', torch.randn(8, 3, 4), src.transpose(0, 1), None),
+             ('copy', torch.empty(8, 3, 4), src.transpose(0, 1), None)]   # the first layout again
+    for i, (op, dst, s, scale) in enumerate(cases):
+        want = dst * s if op == 'mul' else s.float() * scale if scale is not None else s.float()
+        assert chunk_ops._compiled(op, dst, s, scale)
+        assert torch.equal(dst, want), i
+        assert len(chunk_ops._PASS_ARTIFACTS) == min(i + 1, len(cases) - 1), i
 
 
 def test_env_switch(monkeypatch):

@@ -15,6 +15,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental import _config as _fx_config
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..checks import (
     InputError, autocast_off, check_gla_inputs, check_kwargs, check_no_double_backward, check_no_head_first)
@@ -350,17 +351,54 @@ def _room_for_graphs():
             torch._dynamo.config.recompile_limit = before
 
 
-@functools.cache
-def _compiled_pass(op):
+def _pass_body(op):
     """The layout pass `op` in place, `dst` <- `src` times a zero-dim `scale` where given (the product in its dtype)
-    ('copy') or `dst` <- `dst * src` ('mul'), as the function Inductor compiles for each shape, dtype and layout
-    (static shapes: its kernel for every shape at once ran at a third of the static kernel's rate on an H100)."""
-    def copy(dst, src, scale):
+    ('copy') or `dst` <- `dst * src` ('mul')."""
+    def copy(dst, src, scale=None):
         dst.copy_(src if scale is None else src.to(scale.dtype) * scale)
 
-    def mul(dst, src, scale):   # (the grid's `mul_` has no scale)
+    def mul(dst, src, scale=None):   # (the grid's `mul_` has no scale)
         dst.mul_(src)
-    return torch.compile({'copy': copy, 'mul': mul}[op], dynamic=False, fullgraph=True)
+    return {'copy': copy, 'mul': mul}[op]
+
+
+@functools.cache
+def _compiled_pass(op):
+    """`_pass_body(op)` as the function Inductor compiles for each shape, dtype and layout (static shapes: its kernel
+    for every shape at once ran at a third of the static kernel's rate on an H100)."""
+    return torch.compile(_pass_body(op), dynamic=False, fullgraph=True)
+
+
+# per device type: `_compiled` runs each pass as an artifact of `torch._inductor.standalone_compile`, compiled once per
+# layout of its tensors and looked up here, instead of through `torch.compile`, whose frame and guards cost the host
+# several times the artifact's call (on a CPU 76-95 against 23-41 µs a pass). Off: not yet timed on a GPU (design
+# notes)
+_STANDALONE_PASSES = {}
+_PASS_ARTIFACTS = {}   # (op, `_layout` of dst, src and scale) -> artifact; at most `_PASS_GRAPHS` of each op
+
+
+def _layout(x):
+    "What a pass's artifact is compiled for: a tensor's shape, strides, dtype, device and 16-byte alignment."
+    return None if x is None else (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0)
+
+
+def _standalone_pass(op, dst, src, scale):
+    """`_pass_body(op)(dst, src, scale)` by its artifact for these tensors' layouts (`_PASS_ARTIFACTS`), compiled on
+    first use from the pass traced with fake tensors (nothing runs while it is traced); False, and nothing run, where
+    `op` has `_PASS_GRAPHS` artifacts already."""
+    key, args = (op, _layout(dst), _layout(src), _layout(scale)), [x for x in (dst, src, scale) if x is not None]
+    art = _PASS_ARTIFACTS.get(key)
+    if art is None:
+        with _SETTINGS_LOCK:
+            art = _PASS_ARTIFACTS.get(key)
+            if art is None:
+                if sum(k[0] == op for k in _PASS_ARTIFACTS) >= _PASS_GRAPHS:
+                    return False
+                graph = make_fx(lambda *xs: _pass_body(op)(*xs), tracing_mode='fake')(*args)
+                art = _PASS_ARTIFACTS[key] = torch._inductor.standalone_compile(
+                    graph, args, dynamic_shapes='from_example_inputs')
+    art(*args)
+    return True
 
 
 def _compiled(op, dst, src, scale=None):
@@ -370,18 +408,21 @@ def _compiled(op, dst, src, scale=None):
     Inductor's at most of it. The scale goes in as a zero-dim tensor of the higher of the two dtypes, the eager
     pass's product (a Python float would enter the graph in float64), made on the device (no copy from the host,
     which would wait for the stream). A shape beyond the pass's `_PASS_GRAPHS` graphs stays eager; where Inductor
-    cannot compile (no Triton, no C++ compiler), a warning, and the device's passes stay eager."""
+    cannot compile (no Triton, no C++ compiler), a warning, and the device's passes stay eager. With
+    `_STANDALONE_PASSES` on, through the pass's artifact for its tensors' layouts (`_standalone_pass`)."""
     if (not _switched_on(_COMPILED_PASSES, dst) or dst.numel() < _COMPILED_MIN_NUMEL or torch.compiler.is_compiling()
             or _exporting()):
         return False
     if scale is not None:
         scale = torch.full((), scale, dtype=torch.promote_types(src.dtype, dst.dtype), device=dst.device)
     try:
+        if _switched_on(_STANDALONE_PASSES, dst):
+            return _standalone_pass(op, dst, src.detach(), scale)
         with _room_for_graphs():
             _compiled_pass(op)(dst, src.detach(), scale)   # (detached: no guard on autograd state)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         return False
-    except torch._dynamo.exc.BackendCompilerFailed as e:
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as e:
         warnings.warn(f'myfla_gla: the layout passes stay eager on {dst.device.type}: Inductor cannot compile '
                       f'them here ({type(e).__name__}: {e})')
         _COMPILED_PASSES[dst.device.type] = False

@@ -23,7 +23,8 @@ slabs (its peak memory); a variant that names the slabs takes them for the forwa
 'narrow states' and 'wide states' turn `_NARROW_STATES` on (CUDA's default: the forward without gradients, which `run`
 times, stacks its chunk states in bf16) and off. Eager, 'slabs without gradients' sets `_SLAB_BYTES_WITHOUT_GRAD` to 64
 MiB (CUDA's default: two slabs at gpu1 for the forward `run` times; forward+backward stays in one slab) and 'one slab
-without gradients' takes it off.
+without gradients' takes it off; 'standalone passes' runs the compiled layout passes through `standalone_compile`'s
+artifacts (`_STANDALONE_PASSES`), also with the forward without gradients in one slab.
 
 `passes` times forms of the layout passes alone (see `passes`); `pass-host` (also without a GPU) the host's cost of
 a compiled pass's call and how many the op makes (see `pass_host`). `slabs` compares the eager forward without gradients in
@@ -100,7 +101,9 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'compiled passes': dict(passes=True), 'eager passes': dict(passes=False),
          'compiled passes, forward': dict(passes='forward'), 'compiled passes, into chunks': dict(passes='into'),
          'compiled passes, forward, slabs of 64 MiB': dict(passes='forward', one=True, slab=64 << 20, lean=True),
-         'slabs without gradients': dict(nograd_slab=64 << 20), 'one slab without gradients': dict(nograd_slab=None)}
+         'slabs without gradients': dict(nograd_slab=64 << 20), 'one slab without gradients': dict(nograd_slab=None),
+         'standalone passes': dict(standalone=True), 'standalone passes, one slab without gradients':
+         dict(standalone=True, nograd_slab=None)}
 for kw in EAGER.values():   # a variant that names the slabs names them for the forward without gradients too
     if 'slab' in kw:
         kw.setdefault('nograd_slab', kw['slab'])
@@ -112,7 +115,8 @@ DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda
                half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES.get('cuda'),
                lean=chunk._LEAN_FORWARD['cuda'], tf32=chunk._TF32_PRODUCTS.get('cuda', False),
                passes=chunk._COMPILED_PASSES.get('cuda', False), narrow=chunk._NARROW_STATES.get('cuda', False),
-               nograd_slab=chunk._SLAB_BYTES_WITHOUT_GRAD.get('cuda'))
+               nograd_slab=chunk._SLAB_BYTES_WITHOUT_GRAD.get('cuda'),
+               standalone=chunk._STANDALONE_PASSES.get('cuda', False))
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--compiled') + 1])}
 if '--eager' in sys.argv:
@@ -141,10 +145,11 @@ def _into_chunks(compiled):
 
 def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one'],
             slab=DEFAULT['slab'], lean=DEFAULT['lean'], tf32=DEFAULT['tf32'], passes=DEFAULT['passes'],
-            narrow=DEFAULT['narrow'], nograd_slab=DEFAULT['nograd_slab']):
+            narrow=DEFAULT['narrow'], nograd_slab=DEFAULT['nograd_slab'], standalone=DEFAULT['standalone']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
     chunk._ONE_PRODUCT['cuda'], chunk._LEAN_FORWARD['cuda'], chunk._TF32_PRODUCTS['cuda'] = one, lean, tf32
     chunk._COMPILED_PASSES['cuda'], chunk._NARROW_STATES['cuda'] = bool(passes), narrow
+    chunk._STANDALONE_PASSES['cuda'] = standalone
     chunk._backward = _eager_passes(_BACKWARD) if passes == 'forward' else _BACKWARD
     chunk._compiled = _into_chunks(_COMPILED) if passes == 'into' else _COMPILED
     for budgets, budget in ((chunk._SLAB_BYTES, slab), (chunk._SLAB_BYTES_WITHOUT_GRAD, nograd_slab)):
@@ -715,21 +720,24 @@ def pass_host():
     gpu1's g into a slab of chunk layout at B=1 T=4096 H=1 K=16 (64 chunks, 65536 elements: small enough that only the
     host counts) as the eager copy, as `_compiled` (the op's path), as the function `torch.compile`d called directly
     and as the same graph compiled by `torch._inductor.standalone_compile` (no Dynamo frame or guards: a caller would
-    key it by shapes, strides and dtypes itself). Then how many compiled passes the op's eager forward without
-    gradients (one and two slabs) and forward+backward run at that shape with CUDA's switches."""
+    key it by shapes, strides and dtypes itself), and as `_compiled` with `_STANDALONE_PASSES` on (the op's lookup of
+    such artifacts). Then how many compiled passes the op's eager forward without gradients (one and two slabs) and
+    forward+backward run at that shape with CUDA's switches, and the host's time of each call (fastest of five rounds
+    of 20 calls) with the passes through `torch.compile` and through the artifacts, alternately, twice."""
     from torch.fx.experimental.proxy_tensor import make_fx
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     torch.set_num_threads(1)
     src = torch.randn(1, 4096, 1, 16, dtype=torch.bfloat16, device=device).unflatten(1, (64, 64)).transpose(2, 3)
     dst = torch.empty(1, 64, 1, 64, 16, device=device)
     switches = (chunk._BROADCAST_ROWS, chunk._HALF_PRODUCTS, chunk._KEEP_STATES, chunk._ONE_PRODUCT, chunk._SLAB_BYTES,
-                chunk._LEAN_FORWARD, chunk._NARROW_STATES, chunk._COMPILED_PASSES, chunk._SLAB_BYTES_WITHOUT_GRAD)
+                chunk._LEAN_FORWARD, chunk._NARROW_STATES, chunk._COMPILED_PASSES, chunk._SLAB_BYTES_WITHOUT_GRAD,
+                chunk._STANDALONE_PASSES)
     before, min_numel = [dict(d) for d in switches], chunk._COMPILED_MIN_NUMEL
     for d in switches:
         d[device] = d.get('cuda')
     chunk._COMPILED_MIN_NUMEL = 1
 
-    def host_us(fn):
+    def host_us(fn, calls=2000):
         for _ in range(20):
             fn()
         best = float('inf')
@@ -737,9 +745,9 @@ def pass_host():
             if device == 'cuda':
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            for _ in range(2000):
+            for _ in range(calls):
                 fn()
-            best = min(best, (time.perf_counter() - start) / 2000)
+            best = min(best, (time.perf_counter() - start) / calls)
         return best * 1e6
 
     def copy(dst, src):
@@ -750,7 +758,9 @@ def pass_host():
         art = torch._inductor.standalone_compile(make_fx(copy)(dst, src), [dst, src],
                                                  dynamic_shapes='from_example_inputs')
         forms['standalone_compile'] = functools.partial(art, dst, src)
+    forms['_compiled, standalone passes'] = forms['_compiled']   # the op's path with `_STANDALONE_PASSES` on
     for name, fn in forms.items():
+        chunk._STANDALONE_PASSES[device] = name == '_compiled, standalone passes'
         dst.zero_()
         fn()
         exact = torch.equal(dst, src.float())
@@ -771,6 +781,17 @@ def pass_host():
         ran.clear()
         chunk_gla(*x, g1)[0].sum().backward()
         print(f'forward+backward: {len(ran)} compiled passes', flush=True)
+        chunk._compiled, fwd = compiled, lambda: chunk_gla(*x, g1)
+        for standalone in (False, True, False, True):   # the op's host time a call, each way twice
+            chunk._STANDALONE_PASSES[device] = standalone
+            times = []
+            for n, fn in ((1, fwd), (2, fwd), (0, lambda: fwd()[0].sum().backward())):   # n slabs; 0: with gradients
+                chunk._SLAB_BYTES_WITHOUT_GRAD[device] = 64 * 64 * 16 * 4 // n if n > 1 else None
+                with torch.set_grad_enabled(n == 0):
+                    times.append(host_us(fn, 20) / 1e3)
+            print(f"the op with {'standalone' if standalone else 'torch.compile'} passes: forward without gradients "
+                  f"{times[0]:.2f} ms in one slab, {times[1]:.2f} in two, forward+backward {times[2]:.2f} ms",
+                  flush=True)
     finally:
         chunk._compiled, chunk._COMPILED_MIN_NUMEL = compiled, min_numel
         for d, b in zip(switches, before):
