@@ -27,10 +27,11 @@ without gradients' takes it off; 'standalone passes' runs the compiled layout pa
 artifacts (`_STANDALONE_PASSES`), also with the forward without gradients in one slab.
 
 `passes` times forms of the layout passes alone (see `passes`); `pass-host` (also without a GPU) the host's cost of
-a compiled pass's call and how many the op makes (see `pass_host`). `slabs` compares the eager forward without gradients in
-one slab, in the slabs of 'slabs without gradients' (one host check for all slabs) and in the same slabs with a host
-check at each slab (as before `_lean_slabs`): time, the CUDA kernels' time and count, and the host's time to issue a
-call (see `slabs`); without a GPU, its peak at gpu1 and the host's time at a tiny shape on the CPU (`slabs_on_cpu`).
+a compiled pass's call and how many the op makes (see `pass_host`). `slabs` compares the eager forward without
+gradients in one slab, in the slabs of 'slabs without gradients' (one host check for all slabs) and in the same slabs
+with a host check at each slab (as before `_lean_slabs`): time, the CUDA kernels' time and count, and the host's time
+to issue a call (see `slabs`); without a GPU, its peak at gpu1 and the host's time at a tiny shape on the CPU
+(`slabs_on_cpu`).
 
 `before PATH` times the op of a copy of the package made before a change, imported as `myfla_gla_before` from the
 folder PATH (e.g. `git archive REV myfla_gla | tar x -C PATH && mv PATH/myfla_gla PATH/myfla_gla_before`), and this
@@ -298,13 +299,14 @@ def run(name, op):
 if 'stage' in sys.argv:   # also on a CPU (eager only there)
     stage('cuda' if torch.cuda.is_available() else 'cpu')
 @contextlib.contextmanager
-def cuda_path_on_cpu():
-    "Within the block, the op's per-device switches take their CUDA values for the CPU; restored after."
+def cuda_path_on_cpu(device='cpu', more=()):
+    """Within the block, the op's per-device switches (and the switches `more`) take their CUDA values for `device`;
+    restored after (on 'cuda' that is all it does)."""
     switches = (chunk._BROADCAST_ROWS, chunk._HALF_PRODUCTS, chunk._KEEP_STATES, chunk._ONE_PRODUCT, chunk._SLAB_BYTES,
-                chunk._LEAN_FORWARD)
+                chunk._LEAN_FORWARD, *more)
     before = [dict(d) for d in switches]
     for d in switches:
-        d['cpu'] = d.get('cuda')
+        d[device] = d.get('cuda')
     try:
         yield
     finally:
@@ -678,6 +680,11 @@ def history():
     del out
 
 
+def tiny_slabs(n):
+    "The slab budget that splits the 64 chunks of B=1 T=4096 H=1 K=V=16 into `n` slabs (None: one)."
+    return 64 * 64 * 16 * 4 // n if n > 1 else None
+
+
 def slabs_on_cpu():
     """`slabs` without a GPU, on the CPU's CUDA code path (one thread, denormals flushed: no floors, as on CUDA): the
     forward without gradients' peak memory at gpu1 (`bench._cpu_peak_bytes`) in one slab and in the slabs of 'slabs
@@ -690,7 +697,7 @@ def slabs_on_cpu():
     def inputs(B, T, H, K):
         g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16).bfloat16()
         return *(torch.randn(B, T, H, K, dtype=torch.bfloat16) for _ in range(3)), g
-    with cuda_path_on_cpu(), torch.no_grad():
+    with cuda_path_on_cpu(more=(chunk._SLAB_BYTES_WITHOUT_GRAD,)), torch.no_grad():
         x = inputs(4, 4096, 16, 128)
         for budget in (None, 64 << 20):
             chunk._SLAB_BYTES_WITHOUT_GRAD['cpu'] = budget
@@ -700,7 +707,7 @@ def slabs_on_cpu():
         for r in range(3):
             times = {}
             for n in (1, 2, 4):
-                chunk._SLAB_BYTES_WITHOUT_GRAD['cpu'] = 64 * 64 * 16 * 4 // n if n > 1 else None
+                chunk._SLAB_BYTES_WITHOUT_GRAD['cpu'] = tiny_slabs(n)
                 for _ in range(5):
                     chunk_gla(*x)
                 ts = []
@@ -711,7 +718,6 @@ def slabs_on_cpu():
                 times[n] = min(ts) * 1e3
             print(f'round {r + 1}, host time of a call: ' + ', '.join(f"{t:.2f} ms in {n} slab{'s' * (n > 1)}"
                                                                       for n, t in times.items()), flush=True)
-        chunk._SLAB_BYTES_WITHOUT_GRAD.pop('cpu', None)
 
 
 def pass_host():
@@ -724,18 +730,22 @@ def pass_host():
     such artifacts). Then how many compiled passes the op's eager forward without gradients (one and two slabs) and
     forward+backward run at that shape with CUDA's switches, and the host's time of each call (fastest of five rounds
     of 20 calls) with the passes through `torch.compile` and through the artifacts, alternately, twice."""
-    from torch.fx.experimental.proxy_tensor import make_fx
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     torch.set_num_threads(1)
+    more = (chunk._NARROW_STATES, chunk._COMPILED_PASSES, chunk._SLAB_BYTES_WITHOUT_GRAD, chunk._STANDALONE_PASSES)
+    min_numel = chunk._COMPILED_MIN_NUMEL
+    with cuda_path_on_cpu(device, more):
+        chunk._COMPILED_MIN_NUMEL = 1
+        try:
+            _pass_host(device)
+        finally:
+            chunk._COMPILED_MIN_NUMEL = min_numel
+
+
+def _pass_host(device):
+    from torch.fx.experimental.proxy_tensor import make_fx
     src = torch.randn(1, 4096, 1, 16, dtype=torch.bfloat16, device=device).unflatten(1, (64, 64)).transpose(2, 3)
     dst = torch.empty(1, 64, 1, 64, 16, device=device)
-    switches = (chunk._BROADCAST_ROWS, chunk._HALF_PRODUCTS, chunk._KEEP_STATES, chunk._ONE_PRODUCT, chunk._SLAB_BYTES,
-                chunk._LEAN_FORWARD, chunk._NARROW_STATES, chunk._COMPILED_PASSES, chunk._SLAB_BYTES_WITHOUT_GRAD,
-                chunk._STANDALONE_PASSES)
-    before, min_numel = [dict(d) for d in switches], chunk._COMPILED_MIN_NUMEL
-    for d in switches:
-        d[device] = d.get('cuda')
-    chunk._COMPILED_MIN_NUMEL = 1
 
     def host_us(fn, calls=2000):
         for _ in range(20):
@@ -750,13 +760,11 @@ def pass_host():
             best = min(best, (time.perf_counter() - start) / calls)
         return best * 1e6
 
-    def copy(dst, src):
-        dst.copy_(src)
     forms = {'eager copy': lambda: dst.copy_(src), '_compiled': lambda: chunk._compiled('copy', dst, src),
              'torch.compile, called directly': functools.partial(chunk._compiled_pass('copy'), dst, src, None)}
     if hasattr(torch._inductor, 'standalone_compile'):
-        art = torch._inductor.standalone_compile(make_fx(copy)(dst, src), [dst, src],
-                                                 dynamic_shapes='from_example_inputs')
+        graph = make_fx(lambda *xs: chunk._pass_body('copy')(*xs))(dst, src)
+        art = torch._inductor.standalone_compile(graph, [dst, src], dynamic_shapes='from_example_inputs')
         forms['standalone_compile'] = functools.partial(art, dst, src)
     forms['_compiled, standalone passes'] = forms['_compiled']   # the op's path with `_STANDALONE_PASSES` on
     for name, fn in forms.items():
@@ -764,14 +772,15 @@ def pass_host():
         dst.zero_()
         fn()
         exact = torch.equal(dst, src.float())
-        print(f"{name:32s} {host_us(fn):6.1f} us a call on {device}, the copy {'exact' if exact else 'WRONG'}", flush=True)
+        print(f"{name:32s} {host_us(fn):6.1f} us a call on {device}, the copy {'exact' if exact else 'WRONG'}",
+              flush=True)
     x = [torch.randn(1, 4096, 1, 16, dtype=torch.bfloat16, device=device, requires_grad=True) for _ in range(3)]
     g1 = (torch.nn.functional.logsigmoid(torch.randn(1, 4096, 1, 16, device=device)) / 16).bfloat16().requires_grad_()
     ran, compiled = [], chunk._compiled
     chunk._compiled = lambda *a: compiled(*a) and (ran.append(a[0]) or True)
     try:
         for n in (1, 2):
-            chunk._SLAB_BYTES_WITHOUT_GRAD[device] = 64 * 64 * 16 * 4 // n if n > 1 else None
+            chunk._SLAB_BYTES_WITHOUT_GRAD[device] = tiny_slabs(n)
             with torch.no_grad():
                 chunk_gla(*x, g1)
                 ran.clear()
@@ -786,17 +795,14 @@ def pass_host():
             chunk._STANDALONE_PASSES[device] = standalone
             times = []
             for n, fn in ((1, fwd), (2, fwd), (0, lambda: fwd()[0].sum().backward())):   # n slabs; 0: with gradients
-                chunk._SLAB_BYTES_WITHOUT_GRAD[device] = 64 * 64 * 16 * 4 // n if n > 1 else None
+                chunk._SLAB_BYTES_WITHOUT_GRAD[device] = tiny_slabs(n)
                 with torch.set_grad_enabled(n == 0):
                     times.append(host_us(fn, 20) / 1e3)
             print(f"the op with {'standalone' if standalone else 'torch.compile'} passes: forward without gradients "
                   f"{times[0]:.2f} ms in one slab, {times[1]:.2f} in two, forward+backward {times[2]:.2f} ms",
                   flush=True)
     finally:
-        chunk._compiled, chunk._COMPILED_MIN_NUMEL = compiled, min_numel
-        for d, b in zip(switches, before):
-            d.clear()
-            d.update(b)
+        chunk._compiled = compiled
 
 
 if 'memory' in sys.argv:
