@@ -288,22 +288,20 @@ def test_forward_without_gradients_stacks_the_states_in_the_products_dtype(cu, m
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize('keep, after', [(False, False), (True, 'compiled')])   # the CPU's switches, and CUDA's
-def test_compile_matches_eager(monkeypatch, keep, after):
+@pytest.mark.parametrize('keep', [False, True])
+def test_compile_matches_eager(monkeypatch, keep):
     """torch.compile(fullgraph=True) traces forward and backward (no graph break) and gives the eager numbers, through
     the chunked path, not the export path (Dynamo made `torch.compiler.is_exporting()` True before pytorch#176499).
     With the one-product stage 1 on (`_ONE_PRODUCT`), both branches of its `torch.cond`: weak gates (every chunk in one
     product), then the same shapes with head 1 at -25 a token (its chunks flagged, the levels). Chunks of 4 tokens
     (instead of 64 for this length): two dyadic levels to compile instead of six (m = 1 in its own form, m = 2 as
-    every later level), since Inductor's time grows with each level. With the CPU's switches (chunk states recomputed
-    for the backward, the decays from the cond) and CUDA's (the states kept, `_KEEP_STATES`; the decays made after
-    the forward's cond, `_DECAYS_AFTER_COND`)."""
+    every later level), since Inductor's time grows with each level. With the chunk states recomputed (the CPU's
+    default) and kept for the backward (`_KEEP_STATES`, CUDA's)."""
     def export_path(*args):
         raise AssertionError('torch.compile took the export path')
     monkeypatch.setattr(chunk_ops, '_gla_while_exporting', export_path)
     monkeypatch.setitem(chunk_ops._ONE_PRODUCT, 'cpu', True)
     monkeypatch.setitem(chunk_ops._KEEP_STATES, 'cpu', keep)
-    monkeypatch.setitem(chunk_ops._DECAYS_AFTER_COND, 'cpu', after)
     monkeypatch.setattr(chunk_ops, '_chunk_size', lambda T: 4)
     q, k, v, g = random_gla_inputs(2, 10, 2, 4, requires_grad=True)   # three chunks, the last one partial
     h0 = torch.rand(2, 2, 4, 4, requires_grad=True)
@@ -323,19 +321,6 @@ def test_compile_matches_eager(monkeypatch, keep, after):
         grads_ref = torch.autograd.grad(loss(ref), (q, k, v, gates, h0))
         for name, r, x in zip(NAMES, list(ref) + list(grads_ref), list(out) + list(grads)):
             assert_close(f'compiled {name}', r, x, 1e-6, err_atol=0)
-
-
-@pytest.mark.parametrize('normalizer', [1., 0.02])
-def test_chunk_decays(normalizer):
-    """`_chunk_decays` (the decays made after the forward's cond, `_DECAYS_AFTER_COND`) gives the dyadic levels'
-    `decay_q` and `decay_k` to float64's rounding, with strong gates too (each decay from its own partial sum, never a
-    difference of two)."""
-    g = torch.nn.functional.logsigmoid(torch.randn(2, 3, 2, 64, 16, dtype=torch.float64)) / normalizer   # [..., C, K]
-    q = k = torch.ones_like(g)
-    _, decay_q, decay_k = chunk_ops._intra_levels(q, k, g)
-    for want, got in zip((decay_q, decay_k), chunk_ops._chunk_decays(g)):
-        assert_close('decay', want, got, 1e-13, err_atol=0)
-        assert torch.allclose(got, want, rtol=1e-11, atol=0)
 
 
 @pytest.mark.compile

@@ -252,28 +252,6 @@ def _intra_one_product(q, k, g, prod=None, overwrite=False):
     return A.tril_(), decay_q, decay_k   # tril_ selects: the entries above (up to e^(2 span), maybe inf) vanish
 
 
-# per device type: True, False or 'compiled'. Stage 1's cond in the forward returns A alone, and the decays are made
-# after it (`_chunk_decays`), where Inductor can fuse them into the passes that read them instead of writing them
-# and reading them back (see the design notes). Not in the backward: made after its cond, from g, the decays read
-# g's memory after Inductor had written a branch's results there (its donated buffers, torch 2.13)
-_DECAYS_AFTER_COND = {}
-
-
-def _first(fn, n):
-    "`fn` returning only the first `n` of its results."
-    return lambda *args: fn(*args)[:n]
-
-
-def _chunk_decays(g):
-    """`decay_q` = exp(b) and `decay_k` = exp(b_last - b) `[..., C, K]` (floored, see `_floor`) with b the running sum
-    of g over the chunk `[..., C, K]`: from a prefix sum and an exclusive suffix sum, so that no exponent is the
-    difference of two large sums (with strong gates that would cost digits)."""
-    lo = _floor(g)
-    after = torch.nn.functional.pad(g[..., 1:, :], (0, 0, 0, 1))     # g_{t+1}, zero after the last
-    logs = g.cumsum(-2), after.flip(-2).cumsum(-2).flip(-2)          # b, b_last - b
-    return tuple((x if lo is None else x.clamp_min(math.log(lo))).exp() for x in logs)
-
-
 def _by_span(one, levels, flagged, args):
     """Stage 1 (or its backward) per chunk: `one(*args)` (one product) where the span allows it and `levels(*args)`
     (the dyadic levels) in the `flagged` chunks `[...]`; `args` start with q, k, g `[..., C, K]`, and the results are
@@ -320,19 +298,12 @@ def _intra_attention(q, k, g, overwrite=False, prod=None):
     """Stage 1, diagonal blocks: the intra-chunk attention `A` `[..., C, C]` (zero for s > t, unscaled) and the chunk's
     `decay_q` = exp(b), `decay_k` = exp(b_last - b) `[..., C, K]`, from q, k, g `[..., C, K]`. In one product per chunk
     where `_ONE_PRODUCT` is on and the chunk's span allows it, else over the dyadic levels (`_intra_levels`).
-    `overwrite`: `decay_q` may be built in g's memory (eager: a branch of `torch.cond` may not write its operands).
-    With `_DECAYS_AFTER_COND` on, `A` alone comes from the one product or the levels, and the decays from
-    `_chunk_decays`."""
+    `overwrite`: `decay_q` may be built in g's memory (eager: a branch of `torch.cond` may not write its operands)."""
     if not _switched_on(_ONE_PRODUCT, q):
         return _intra_levels(q, k, g, overwrite, prod)
-    after = _switched_on(_DECAYS_AFTER_COND, q)
-    overwrite = overwrite and not (torch.compiler.is_compiling() or after)
-    one = functools.partial(_intra_one_product, prod=prod, overwrite=overwrite)
-    levels = functools.partial(_intra_levels, overwrite=overwrite, prod=prod)
-    if after:
-        A, = _by_span(_first(one, 1), _first(levels, 1), _flagged(g, prod), (q, k, g))
-        return A, *_chunk_decays(g)
-    return _by_span(one, levels, _flagged(g, prod), (q, k, g))
+    overwrite = overwrite and not torch.compiler.is_compiling()
+    return _by_span(functools.partial(_intra_one_product, prod=prod, overwrite=overwrite),
+                    functools.partial(_intra_levels, overwrite=overwrite, prod=prod), _flagged(g, prod), (q, k, g))
 
 # %% ../../nbs/04_chunk.ipynb #6eab0a2d
 def _chunk_size(T):
