@@ -2,15 +2,16 @@
 
     python tests/gpu/chunk_leads.py [eager] [fla] [compile] [stage] [staged] [lean] [memory] [traffic] [cpu]
                                     [before PATH] [before-compiled PATH] [profile] [passes] [pass-host] [slabs]
-                                    [history] [--eager NAMES] [--compiled NAMES] [--json PATH]
+                                    [history] [--eager NAMES] [--compiled NAMES] [--rounds N] [--json PATH]
 
 `eager` times `chunk_gla`'s forward and forward+backward (`myfla_gla.bench.time_fn`: median of 20 calls, CUDA events),
 peak memory and error against the float64 recurrence for each switchable variant of `myfla_gla.ops.chunk`: the
 smallest levels as broadcast products (`_BROADCAST_ROWS`), the forward's chunk states kept for the backward
 (`_KEEP_STATES`), products of bf16 operands on tensor cores (`_HALF_PRODUCTS`). `fla` adds FLA's Triton `chunk_gla` (autotuned by its first calls, then timed the same way);
 `compile` the `torch.compile`d op for the variants in `COMPILED`; `--eager`/`--compiled` select variants by name (comma-
-separated). 'default' is the module's own setting; 'one product' and 'levels' turn the intra-chunk attention in one
-product where the chunk's span allows (`_ONE_PRODUCT`) on and off; 'one slab', 'slabs of 16 MiB', 'slabs of 32 MiB'
+separated); `--rounds N` times the eager variants N times in turn (the eager op is bound by the host, whose speed
+drifts between runs and processes). 'default' is the module's own setting; 'one product' and 'levels' turn the
+intra-chunk attention in one product where the chunk's span allows (`_ONE_PRODUCT`) on and off; 'one slab', 'slabs of 16 MiB', 'slabs of 32 MiB'
 and 'slabs of 64 MiB' set the eager forward's slab budget (`_SLAB_BYTES`; CUDA's default is one slab, 32 MiB is a
 quarter of the chunks here), with the levels; 'one product, one slab' and 'one product, slabs of 32 MiB' with the one
 product; 'usual forward, ...' and 'lean forward, ...' turn `_chunk_fwd_lean` (`_LEAN_FORWARD`) off and on with the one
@@ -831,9 +832,11 @@ fl = floor(4, 4096, 16, 128, 128, torch.bfloat16, 'cuda')
 print('floor', json.dumps(fl), flush=True)
 results.append(dict(name='floor', **fl))
 if 'eager' in sys.argv:
-    for name, kw in EAGER.items():
-        variant(**kw)
-        run(name, chunk_gla)
+    ROUNDS = int(sys.argv[sys.argv.index('--rounds') + 1]) if '--rounds' in sys.argv else 1
+    for i in range(ROUNDS):   # the variants in turn, round after round: a drift of the host's speed meets them all
+        for name, kw in EAGER.items():
+            variant(**kw)
+            run(name if ROUNDS == 1 else f'{name}, round {i + 1}', chunk_gla)
     variant()
 for mode in ('before', 'before-compiled'):   # `before PATH`: the op of the package copy `PATH/myfla_gla_before`
     if mode not in sys.argv:                 # against this one; `before-compiled PATH` the two compiled
