@@ -288,20 +288,22 @@ def test_forward_without_gradients_stacks_the_states_in_the_products_dtype(cu, m
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize('keep', [False, True])
-def test_compile_matches_eager(monkeypatch, keep):
+@pytest.mark.parametrize('keep, functional', [(False, False), (True, 'compiled')])
+def test_compile_matches_eager(monkeypatch, keep, functional):
     """torch.compile(fullgraph=True) traces forward and backward (no graph break) and gives the eager numbers, through
     the chunked path, not the export path (Dynamo made `torch.compiler.is_exporting()` True before pytorch#176499).
     With the one-product stage 1 on (`_ONE_PRODUCT`), both branches of its `torch.cond`: weak gates (every chunk in one
     product), then the same shapes with head 1 at -25 a token (its chunks flagged, the levels). Chunks of 4 tokens
     (instead of 64 for this length): two dyadic levels to compile instead of six (m = 1 in its own form, m = 2 as
     every later level), since Inductor's time grows with each level. With the chunk states recomputed (the CPU's
-    default) and kept for the backward (`_KEEP_STATES`, CUDA's)."""
+    default), and kept for the backward (`_KEEP_STATES`, CUDA's) with stage 1's factors as expressions
+    (`_FUNCTIONAL_FACTORS`; the states kept alone run in the GPU suite)."""
     def export_path(*args):
         raise AssertionError('torch.compile took the export path')
     monkeypatch.setattr(chunk_ops, '_gla_while_exporting', export_path)
     monkeypatch.setitem(chunk_ops._ONE_PRODUCT, 'cpu', True)
     monkeypatch.setitem(chunk_ops._KEEP_STATES, 'cpu', keep)
+    monkeypatch.setitem(chunk_ops._FUNCTIONAL_FACTORS, 'cpu', functional)
     monkeypatch.setattr(chunk_ops, '_chunk_size', lambda T: 4)
     q, k, v, g = random_gla_inputs(2, 10, 2, 4, requires_grad=True)   # three chunks, the last one partial
     h0 = torch.rand(2, 2, 4, 4, requires_grad=True)

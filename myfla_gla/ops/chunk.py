@@ -210,11 +210,22 @@ def _flagged(g, prod=None):
     return (g[..., 1:, :].sum(-2) < -2 * _SPAN_LIMIT[prod or g.dtype]).any(-1)
 
 
+# per device type: True, False or 'compiled'. Stage 1's factor `up` and the one product's operands as expressions
+# instead of writes in place into a fresh tensor and slices of it, which Inductor makes into float32 buffers of their
+# own before it casts the operands for the product (see the design notes); eager, the in-place forms save allocations
+_FUNCTIONAL_FACTORS = {}
+
+
 def _up(g, b):
     """`up` = exp(b - r) `[..., C, K]` in `b`'s memory (a fresh tensor, or g itself), with b = the gates summed from the
     chunk's second token (b_t - b_0) and r `[..., 1, K]` its midrange; returns (up, r, g_0), g_0 `[..., 1, K]` the
-    chunk's first gate. up lies within e^±span (see `_flagged`)."""
+    chunk's first gate. up lies within e^±span (see `_flagged`). With `_FUNCTIONAL_FACTORS` on, a new tensor (`b`
+    unused) from the same sums."""
     g0 = g[..., :1, :].clone()
+    if _switched_on(_FUNCTIONAL_FACTORS, g):
+        b = torch.nn.functional.pad(g[..., 1:, :].cumsum(-2), (0, 0, 1, 0))   # b_t - b_0: zero at the first token
+        r = b[..., -1:, :] * 0.5
+        return (b - r).exp(), r, g0
     if b is not g:
         b[..., 1:, :].copy_(g[..., 1:, :])                  # (no fill of a fresh tensor)
     b[..., :1, :] = 0
@@ -248,7 +259,10 @@ def _intra_one_product(q, k, g, prod=None, overwrite=False):
     """Stage 1 in one product: `A` = tril((q * exp(b - r)) (k * exp(r - b))^T) `[..., C, C]` and the chunk's `decay_q`,
     `decay_k` `[..., C, K]`, exact for chunks within the span limit (`_flagged`)."""
     decay_q, decay_k, up, down = _factors(g, overwrite)
-    A = _mm(up.mul_(q), down.mul_(k).transpose(-1, -2), prod)   # [..., C, C]
+    if _switched_on(_FUNCTIONAL_FACTORS, q):   # the operands made where `_mm` rounds them (see `_up`)
+        A = _mm(q * up, (k * down).transpose(-1, -2), prod)
+    else:
+        A = _mm(up.mul_(q), down.mul_(k).transpose(-1, -2), prod)   # [..., C, C]
     return A.tril_(), decay_q, decay_k   # tril_ selects: the entries above (up to e^(2 span), maybe inf) vanish
 
 

@@ -22,9 +22,10 @@ backward's eager), 'compiled passes, into chunks' on for the passes into the chu
 out of it eager, and the scaled ones); 'compiled passes, forward, slabs of 64 MiB' the forward's with the lean forward in
 slabs (its peak memory); a variant that names the slabs takes them for the forward without gradients too. Compiled,
 'narrow states' and 'wide states' turn `_NARROW_STATES` on (CUDA's default: the forward without gradients, which `run`
-times, stacks its chunk states in bf16) and off. Eager, 'slabs without gradients' sets `_SLAB_BYTES_WITHOUT_GRAD` to 64
-MiB (CUDA's default: two slabs at gpu1 for the forward `run` times; forward+backward stays in one slab) and 'one slab
-without gradients' takes it off; 'standalone passes' runs the compiled layout passes through `standalone_compile`'s
+times, stacks its chunk states in bf16) and off; 'functional factors' and 'in-place factors' turn
+`_FUNCTIONAL_FACTORS` on and off (stage 1's factor `up` and the one product's operands as expressions). Eager,
+'slabs without gradients' sets `_SLAB_BYTES_WITHOUT_GRAD` to 64 MiB (CUDA's default: two slabs at gpu1 for the
+forward `run` times; forward+backward stays in one slab) and 'one slab without gradients' takes it off; 'standalone passes' runs the compiled layout passes through `standalone_compile`'s
 artifacts (`_STANDALONE_PASSES`), also with the forward without gradients in one slab.
 
 `passes` times forms of the layout passes alone (see `passes`); `pass-host` (also without a GPU) the host's cost of
@@ -112,13 +113,15 @@ for kw in EAGER.values():   # a variant that names the slabs names them for the 
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
-            'one product': dict(one=True), 'narrow states': dict(narrow=True), 'wide states': dict(narrow=False)}
+            'one product': dict(one=True), 'narrow states': dict(narrow=True), 'wide states': dict(narrow=False),
+            'functional factors': dict(functional='compiled'), 'in-place factors': dict(functional=False)}
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
                half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES.get('cuda'),
                lean=chunk._LEAN_FORWARD['cuda'], tf32=chunk._TF32_PRODUCTS.get('cuda', False),
                passes=chunk._COMPILED_PASSES.get('cuda', False), narrow=chunk._NARROW_STATES.get('cuda', False),
                nograd_slab=chunk._SLAB_BYTES_WITHOUT_GRAD.get('cuda'),
-               standalone=chunk._STANDALONE_PASSES.get('cuda', False))
+               standalone=chunk._STANDALONE_PASSES.get('cuda', False),
+               functional=chunk._FUNCTIONAL_FACTORS.get('cuda', False))
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--compiled') + 1])}
 if '--eager' in sys.argv:
@@ -147,11 +150,12 @@ def _into_chunks(compiled):
 
 def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one'],
             slab=DEFAULT['slab'], lean=DEFAULT['lean'], tf32=DEFAULT['tf32'], passes=DEFAULT['passes'],
-            narrow=DEFAULT['narrow'], nograd_slab=DEFAULT['nograd_slab'], standalone=DEFAULT['standalone']):
+            narrow=DEFAULT['narrow'], nograd_slab=DEFAULT['nograd_slab'], standalone=DEFAULT['standalone'],
+            functional=DEFAULT['functional']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
     chunk._ONE_PRODUCT['cuda'], chunk._LEAN_FORWARD['cuda'], chunk._TF32_PRODUCTS['cuda'] = one, lean, tf32
     chunk._COMPILED_PASSES['cuda'], chunk._NARROW_STATES['cuda'] = bool(passes), narrow
-    chunk._STANDALONE_PASSES['cuda'] = standalone
+    chunk._STANDALONE_PASSES['cuda'], chunk._FUNCTIONAL_FACTORS['cuda'] = standalone, functional
     chunk._backward = _eager_passes(_BACKWARD) if passes == 'forward' else _BACKWARD
     chunk._compiled = _into_chunks(_COMPILED) if passes == 'into' else _COMPILED
     for budgets, budget in ((chunk._SLAB_BYTES, slab), (chunk._SLAB_BYTES_WITHOUT_GRAD, nograd_slab)):
