@@ -222,16 +222,16 @@ def _up(g, b):
     chunk's first gate. up lies within e^±span (see `_flagged`). With `_FUNCTIONAL_FACTORS` on, a new tensor (`b`
     unused) from the same sums."""
     g0 = g[..., :1, :].clone()
-    if _switched_on(_FUNCTIONAL_FACTORS, g):
+    functional = _switched_on(_FUNCTIONAL_FACTORS, g)
+    if functional:
         b = torch.nn.functional.pad(g[..., 1:, :].cumsum(-2), (0, 0, 1, 0))   # b_t - b_0: zero at the first token
-        r = b[..., -1:, :] * 0.5
-        return (b - r).exp(), r, g0
-    if b is not g:
-        b[..., 1:, :].copy_(g[..., 1:, :])                  # (no fill of a fresh tensor)
-    b[..., :1, :] = 0
-    b[..., 1:, :].cumsum_(-2)
+    else:
+        if b is not g:
+            b[..., 1:, :].copy_(g[..., 1:, :])              # (no fill of a fresh tensor)
+        b[..., :1, :] = 0
+        b[..., 1:, :].cumsum_(-2)
     r = b[..., -1:, :] * 0.5                                # b falls from 0: r is half its last value
-    return b.sub_(r).exp_(), r, g0
+    return (b - r).exp() if functional else b.sub_(r).exp_(), r, g0
 
 
 def _factors(g, overwrite=False):

@@ -11,8 +11,8 @@ smallest levels as broadcast products (`_BROADCAST_ROWS`), the forward's chunk s
 `compile` the `torch.compile`d op for the variants in `COMPILED`; `--eager`/`--compiled` select variants by name (comma-
 separated); `--rounds N` times the eager variants N times in turn (the eager op is bound by the host, whose speed
 drifts between runs and processes). 'default' is the module's own setting; 'one product' and 'levels' turn the
-intra-chunk attention in one product where the chunk's span allows (`_ONE_PRODUCT`) on and off; 'one slab', 'slabs of 16 MiB', 'slabs of 32 MiB'
-and 'slabs of 64 MiB' set the eager forward's slab budget (`_SLAB_BYTES`; CUDA's default is one slab, 32 MiB is a
+intra-chunk attention in one product where the chunk's span allows (`_ONE_PRODUCT`) on and off; 'one slab', 'slabs of
+16 MiB', 'slabs of 32 MiB' and 'slabs of 64 MiB' set the eager forward's slab budget (`_SLAB_BYTES`; CUDA's default is one slab, 32 MiB is a
 quarter of the chunks here), with the levels; 'one product, one slab' and 'one product, slabs of 32 MiB' with the one
 product; 'usual forward, ...' and 'lean forward, ...' turn `_chunk_fwd_lean` (`_LEAN_FORWARD`) off and on with the one
 product and the named slabs; 'kept states' and 'recomputed states' keep the forward's chunk states for the backward
@@ -25,8 +25,9 @@ slabs (its peak memory); a variant that names the slabs takes them for the forwa
 times, stacks its chunk states in bf16) and off; 'functional factors' and 'in-place factors' turn
 `_FUNCTIONAL_FACTORS` on and off (stage 1's factor `up` and the one product's operands as expressions). Eager,
 'slabs without gradients' sets `_SLAB_BYTES_WITHOUT_GRAD` to 64 MiB (CUDA's default: two slabs at gpu1 for the
-forward `run` times; forward+backward stays in one slab) and 'one slab without gradients' takes it off; 'standalone passes' runs the compiled layout passes through `standalone_compile`'s
-artifacts (`_STANDALONE_PASSES`), also with the forward without gradients in one slab.
+forward `run` times; forward+backward stays in one slab) and 'one slab without gradients' takes it off; 'standalone
+passes' runs the compiled layout passes through `standalone_compile`'s artifacts (`_STANDALONE_PASSES`), also with the
+forward without gradients in one slab.
 
 `passes` times forms of the layout passes alone (see `passes`); `pass-host` (also without a GPU) the host's cost of
 a compiled pass's call and how many the op makes (see `pass_host`). `slabs` compares the eager forward without
