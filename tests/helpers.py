@@ -23,10 +23,9 @@ def threads(n):
         torch.set_num_threads(before)
 
 
-def run_with_compiled_passes(monkeypatch, x, standalone=False, **kw):
+def run_with_compiled_passes(monkeypatch, x, **kw):
     """`chunk_gla`'s outputs and gradients on the op inputs `x` (`myfla_gla.testing.run_op`) with the layout passes
-    eager, and compiled (`_COMPILED_PASSES` on for x's device; through `torch._inductor.standalone_compile`'s artifacts
-    with `standalone`, `_STANDALONE_PASSES`), and the kinds of the passes compiled, in call order."""
+    eager, and compiled (`_COMPILED_PASSES` on for x's device), and the kinds of the passes compiled, in call order."""
     import myfla_gla.ops.chunk as chunk
     from myfla_gla import chunk_gla
     from myfla_gla.testing import run_op
@@ -34,7 +33,6 @@ def run_with_compiled_passes(monkeypatch, x, standalone=False, **kw):
     monkeypatch.setitem(chunk._COMPILED_PASSES, device, False)
     eager = run_op(chunk_gla, x, **kw)
     monkeypatch.setitem(chunk._COMPILED_PASSES, device, True)
-    monkeypatch.setitem(chunk._STANDALONE_PASSES, device, standalone)
     monkeypatch.setattr(chunk, '_COMPILED_MIN_NUMEL', 0)
     ran, compiled = [], chunk._compiled
     monkeypatch.setattr(chunk, '_compiled', lambda op, *args: compiled(op, *args) and (ran.append(op) or True))

@@ -288,22 +288,20 @@ def test_forward_without_gradients_stacks_the_states_in_the_products_dtype(cu, m
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize('keep, functional', [(False, False), (True, 'compiled')])
-def test_compile_matches_eager(monkeypatch, keep, functional):
+@pytest.mark.parametrize('keep', [False, True])
+def test_compile_matches_eager(monkeypatch, keep):
     """torch.compile(fullgraph=True) traces forward and backward (no graph break) and gives the eager numbers, through
     the chunked path, not the export path (Dynamo made `torch.compiler.is_exporting()` True before pytorch#176499).
     With the one-product stage 1 on (`_ONE_PRODUCT`), both branches of its `torch.cond`: weak gates (every chunk in one
     product), then the same shapes with head 1 at -25 a token (its chunks flagged, the levels). Chunks of 4 tokens
     (instead of 64 for this length): two dyadic levels to compile instead of six (m = 1 in its own form, m = 2 as
     every later level), since Inductor's time grows with each level. With the chunk states recomputed (the CPU's
-    default), and kept for the backward (`_KEEP_STATES`, CUDA's) with stage 1's factors as expressions
-    (`_FUNCTIONAL_FACTORS`; the states kept alone run in the GPU suite)."""
+    default) and kept for the backward (`_KEEP_STATES`, CUDA's)."""
     def export_path(*args):
         raise AssertionError('torch.compile took the export path')
     monkeypatch.setattr(chunk_ops, '_gla_while_exporting', export_path)
     monkeypatch.setitem(chunk_ops._ONE_PRODUCT, 'cpu', True)
     monkeypatch.setitem(chunk_ops._KEEP_STATES, 'cpu', keep)
-    monkeypatch.setitem(chunk_ops._FUNCTIONAL_FACTORS, 'cpu', functional)
     monkeypatch.setattr(chunk_ops, '_chunk_size', lambda T: 4)
     q, k, v, g = random_gla_inputs(2, 10, 2, 4, requires_grad=True)   # three chunks, the last one partial
     h0 = torch.rand(2, 2, 4, 4, requires_grad=True)
@@ -326,39 +324,29 @@ def test_compile_matches_eager(monkeypatch, keep, functional):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize('slab, standalone', [(None, False), (1, False), (None, True), (1, True)])
-def test_compiled_passes(monkeypatch, slab, standalone):
+@pytest.mark.parametrize('slab', [None, 1])
+def test_compiled_passes(monkeypatch, slab):
     """The layout passes compiled by Inductor (`_COMPILED_PASSES`) give the eager passes' numbers bitwise: output,
     final state and every gradient of bf16 inputs with a scale, two whole chunks and a part one, with CUDA's switches
     on one CPU thread (the lean forward's product with q where it lies, the kept states), in one slab (every
-    whole-chunk pass compiled) and in slabs of one chunk (into and out of slices of the buffers); through
-    `torch.compile` and through `standalone_compile`'s artifacts (`_STANDALONE_PASSES`). Where Inductor fails, a
-    warning, the switch off and the eager numbers."""
+    whole-chunk pass compiled) and in slabs of one chunk (into and out of slices of the buffers), each pass through
+    its `standalone_compile` artifact. Where Inductor fails, a warning, the switch off and the eager numbers."""
     for name, on in (('_ONE_PRODUCT', True), ('_LEAN_FORWARD', True), ('_KEEP_STATES', True), ('_SLAB_BYTES', slab)):
         monkeypatch.setitem(getattr(chunk_ops, name), 'cpu', on)
     monkeypatch.setattr(chunk_ops, '_PASS_ARTIFACTS', {})
     x = op_inputs('cpu', torch.bfloat16, 2, 150, 2, 16, 8)
-    dynamo_settings = lambda: torch._dynamo.config.recompile_limit
     with threads(1):
-        before = dynamo_settings()
-        eager, compiled, ran = run_with_compiled_passes(monkeypatch, x, standalone, scale=0.3)
-        assert dynamo_settings() == before   # global: restored
+        eager, compiled, ran = run_with_compiled_passes(monkeypatch, x, scale=0.3)
         # q (k's division by up stays eager); g, v, o, q, k, v, g, do, dq, dk, dv, dg: in slabs the two whole ones'
         assert (ran.count('mul'), ran.count('copy')) == ((1, 12) if slab is None else (2, 24)), ran
-        assert (len(chunk_ops._PASS_ARTIFACTS) > 0) == standalone
+        assert {key[0] for key in chunk_ops._PASS_ARTIFACTS} == set(ran)   # through artifacts of both kinds
         for name in NAMES[:6]:
             assert torch.equal(eager[name], compiled[name]), name
 
         def fails(*args, **kwargs):   # Inductor without a compiler, as `standalone_compile` reports it
             raise torch._inductor.exc.InductorError(RuntimeError('no compiler'), None)
-
-        def fails_in_dynamo(op):      # and as a `torch.compile`d function does
-            def run(*args):
-                raise torch._dynamo.exc.BackendCompilerFailed(run, RuntimeError('no compiler'), None)
-            return run
         monkeypatch.setattr(chunk_ops, '_PASS_ARTIFACTS', {})
         monkeypatch.setattr(torch._inductor, 'standalone_compile', fails)
-        monkeypatch.setattr(chunk_ops, '_compiled_pass', fails_in_dynamo)
         with pytest.warns(UserWarning, match=r'(?s)layout passes stay eager on cpu.*no compiler'):
             out = run_op(chunk_gla, x, scale=0.3)
     assert chunk_ops._COMPILED_PASSES['cpu'] is False
@@ -367,36 +355,33 @@ def test_compiled_passes(monkeypatch, slab, standalone):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize('standalone', [False, True])
-def test_compiled_pass_limits(monkeypatch, standalone):
+def test_compiled_pass_limits(monkeypatch):
     """A layout pass is compiled only where it has at least `_COMPILED_MIN_NUMEL` elements and for the first
-    `_PASS_GRAPHS` graphs (shapes, dtypes, layouts) of its kind; elsewhere `_compiled` returns False, and the caller
-    runs the eager pass. Shapes compiled before keep their graphs; Dynamo's setting is restored. The same through
-    `standalone_compile`'s artifacts (`_STANDALONE_PASSES`)."""
-    torch._dynamo.reset()   # (graphs of other tests count against the limit)
+    `_PASS_GRAPHS` layouts (shapes, dtypes, strides) of its kind; elsewhere `_compiled` returns False, and the caller
+    runs the eager pass. Layouts compiled before keep their artifacts; on a PyTorch without `standalone_compile`
+    every pass stays eager."""
     monkeypatch.setitem(chunk_ops._COMPILED_PASSES, 'cpu', True)
-    monkeypatch.setitem(chunk_ops._STANDALONE_PASSES, 'cpu', standalone)
     monkeypatch.setattr(chunk_ops, '_PASS_ARTIFACTS', {})
     monkeypatch.setattr(chunk_ops, '_COMPILED_MIN_NUMEL', 64)
     monkeypatch.setattr(chunk_ops, '_PASS_GRAPHS', 2)
-    limit, ran = torch._dynamo.config.recompile_limit, []
+    ran = []
     for n in (2, 8, 16, 24, 16, 8):   # [n, 4, 4] from a transposed bf16 source; the first under the size
         src, dst = torch.randn(4, n, 4).bfloat16().transpose(0, 1), torch.full((n, 4, 4), torch.nan)
         ran.append(chunk_ops._compiled('copy', dst, src))
         assert torch.equal(dst, src.float()) if ran[-1] else dst.isnan().all()
-    assert ran == [False, True, True, False, True, True]   # (a graph for the small one would leave no room for 16)
-    assert torch._dynamo.config.recompile_limit == limit
-    assert len(chunk_ops._PASS_ARTIFACTS) == (2 if standalone else 0)
-    torch._dynamo.reset()
+    assert ran == [False, True, True, False, True, True]   # (an artifact for the small one would leave no room for 16)
+    assert len(chunk_ops._PASS_ARTIFACTS) == 2
+    monkeypatch.delattr(torch._inductor, 'standalone_compile')
+    src, dst = torch.randn(4, 8, 4).bfloat16().transpose(0, 1), torch.full((8, 4, 4), torch.nan)
+    assert not chunk_ops._compiled('copy', dst, src) and dst.isnan().all()
 
 
 @pytest.mark.compile
-def test_standalone_pass_layouts(monkeypatch):
-    """A pass's artifact (`_STANDALONE_PASSES`) serves only the layout it was compiled for: the same shape with other
+def test_compiled_pass_layouts(monkeypatch):
+    """A pass's artifact (`_PASS_ARTIFACTS`) serves only the layout it was compiled for: the same shape with other
     strides, another dtype, a scale, or a destination off 16-byte alignment (a slice one float in) each get their own,
     and each gives the eager pass's numbers; a layout seen before takes its artifact again."""
     monkeypatch.setitem(chunk_ops._COMPILED_PASSES, 'cpu', True)
-    monkeypatch.setitem(chunk_ops._STANDALONE_PASSES, 'cpu', True)
     monkeypatch.setattr(chunk_ops, '_PASS_ARTIFACTS', {})
     monkeypatch.setattr(chunk_ops, '_COMPILED_MIN_NUMEL', 1)
     src = torch.randn(3, 8, 4).bfloat16()
@@ -413,6 +398,37 @@ def test_standalone_pass_layouts(monkeypatch):
         assert chunk_ops._compiled(op, dst, s, scale)
         assert torch.equal(dst, want), i
         assert len(chunk_ops._PASS_ARTIFACTS) == min(i + 1, len(cases) - 1), i
+
+
+@pytest.mark.compile
+def test_compiled_pass_threads(monkeypatch):
+    """Threads that meet a new layout at once compile its artifact once (`_PASS_ARTIFACTS` is filled under a lock) and
+    each gets the eager pass's numbers."""
+    import threading
+    monkeypatch.setitem(chunk_ops._COMPILED_PASSES, 'cpu', True)
+    monkeypatch.setattr(chunk_ops, '_PASS_ARTIFACTS', {})
+    monkeypatch.setattr(chunk_ops, '_COMPILED_MIN_NUMEL', 1)
+    compile_, compiles = torch._inductor.standalone_compile, []
+
+    def counted(*args, **kwargs):
+        compiles.append(1)
+        return compile_(*args, **kwargs)
+    monkeypatch.setattr(torch._inductor, 'standalone_compile', counted)
+    src = torch.randn(3, 8, 4).bfloat16().transpose(0, 1)
+    dsts, ran = [torch.full((8, 3, 4), torch.nan) for _ in range(4)], []
+    start = threading.Barrier(len(dsts))
+
+    def work(dst):
+        start.wait()
+        ran.append(chunk_ops._compiled('copy', dst, src))
+    workers = [threading.Thread(target=work, args=(dst,)) for dst in dsts]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert ran == [True] * len(dsts) and len(compiles) == 1
+    for dst in dsts:
+        assert torch.equal(dst, src.float())
 
 
 def test_env_switch(monkeypatch):

@@ -210,28 +210,17 @@ def _flagged(g, prod=None):
     return (g[..., 1:, :].sum(-2) < -2 * _SPAN_LIMIT[prod or g.dtype]).any(-1)
 
 
-# per device type: True, False or 'compiled'. Stage 1's factor `up` and the one product's operands as expressions
-# instead of writes in place into a fresh tensor and slices of it, which Inductor makes into float32 buffers of their
-# own before it casts the operands for the product (see the design notes); eager, the in-place forms save allocations
-_FUNCTIONAL_FACTORS = {}
-
-
 def _up(g, b):
     """`up` = exp(b - r) `[..., C, K]` in `b`'s memory (a fresh tensor, or g itself), with b = the gates summed from the
     chunk's second token (b_t - b_0) and r `[..., 1, K]` its midrange; returns (up, r, g_0), g_0 `[..., 1, K]` the
-    chunk's first gate. up lies within e^±span (see `_flagged`). With `_FUNCTIONAL_FACTORS` on, a new tensor (`b`
-    unused) from the same sums."""
+    chunk's first gate. up lies within e^±span (see `_flagged`)."""
     g0 = g[..., :1, :].clone()
-    functional = _switched_on(_FUNCTIONAL_FACTORS, g)
-    if functional:
-        b = torch.nn.functional.pad(g[..., 1:, :].cumsum(-2), (0, 0, 1, 0))   # b_t - b_0: zero at the first token
-    else:
-        if b is not g:
-            b[..., 1:, :].copy_(g[..., 1:, :])              # (no fill of a fresh tensor)
-        b[..., :1, :] = 0
-        b[..., 1:, :].cumsum_(-2)
+    if b is not g:
+        b[..., 1:, :].copy_(g[..., 1:, :])                  # (no fill of a fresh tensor)
+    b[..., :1, :] = 0
+    b[..., 1:, :].cumsum_(-2)
     r = b[..., -1:, :] * 0.5                                # b falls from 0: r is half its last value
-    return (b - r).exp() if functional else b.sub_(r).exp_(), r, g0
+    return b.sub_(r).exp_(), r, g0
 
 
 def _factors(g, overwrite=False):
@@ -259,10 +248,7 @@ def _intra_one_product(q, k, g, prod=None, overwrite=False):
     """Stage 1 in one product: `A` = tril((q * exp(b - r)) (k * exp(r - b))^T) `[..., C, C]` and the chunk's `decay_q`,
     `decay_k` `[..., C, K]`, exact for chunks within the span limit (`_flagged`)."""
     decay_q, decay_k, up, down = _factors(g, overwrite)
-    if _switched_on(_FUNCTIONAL_FACTORS, q):   # the operands made where `_mm` rounds them (see `_up`)
-        A = _mm(q * up, (k * down).transpose(-1, -2), prod)
-    else:
-        A = _mm(up.mul_(q), down.mul_(k).transpose(-1, -2), prod)   # [..., C, C]
+    A = _mm(up.mul_(q), down.mul_(k).transpose(-1, -2), prod)   # [..., C, C]
     return A.tril_(), decay_q, decay_k   # tril_ selects: the entries above (up to e^(2 span), maybe inf) vanish
 
 
@@ -342,27 +328,12 @@ def _env_switch(name, default):
 
 
 # per device type: the fixed grid's layout passes of whole chunks as Inductor kernels (`_compiled`; a part chunk's
-# few rows stay eager, which spares a graph per layout); MYFLA_GLA_COMPILED_PASSES=0 or 1 turns them off or on for
-# CUDA (on by default: on an H100 the eager forward and forward+backward took 0.92x the time; see the design notes)
+# few rows stay eager, which spares a kernel per layout); MYFLA_GLA_COMPILED_PASSES=0 or 1 turns them off or on for
+# CUDA (on by default: on an H100 the eager forward and forward+backward took 0.92x the time through `torch.compile`,
+# and its artifacts took the forward+backward's from 11.5-11.7 ms to 10.3-10.9; see the design notes)
 _COMPILED_PASSES = {'cuda': _env_switch('MYFLA_GLA_COMPILED_PASSES', True)}
 _COMPILED_MIN_NUMEL = 1 << 20   # smaller passes stay eager: they take microseconds, a compilation seconds
-_PASS_GRAPHS = 64               # graphs (shapes, dtypes, layouts) of each pass kind; passes beyond them stay eager
-
-
-_SETTINGS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _room_for_graphs():
-    """Within the block Dynamo keeps up to `_PASS_GRAPHS` graphs of a compiled function. The setting is global: set
-    and restored under a lock (threads would otherwise restore each other's), directly (PyTorch's `patch` costs three
-    times as much, on every call)."""
-    with _SETTINGS_LOCK:
-        before, torch._dynamo.config.recompile_limit = torch._dynamo.config.recompile_limit, _PASS_GRAPHS
-        try:
-            yield
-        finally:
-            torch._dynamo.config.recompile_limit = before
+_PASS_GRAPHS = 64               # artifacts (shapes, dtypes, layouts) of each pass kind; passes beyond them stay eager
 
 
 def _pass_body(op):
@@ -376,19 +347,11 @@ def _pass_body(op):
     return {'copy': copy, 'mul': mul}[op]
 
 
-@functools.cache
-def _compiled_pass(op):
-    """`_pass_body(op)` as the function Inductor compiles for each shape, dtype and layout (static shapes: its kernel
-    for every shape at once ran at a third of the static kernel's rate on an H100)."""
-    return torch.compile(_pass_body(op), dynamic=False, fullgraph=True)
-
-
-# per device type: `_compiled` runs each pass as an artifact of `torch._inductor.standalone_compile`, compiled once per
-# layout of its tensors and looked up here, instead of through `torch.compile`, whose frame and guards cost the host
-# several times the artifact's call (on a CPU 76-95 against 23-41 µs a pass). Off: not yet timed on a GPU (design
-# notes)
-_STANDALONE_PASSES = {}
+# Each pass runs as an artifact of `torch._inductor.standalone_compile`, compiled once per layout of its tensors and
+# looked up here; `torch.compile`'s frame and guards cost the host several times the artifact's call (on a CPU 76-95
+# against 23-41 µs a pass), and the eager op is bound by the host (see the design notes)
 _PASS_ARTIFACTS = {}   # (op, `_layout` of dst, src and scale) -> artifact; at most `_PASS_GRAPHS` of each op
+_ARTIFACTS_LOCK = threading.Lock()
 
 
 def _layout(x):
@@ -396,14 +359,15 @@ def _layout(x):
     return None if x is None else (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0)
 
 
-def _standalone_pass(op, dst, src, scale):
+def _compiled_pass(op, dst, src, scale):
     """`_pass_body(op)(dst, src, scale)` by its artifact for these tensors' layouts (`_PASS_ARTIFACTS`), compiled on
-    first use from the pass traced with fake tensors (nothing runs while it is traced); False, and nothing run, where
-    `op` has `_PASS_GRAPHS` artifacts already."""
+    first use from the pass traced with fake tensors (nothing runs while it is traced; static shapes: Inductor's
+    kernel for every shape at once ran at a third of the static kernel's rate on an H100); False, and nothing run,
+    where `op` has `_PASS_GRAPHS` artifacts already."""
     key, args = (op, _layout(dst), _layout(src), _layout(scale)), [x for x in (dst, src, scale) if x is not None]
     art = _PASS_ARTIFACTS.get(key)
     if art is None:
-        with _SETTINGS_LOCK:
+        with _ARTIFACTS_LOCK:
             art = _PASS_ARTIFACTS.get(key)
             if art is None:
                 if sum(k[0] == op for k in _PASS_ARTIFACTS) >= _PASS_GRAPHS:
@@ -416,32 +380,26 @@ def _standalone_pass(op, dst, src, scale):
 
 
 def _compiled(op, dst, src, scale=None):
-    """Runs the pass `op` of `_compiled_pass` where `_COMPILED_PASSES` is on for `dst`'s device and the pass has at
-    least `_COMPILED_MIN_NUMEL` elements, in eager mode (a graph of the caller's fuses it anyway); True if it ran.
-    PyTorch's eager kernels for a transposed operand or a cast run at about half the memory's rate on an H100,
-    Inductor's at most of it. The scale goes in as a zero-dim tensor of the higher of the two dtypes, the eager
-    pass's product (a Python float would enter the graph in float64), made on the device (no copy from the host,
-    which would wait for the stream). A shape beyond the pass's `_PASS_GRAPHS` graphs stays eager; where Inductor
-    cannot compile (no Triton, no C++ compiler), a warning, and the device's passes stay eager. With
-    `_STANDALONE_PASSES` on, through the pass's artifact for its tensors' layouts (`_standalone_pass`)."""
+    """Runs the pass `op` through its artifact (`_compiled_pass`) where `_COMPILED_PASSES` is on for `dst`'s device
+    and the pass has at least `_COMPILED_MIN_NUMEL` elements, in eager mode (a graph of the caller's fuses it anyway);
+    True if it ran. PyTorch's eager kernels for a transposed operand or a cast run at about half the memory's rate on
+    an H100, Inductor's at most of it. The scale goes in as a zero-dim tensor of the higher of the two dtypes, the
+    eager pass's product (a Python float would enter the graph in float64), made on the device (no copy from the
+    host, which would wait for the stream). A layout beyond the pass's `_PASS_GRAPHS` artifacts stays eager; where
+    Inductor cannot compile (no Triton, no C++ compiler), a warning, and the device's passes stay eager; so do they
+    all on a PyTorch without `standalone_compile`."""
     if (not _switched_on(_COMPILED_PASSES, dst) or dst.numel() < _COMPILED_MIN_NUMEL or torch.compiler.is_compiling()
-            or _exporting()):
+            or _exporting() or not hasattr(torch._inductor, 'standalone_compile')):
         return False
     if scale is not None:
         scale = torch.full((), scale, dtype=torch.promote_types(src.dtype, dst.dtype), device=dst.device)
     try:
-        if _switched_on(_STANDALONE_PASSES, dst):
-            return _standalone_pass(op, dst, src.detach(), scale)
-        with _room_for_graphs():
-            _compiled_pass(op)(dst, src.detach(), scale)   # (detached: no guard on autograd state)
-    except torch._dynamo.exc.FailOnRecompileLimitHit:
-        return False
+        return _compiled_pass(op, dst, src.detach(), scale)
     except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as e:
         warnings.warn(f'myfla_gla: the layout passes stay eager on {dst.device.type}: Inductor cannot compile '
                       f'them here ({type(e).__name__}: {e})')
         _COMPILED_PASSES[dst.device.type] = False
         return False
-    return True
 
 
 def _copy(dst, src, scale=None):

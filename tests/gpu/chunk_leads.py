@@ -22,12 +22,9 @@ backward's eager), 'compiled passes, into chunks' on for the passes into the chu
 out of it eager, and the scaled ones); 'compiled passes, forward, slabs of 64 MiB' the forward's with the lean forward in
 slabs (its peak memory); a variant that names the slabs takes them for the forward without gradients too. Compiled,
 'narrow states' and 'wide states' turn `_NARROW_STATES` on (CUDA's default: the forward without gradients, which `run`
-times, stacks its chunk states in bf16) and off; 'functional factors' and 'in-place factors' turn
-`_FUNCTIONAL_FACTORS` on and off (stage 1's factor `up` and the one product's operands as expressions). Eager,
+times, stacks its chunk states in bf16) and off. Eager,
 'slabs without gradients' sets `_SLAB_BYTES_WITHOUT_GRAD` to 64 MiB (CUDA's default: two slabs at gpu1 for the
-forward `run` times; forward+backward stays in one slab) and 'one slab without gradients' takes it off; 'standalone
-passes' runs the compiled layout passes through `standalone_compile`'s artifacts (`_STANDALONE_PASSES`), also with the
-forward without gradients in one slab.
+forward `run` times; forward+backward stays in one slab) and 'one slab without gradients' takes it off.
 
 `passes` times forms of the layout passes alone (see `passes`); `pass-host` (also without a GPU) the host's cost of
 a compiled pass's call and how many the op makes (see `pass_host`). `slabs` compares the eager forward without
@@ -105,24 +102,19 @@ EAGER = {'dyadic levels': dict(rows=0, keep=False, one=False), 'broadcast m<=1':
          'compiled passes': dict(passes=True), 'eager passes': dict(passes=False),
          'compiled passes, forward': dict(passes='forward'), 'compiled passes, into chunks': dict(passes='into'),
          'compiled passes, forward, slabs of 64 MiB': dict(passes='forward', one=True, slab=64 << 20, lean=True),
-         'slabs without gradients': dict(nograd_slab=64 << 20), 'one slab without gradients': dict(nograd_slab=None),
-         'standalone passes': dict(standalone=True), 'standalone passes, one slab without gradients':
-         dict(standalone=True, nograd_slab=None)}
+         'slabs without gradients': dict(nograd_slab=64 << 20), 'one slab without gradients': dict(nograd_slab=None)}
 for kw in EAGER.values():   # a variant that names the slabs names them for the forward without gradients too
     if 'slab' in kw:
         kw.setdefault('nograd_slab', kw['slab'])
 COMPILED = {'dyadic levels': dict(rows=0, keep=False, one=False),
             'broadcast m<=4, kept states': dict(rows=4, keep=True, one=False), 'default': {},
             'float32 products': dict(half=False), 'bf16 products': dict(half=True), 'levels': dict(one=False),
-            'one product': dict(one=True), 'narrow states': dict(narrow=True), 'wide states': dict(narrow=False),
-            'functional factors': dict(functional='compiled'), 'in-place factors': dict(functional=False)}
+            'one product': dict(one=True), 'narrow states': dict(narrow=True), 'wide states': dict(narrow=False)}
 DEFAULT = dict(rows=chunk._BROADCAST_ROWS['cuda'], keep=chunk._KEEP_STATES['cuda'],
                half=chunk._HALF_PRODUCTS['cuda'], one=chunk._ONE_PRODUCT['cuda'], slab=chunk._SLAB_BYTES.get('cuda'),
                lean=chunk._LEAN_FORWARD['cuda'], tf32=chunk._TF32_PRODUCTS.get('cuda', False),
                passes=chunk._COMPILED_PASSES.get('cuda', False), narrow=chunk._NARROW_STATES.get('cuda', False),
-               nograd_slab=chunk._SLAB_BYTES_WITHOUT_GRAD.get('cuda'),
-               standalone=chunk._STANDALONE_PASSES.get('cuda', False),
-               functional=chunk._FUNCTIONAL_FACTORS.get('cuda', False))
+               nograd_slab=chunk._SLAB_BYTES_WITHOUT_GRAD.get('cuda'))
 if '--compiled' in sys.argv:   # a comma-separated selection of COMPILED
     COMPILED = {k: COMPILED[k] for k in re.split(r',(?! )', sys.argv[sys.argv.index('--compiled') + 1])}
 if '--eager' in sys.argv:
@@ -151,12 +143,10 @@ def _into_chunks(compiled):
 
 def variant(rows=DEFAULT['rows'], keep=DEFAULT['keep'], half=DEFAULT['half'], one=DEFAULT['one'],
             slab=DEFAULT['slab'], lean=DEFAULT['lean'], tf32=DEFAULT['tf32'], passes=DEFAULT['passes'],
-            narrow=DEFAULT['narrow'], nograd_slab=DEFAULT['nograd_slab'], standalone=DEFAULT['standalone'],
-            functional=DEFAULT['functional']):
+            narrow=DEFAULT['narrow'], nograd_slab=DEFAULT['nograd_slab']):
     chunk._BROADCAST_ROWS['cuda'], chunk._KEEP_STATES['cuda'], chunk._HALF_PRODUCTS['cuda'] = rows, keep, half
     chunk._ONE_PRODUCT['cuda'], chunk._LEAN_FORWARD['cuda'], chunk._TF32_PRODUCTS['cuda'] = one, lean, tf32
     chunk._COMPILED_PASSES['cuda'], chunk._NARROW_STATES['cuda'] = bool(passes), narrow
-    chunk._STANDALONE_PASSES['cuda'], chunk._FUNCTIONAL_FACTORS['cuda'] = standalone, functional
     chunk._backward = _eager_passes(_BACKWARD) if passes == 'forward' else _BACKWARD
     chunk._compiled = _into_chunks(_COMPILED) if passes == 'into' else _COMPILED
     for budgets, budget in ((chunk._SLAB_BYTES, slab), (chunk._SLAB_BYTES_WITHOUT_GRAD, nograd_slab)):
@@ -730,15 +720,14 @@ def pass_host():
     """The host's cost of a layout pass compiled by Inductor (`_compiled`), on the GPU where there is one, else on the
     CPU: microseconds a call (fastest of five rounds of 2000 calls, no synchronisation inside a round) of a copy of
     gpu1's g into a slab of chunk layout at B=1 T=4096 H=1 K=16 (64 chunks, 65536 elements: small enough that only the
-    host counts) as the eager copy, as `_compiled` (the op's path), as the function `torch.compile`d called directly
-    and as the same graph compiled by `torch._inductor.standalone_compile` (no Dynamo frame or guards: a caller would
-    key it by shapes, strides and dtypes itself), and as `_compiled` with `_STANDALONE_PASSES` on (the op's lookup of
-    such artifacts). Then how many compiled passes the op's eager forward without gradients (one and two slabs) and
+    host counts) as the eager copy, as `_compiled` (the op's path: its lookup of the pass's `standalone_compile`
+    artifact), as the pass `torch.compile`d, called directly (Dynamo's frame and guards), and as the artifact called
+    directly. Then how many compiled passes the op's eager forward without gradients (one and two slabs) and
     forward+backward run at that shape with CUDA's switches, and the host's time of each call (fastest of five rounds
-    of 20 calls) with the passes through `torch.compile` and through the artifacts, alternately, twice."""
+    of 20 calls)."""
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     torch.set_num_threads(1)
-    more = (chunk._NARROW_STATES, chunk._COMPILED_PASSES, chunk._SLAB_BYTES_WITHOUT_GRAD, chunk._STANDALONE_PASSES)
+    more = (chunk._NARROW_STATES, chunk._COMPILED_PASSES, chunk._SLAB_BYTES_WITHOUT_GRAD)
     min_numel = chunk._COMPILED_MIN_NUMEL
     with cuda_path_on_cpu(device, more):
         chunk._COMPILED_MIN_NUMEL = 1
@@ -766,19 +755,17 @@ def _pass_host(device):
             best = min(best, (time.perf_counter() - start) / calls)
         return best * 1e6
 
+    graph = make_fx(lambda *xs: chunk._pass_body('copy')(*xs))(dst, src)
+    art = torch._inductor.standalone_compile(graph, [dst, src], dynamic_shapes='from_example_inputs')
     forms = {'eager copy': lambda: dst.copy_(src), '_compiled': lambda: chunk._compiled('copy', dst, src),
-             'torch.compile, called directly': functools.partial(chunk._compiled_pass('copy'), dst, src, None)}
-    if hasattr(torch._inductor, 'standalone_compile'):
-        graph = make_fx(lambda *xs: chunk._pass_body('copy')(*xs))(dst, src)
-        art = torch._inductor.standalone_compile(graph, [dst, src], dynamic_shapes='from_example_inputs')
-        forms['standalone_compile'] = functools.partial(art, dst, src)
-    forms['_compiled, standalone passes'] = forms['_compiled']   # the op's path with `_STANDALONE_PASSES` on
+             'torch.compile, called directly': functools.partial(
+                 torch.compile(chunk._pass_body('copy'), dynamic=False, fullgraph=True), dst, src, None),
+             'standalone_compile, called directly': functools.partial(art, dst, src)}
     for name, fn in forms.items():
-        chunk._STANDALONE_PASSES[device] = name == '_compiled, standalone passes'
         dst.zero_()
         fn()
         exact = torch.equal(dst, src.float())
-        print(f"{name:32s} {host_us(fn):6.1f} us a call on {device}, the copy {'exact' if exact else 'WRONG'}",
+        print(f"{name:36s} {host_us(fn):6.1f} us a call on {device}, the copy {'exact' if exact else 'WRONG'}",
               flush=True)
     x = [torch.randn(1, 4096, 1, 16, dtype=torch.bfloat16, device=device, requires_grad=True) for _ in range(3)]
     g1 = (torch.nn.functional.logsigmoid(torch.randn(1, 4096, 1, 16, device=device)) / 16).bfloat16().requires_grad_()
@@ -797,16 +784,13 @@ def _pass_host(device):
         chunk_gla(*x, g1)[0].sum().backward()
         print(f'forward+backward: {len(ran)} compiled passes', flush=True)
         chunk._compiled, fwd = compiled, lambda: chunk_gla(*x, g1)
-        for standalone in (False, True, False, True):   # the op's host time a call, each way twice
-            chunk._STANDALONE_PASSES[device] = standalone
-            times = []
-            for n, fn in ((1, fwd), (2, fwd), (0, lambda: fwd()[0].sum().backward())):   # n slabs; 0: with gradients
-                chunk._SLAB_BYTES_WITHOUT_GRAD[device] = tiny_slabs(n)
-                with torch.set_grad_enabled(n == 0):
-                    times.append(host_us(fn, 20) / 1e3)
-            print(f"the op with {'standalone' if standalone else 'torch.compile'} passes: forward without gradients "
-                  f"{times[0]:.2f} ms in one slab, {times[1]:.2f} in two, forward+backward {times[2]:.2f} ms",
-                  flush=True)
+        times = []
+        for n, fn in ((1, fwd), (2, fwd), (0, lambda: fwd()[0].sum().backward())):   # n slabs; 0: with gradients
+            chunk._SLAB_BYTES_WITHOUT_GRAD[device] = tiny_slabs(n)
+            with torch.set_grad_enabled(n == 0):
+                times.append(host_us(fn, 20) / 1e3)
+        print(f'the op: forward without gradients {times[0]:.2f} ms in one slab, {times[1]:.2f} in two, '
+              f'forward+backward {times[2]:.2f} ms', flush=True)
     finally:
         chunk._compiled = compiled
 

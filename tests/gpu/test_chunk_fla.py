@@ -199,17 +199,16 @@ def test_forward_without_gradients_in_slabs_on_cuda(monkeypatch):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize('standalone', [False, True])
-def test_compiled_passes_on_cuda(monkeypatch, standalone):
+def test_compiled_passes_on_cuda(monkeypatch):
     """The layout passes as Inductor's Triton kernels (`_COMPILED_PASSES`, on by default on CUDA) give the eager
     passes' numbers bitwise on CUDA: output, final state and every gradient, bf16 with a scale and a part chunk, and
-    float32; every whole-chunk copy and the lean forward's product with q compiled. Through `torch.compile` and
-    through `standalone_compile`'s artifacts (`_STANDALONE_PASSES`)."""
+    float32; every whole-chunk copy and the lean forward's product with q compiled (`standalone_compile`'s
+    artifacts)."""
     import myfla_gla.ops.chunk as chunk
     monkeypatch.setattr(chunk, '_PASS_ARTIFACTS', {})
     for dtype in (torch.bfloat16, torch.float32):
         eager, compiled, ran = run_with_compiled_passes(monkeypatch, op_inputs('cuda', dtype, 2, 300, 4, 64, 64),
-                                                        standalone, scale=0.3)
+                                                        scale=0.3)
         assert (ran.count('mul'), ran.count('copy')) == (1, 12), ran   # q (k's division stays eager); the copies
         for name in NAMES[:6]:
             assert torch.equal(eager[name], compiled[name]), (dtype, name)
