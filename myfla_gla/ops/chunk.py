@@ -330,7 +330,8 @@ def _env_switch(name, default):
 # per device type: the fixed grid's layout passes of whole chunks as Inductor kernels (`_compiled`; a part chunk's
 # few rows stay eager, which spares a kernel per layout); MYFLA_GLA_COMPILED_PASSES=0 or 1 turns them off or on for
 # CUDA (on by default: on an H100 the eager forward and forward+backward took 0.92x the time through `torch.compile`,
-# and its artifacts took the forward+backward's from 11.5-11.7 ms to 10.3-10.9; see the design notes)
+# and through `standalone_compile`'s artifacts instead the forward+backward went from 11.5-11.7 to 10.3-10.9 ms at
+# gpu1; see the design notes)
 _COMPILED_PASSES = {'cuda': _env_switch('MYFLA_GLA_COMPILED_PASSES', True)}
 _COMPILED_MIN_NUMEL = 1 << 20   # smaller passes stay eager: they take microseconds, a compilation seconds
 _PASS_GRAPHS = 64               # artifacts (shapes, dtypes, layouts) of each pass kind; passes beyond them stay eager
