@@ -330,7 +330,8 @@ def test_compiled_passes(monkeypatch, slab):
     final state and every gradient of bf16 inputs with a scale, two whole chunks and a part one, with CUDA's switches
     on one CPU thread (the lean forward's product with q where it lies, the kept states), in one slab (every
     whole-chunk pass compiled) and in slabs of one chunk (into and out of slices of the buffers), each pass through
-    its `standalone_compile` artifact. Where Inductor fails, a warning, the switch off and the eager numbers."""
+    its `standalone_compile` artifact; a forward under inference mode too. Where Inductor fails, a warning, the switch
+    off and the eager numbers."""
     for name, on in (('_ONE_PRODUCT', True), ('_LEAN_FORWARD', True), ('_KEEP_STATES', True), ('_SLAB_BYTES', slab)):
         monkeypatch.setitem(getattr(chunk_ops, name), 'cpu', on)
     monkeypatch.setattr(chunk_ops, '_PASS_ARTIFACTS', {})
@@ -342,6 +343,15 @@ def test_compiled_passes(monkeypatch, slab):
         assert {key[0] for key in chunk_ops._PASS_ARTIFACTS} == set(ran)   # through artifacts of both kinds
         for name in NAMES[:6]:
             assert torch.equal(eager[name], compiled[name]), name
+
+        def inference(on):   # under inference mode the artifacts are traced from inference tensors
+            monkeypatch.setitem(chunk_ops._COMPILED_PASSES, 'cpu', on)
+            with torch.inference_mode():
+                return chunk_gla(x['q'], x['k'], x['v'], x['g'], scale=0.3, initial_state=x['h0'],
+                                 output_final_state=True)
+        compiled_pass, ran = chunk_ops._compiled_pass, []
+        monkeypatch.setattr(chunk_ops, '_compiled_pass', lambda *args: ran.append(1) or compiled_pass(*args))
+        assert all(map(torch.equal, inference(False), inference(True))) and ran
 
         def fails(*args, **kwargs):   # Inductor without a compiler, as `standalone_compile` reports it
             raise torch._inductor.exc.InductorError(RuntimeError('no compiler'), None)
