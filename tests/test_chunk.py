@@ -349,9 +349,9 @@ def test_compiled_passes(monkeypatch, slab):
             with torch.inference_mode():
                 return chunk_gla(x['q'], x['k'], x['v'], x['g'], scale=0.3, initial_state=x['h0'],
                                  output_final_state=True)
-        compiled_pass, ran = chunk_ops._compiled_pass, []
-        monkeypatch.setattr(chunk_ops, '_compiled_pass', lambda *args: ran.append(1) or compiled_pass(*args))
-        assert all(map(torch.equal, inference(False), inference(True))) and ran
+        compiled_pass, calls = chunk_ops._compiled_pass, []
+        monkeypatch.setattr(chunk_ops, '_compiled_pass', lambda *args: calls.append(args[0]) or compiled_pass(*args))
+        assert all(map(torch.equal, inference(False), inference(True))) and calls
 
         def fails(*args, **kwargs):   # Inductor without a compiler, as `standalone_compile` reports it
             raise torch._inductor.exc.InductorError(RuntimeError('no compiler'), None)
@@ -415,6 +415,7 @@ def test_compiled_pass_threads(monkeypatch):
     """Threads that meet a new layout at once compile its artifact once (`_PASS_ARTIFACTS` is filled under a lock) and
     each gets the eager pass's numbers."""
     import threading
+    from concurrent.futures import ThreadPoolExecutor
     monkeypatch.setitem(chunk_ops._COMPILED_PASSES, 'cpu', True)
     monkeypatch.setattr(chunk_ops, '_PASS_ARTIFACTS', {})
     monkeypatch.setattr(chunk_ops, '_COMPILED_MIN_NUMEL', 1)
@@ -425,17 +426,14 @@ def test_compiled_pass_threads(monkeypatch):
         return compile_(*args, **kwargs)
     monkeypatch.setattr(torch._inductor, 'standalone_compile', counted)
     src = torch.randn(3, 8, 4).bfloat16().transpose(0, 1)
-    dsts, ran = [torch.full((8, 3, 4), torch.nan) for _ in range(4)], []
-    start = threading.Barrier(len(dsts))
+    dsts = [torch.full((8, 3, 4), torch.nan) for _ in range(4)]
+    start = threading.Barrier(len(dsts))   # all four at the new layout at once
 
     def work(dst):
         start.wait()
-        ran.append(chunk_ops._compiled('copy', dst, src))
-    workers = [threading.Thread(target=work, args=(dst,)) for dst in dsts]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+        return chunk_ops._compiled('copy', dst, src)
+    with ThreadPoolExecutor(len(dsts)) as pool:
+        ran = list(pool.map(work, dsts))
     assert ran == [True] * len(dsts) and len(compiles) == 1
     for dst in dsts:
         assert torch.equal(dst, src.float())

@@ -395,7 +395,7 @@ def _compiled(op, dst, src, scale=None):
     if scale is not None:
         scale = torch.full((), scale, dtype=torch.promote_types(src.dtype, dst.dtype), device=dst.device)
     try:
-        return _compiled_pass(op, dst, src.detach(), scale)
+        return _compiled_pass(op, dst, src.detach(), scale)   # (detached: traced as data, not as autograd's graph)
     except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as e:
         warnings.warn(f'myfla_gla: the layout passes stay eager on {dst.device.type}: Inductor cannot compile '
                       f'them here ({type(e).__name__}: {e})')
